@@ -1,0 +1,135 @@
+"""Checkpoint commit protocol, resume lookup and retention for one stage's checkpoint directory.
+
+Layout: `<stage>/checkpoints/step_00000050/` (DeepSpeed files + meta.json) and `latest`
+(the committed tag). A save is written into `.staging/<tag>`, fsynced, renamed into place by
+rank 0, and only then does `latest` move (write-temp, fsync, rename). A crash at any point
+leaves the previous committed checkpoint as `latest`; a directory without meta.json is never
+picked. Resume (this run's own state) and init_from (weights only, from elsewhere) are separate:
+this module only does the former.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from dist_train.world import World
+
+META = "meta.json"
+LATEST = "latest"
+STAGING = ".staging"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under root, so a rename after it publishes durable data."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small file atomically: readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def latest_committed(root: Path) -> str | None:
+    """The tag `latest` names, if it points at a committed checkpoint (with meta.json)."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (root / tag / META).is_file() else None
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__}
+
+
+class CheckpointManager:
+    """Saves and finds committed checkpoints of one stage. Every rank calls `save`."""
+
+    def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any]) -> None:
+        self.root, self.world, self.keep, self.run_info = root, world, keep, run_info
+        if world.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+        world.barrier()
+
+    def resume_tag(self) -> str | None:
+        return latest_committed(self.root)
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
+        """Write, verify and commit a checkpoint for `step`; returns its tag once committed."""
+        tag = tag_for(step)
+        staging = self.root / STAGING
+        if self.world.is_main:
+            shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a crashed save
+            staging.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
+        t0 = time.perf_counter()
+        engine.save(str(staging), tag, client_state)
+        self.world.barrier()  # every rank's shard is on disk
+        if self.world.is_main:
+            meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
+                    "git_revision": git_revision(), "versions": library_versions(), **self.run_info,
+                    "files": sorted(str(p.relative_to(staging / tag)) for p in (staging / tag).rglob("*")
+                                    if p.is_file())}
+            (staging / tag / META).write_text(json.dumps(meta, indent=1))
+            fsync_tree(staging / tag)
+            final = self.root / tag
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(staging / tag, final)
+            _fsync_dir(self.root)
+            write_atomic(self.root / LATEST, tag + "\n")
+            self._retain(tag)
+        self.world.barrier()
+        self.last_save_s = time.perf_counter() - t0
+        return tag
+
+    def _retain(self, newest: str) -> None:
+        tags = sorted(p.name for p in self.root.glob("step_*") if (p / META).is_file())
+        for old in tags[: -self.keep]:
+            if old != newest:
+                shutil.rmtree(self.root / old, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""`dist-train`: run | validate | print-config | data build | data plan | data inspect.
+
+Expected user mistakes (ConfigError, DataError, ModelError) print one line and exit 2; no
+traceback. Heavy imports (torch, ray, deepspeed) happen only in the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+EXIT_USER_ERROR = 2
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="a.b.c=value overrides, e.g. pretrain.train.max_steps=10")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="validate, then train the configured stages on Ray + DeepSpeed")
+    _config_args(p)
+    p.add_argument("--stage", choices=["pretrain", "finetune"], help="run one stage only")
+
+    p = sub.add_parser("validate", help="check a config (and its data paths) without starting Ray")
+    _config_args(p)
+    p.add_argument("--stage", choices=["pretrain", "finetune"])
+
+    p = sub.add_parser("print-config", help="print the resolved config tree")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+
+    data = sub.add_parser("data", help="build, plan and inspect token shards").add_subparsers(
+        dest="data_cmd", required=True)
+    b = data.add_parser("build", help="tokenize + pack raw text into WebDataset shards")
+    b.add_argument("--input", required=True, help="file, glob or directory (.jsonl/.txt/.parquet) or saved HF dataset")
+    b.add_argument("--output", required=True, help="directory to create")
+    b.add_argument("--tokenizer", required=True, help="tokenizer directory or cached HF id")
+    b.add_argument("--seq-len", type=int, required=True)
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--samples-per-shard", type=int, default=1000)
+    b.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true")
+
+    pl = data.add_parser("plan", help="print the exact samples each rank gets at each step")
+    pl.add_argument("data_dir")
+    pl.add_argument("--global-batch", type=int, required=True)
+    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("--lanes", type=int, help="default: the world size")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--from-step", type=int, default=0)
+    pl.add_argument("--steps", type=int, default=1)
+    pl.add_argument("--json", action="store_true", help="one JSON object per (step, rank)")
+
+    ins = data.add_parser("inspect", help="summarize a shard directory and show a sample")
+    ins.add_argument("data_dir")
+    ins.add_argument("--samples", type=int, default=1)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from dist_train.config.loader import ConfigError
+    from dist_train.data.manifest import DataError
+    from dist_train.model.build import ModelError
+
+    try:
+        return _dispatch(args)
+    except (ConfigError, DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from dist_train.config.loader import load_config, to_dict
+
+    if args.cmd == "print-config":
+        d = to_dict(load_config(args.config, args.overrides))
+        print(json.dumps(d, indent=1) if args.json else yaml.safe_dump(d, sort_keys=False), end="")
+        return 0
+    if args.cmd == "validate":
+        from dist_train.config.checks import check_run, resolve_paths
+        from dist_train.config.derived import describe
+        from dist_train.launch.driver import stages_to_run
+
+        cfg = resolve_paths(load_config(args.config, args.overrides))
+        stages = stages_to_run(cfg, args.stage)
+        for note in check_run(cfg, stages):
+            print(note)
+        print(describe(cfg, stages))
+        print(f"config OK: {args.config}")
+        return 0
+    if args.cmd == "run":
+        from dist_train.launch.driver import RunFailed, run
+
+        try:
+            run(load_config(args.config, args.overrides), args.stage)
+        except RunFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.cmd == "data":
+        return _data(args)
+    raise AssertionError(args.cmd)
+
+
+def _data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "build":
+        from dist_train.data.build import build_shards
+
+        man = build_shards(input_spec=args.input, output=args.output, tokenizer_name=args.tokenizer,
+                           seq_len=args.seq_len, text_field=args.text_field,
+                           samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
+                           seed=args.seed, overwrite=args.overwrite)
+        n = sum(s.samples for s in man.train)
+        print(f"wrote {len(man.train)} train shards ({n} samples × {man.seq_len} tokens) and "
+              f"{len(man.validation)} validation shards from {man.documents} documents to {args.output}")
+        return 0
+    from dist_train.data.manifest import read_manifest
+
+    man = read_manifest(args.data_dir)
+    if args.data_cmd == "plan":
+        return _plan(man, args)
+    # inspect
+    from dist_train.data.stream import read_shard
+    from dist_train.model.build import load_tokenizer
+
+    n = sum(s.samples for s in man.train)
+    print(f"{args.data_dir}: {len(man.train)} train shards, {n} samples × {man.seq_len} tokens "
+          f"({n * man.seq_len} tokens); {len(man.validation)} validation shards; tokenizer "
+          f"{man.tokenizer['name_or_path']} ({man.vocab_size} tokens)")
+    try:
+        tok = load_tokenizer(man.tokenizer["name_or_path"])
+    except ValueError:
+        tok = None
+    for i, arr in zip(range(args.samples), read_shard(man.path(man.train[0]))):
+        text = tok.decode(arr.tolist()) if tok is not None else arr[:32].tolist()
+        print(f"--- {man.train[0].file}:{i}\n{text}")
+    return 0
+
+
+def _plan(man, args: argparse.Namespace) -> int:
+    from dist_train.config.loader import ConfigError
+    from dist_train.data.plan import rank_step_samples
+
+    lanes = args.lanes or args.world_size
+    if lanes % args.world_size or args.global_batch % lanes:
+        raise ConfigError(f"--lanes {lanes} must be a multiple of --world-size {args.world_size} and divide "
+                          f"--global-batch {args.global_batch}")
+    sizes = tuple(s.samples for s in man.train)
+    for step in range(args.from_step, args.from_step + args.steps):
+        for rank in range(args.world_size):
+            pairs = rank_step_samples(step, sizes, lanes, args.global_batch, args.seed, args.world_size, rank)
+            ids = [f"{man.train[s].file}:{k}" for s, k in pairs]
+            if args.json:
+                print(json.dumps({"step": step, "rank": rank, "samples": ids}))
+            else:
+                print(f"step {step} rank {rank}: {' '.join(ids)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

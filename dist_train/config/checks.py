@@ -1,0 +1,134 @@
+"""Checks that need the filesystem, run on the driver before Ray starts.
+
+`resolve_paths` turns relative paths into absolute ones (workers do not share the driver's
+working directory); `check_run` verifies that data, tokenizer and model fit together, so a bad
+config never costs a cluster allocation. Paths inside `prepare.dir` that are not built yet are
+accepted: `run` builds them first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dist_train.config.derived import derive_stage, stage_section
+from dist_train.config.loader import ConfigError
+from dist_train.config.schema import RunConfig
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def _abs_if_local(name: str | None) -> str | None:
+    """Hub ids stay as they are; anything that exists locally, or looks like a path, becomes absolute."""
+    if name is None:
+        return None
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() or name.startswith((".", "/", "~")) else name
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """The same config with every local path absolute."""
+    rep = dataclasses.replace
+    cfg = rep(cfg, output_dir=_abs(cfg.output_dir),
+              model=rep(cfg.model, name_or_path=_abs_if_local(cfg.model.name_or_path),
+                        tokenizer=_abs_if_local(cfg.model.tokenizer)))
+    if cfg.prepare is not None:
+        cfg = rep(cfg, prepare=rep(cfg.prepare, dir=_abs(cfg.prepare.dir)))
+    if cfg.pretrain is not None:
+        cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(cfg.pretrain.data, shards=_abs(cfg.pretrain.data.shards))))
+    if cfg.finetune is not None:
+        d = cfg.finetune.data
+        init = cfg.finetune.init_from
+        cfg = rep(cfg, finetune=rep(cfg.finetune, init_from=init if init == "pretrain" else _abs_if_local(init),
+                                    data=rep(d, train=_abs(d.train), validation=_abs(d.validation),
+                                             test=_abs(d.test))))
+    return cfg
+
+
+def _pending(cfg: RunConfig, path: str) -> bool:
+    """True when `path` lies inside a prepare.dir that `run` will build."""
+    if cfg.prepare is None:
+        return False
+    root = Path(cfg.prepare.dir).resolve()
+    return Path(path).resolve().is_relative_to(root) and not (root / "READY.json").is_file()
+
+
+def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
+    """Raise ConfigError/DataError/ModelError for anything that would fail later; return notes."""
+    from dist_train.data.manifest import read_manifest
+    from dist_train.model.build import load_tokenizer, model_vocab_size
+
+    notes: list[str] = []
+    out = Path(cfg.output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output_dir {cfg.output_dir!r}: {str(parent)!r} is a file, not a directory: "
+                              "choose another output_dir")
+    model = cfg.model
+    if (model.name_or_path is None) == (model.arch is None):
+        raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.arch (from scratch)")
+    if not stages:
+        raise ConfigError("no stage to run: add a `pretrain:` or `finetune:` section")
+    for stage in stages:
+        stage_section(cfg, stage)
+        derive_stage(cfg, stage)
+
+    tokenizer_name = model.tokenizer or model.name_or_path
+    if tokenizer_name is None:
+        raise ConfigError("model.tokenizer is not set: name a tokenizer directory (model.arch has none)")
+    tokenizer = None
+    if not _pending(cfg, tokenizer_name):
+        tokenizer = load_tokenizer(tokenizer_name)
+        vocab = model_vocab_size(model.name_or_path, model.arch, len(tokenizer))
+        if len(tokenizer) > vocab:
+            raise ConfigError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model embeds "
+                              f"only {vocab}: use the model's own tokenizer or raise model.arch.vocab_size")
+    max_pos = model.arch.max_position_embeddings if model.arch else None
+
+    if "pretrain" in stages:
+        data = cfg.pretrain.data
+        if _pending(cfg, data.shards):
+            notes.append(f"pretrain.data.shards {data.shards} will be built by prepare")
+        else:
+            man = read_manifest(data.shards)
+            if man.seq_len != data.seq_len:
+                raise ConfigError(f"pretrain.data.seq_len={data.seq_len} but the shards in {data.shards} hold "
+                                  f"samples of {man.seq_len} tokens: set seq_len={man.seq_len} or rebuild")
+            if tokenizer is not None and man.vocab_size != len(tokenizer):
+                raise ConfigError(f"the shards in {data.shards} were tokenized with "
+                                  f"{man.tokenizer['name_or_path']!r} ({man.vocab_size} tokens), not with "
+                                  f"{tokenizer_name!r} ({len(tokenizer)}): use that tokenizer or rebuild")
+            lanes = derive_stage(cfg, "pretrain").lanes
+            if lanes > len(man.train):
+                raise ConfigError(f"{len(man.train)} training shards cannot fill {lanes} lanes: rebuild with "
+                                  "more shards (--samples-per-shard) or lower pretrain.data.lanes")
+            notes.append(f"pretrain data: {len(man.train)} shards, "
+                         f"{sum(s.samples for s in man.train)} samples of {man.seq_len} tokens")
+        if max_pos is not None and data.seq_len > max_pos:
+            raise ConfigError(f"pretrain.data.seq_len={data.seq_len} exceeds model.arch.max_position_embeddings="
+                              f"{max_pos}: lower seq_len or raise max_position_embeddings")
+
+    if "finetune" in stages:
+        ft = cfg.finetune
+        for name in ("train", "validation", "test"):
+            path = getattr(ft.data, name)
+            if path and not _pending(cfg, path) and not Path(path).is_file():
+                raise ConfigError(f"finetune.data.{name} file {path!r} not found: fix the path")
+        init = ft.init_from
+        if init == "pretrain":
+            export = Path(cfg.output_dir) / "pretrain" / "export"
+            if "pretrain" not in stages and not (export / "config.json").is_file():
+                raise ConfigError(f"finetune.init_from=pretrain but {export} holds no export: run the "
+                                  "pretrain stage first, or set finetune.init_from to an HF model directory")
+        elif init is None and model.name_or_path is None:
+            raise ConfigError("finetune.init_from is null and model.name_or_path is unset: "
+                              "name the weights to fine-tune")
+        elif init is not None and not (Path(init) / "config.json").is_file():
+            raise ConfigError(f"finetune.init_from {init!r} is not an HF model directory (no config.json): "
+                              "point it at an export directory")
+        if max_pos is not None and ft.data.max_length > max_pos:
+            raise ConfigError(f"finetune.data.max_length={ft.data.max_length} exceeds "
+                              f"model.arch.max_position_embeddings={max_pos}: lower it")
+    return notes

@@ -1,0 +1,153 @@
+"""The ONE place for values that follow from the config: batch arithmetic and the DeepSpeed JSON.
+
+Pure functions of the typed config (and, on resume, the actual worker count). Everything a
+worker needs to agree on with its peers is computed here, so the driver can print it before
+Ray starts and every rank computes the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dist_train.config.loader import ConfigError
+from dist_train.config.schema import (
+    DeepSpeedSection,
+    FinetuneConfig,
+    OptimConfig,
+    PretrainConfig,
+    RunConfig,
+    TrainLoopConfig,
+)
+
+
+@dataclass(frozen=True)
+class StageDerived:
+    """What a stage computes from its config for a given worker count."""
+
+    stage: str
+    world_size: int
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int  # micro batches per worker per optimizer step
+    samples_per_rank: int  # per optimizer step
+    seq_len: int  # pretrain: exact; finetune: the truncation length (an upper bound)
+    tokens_per_step: int  # pretrain: exact; finetune: upper bound
+    lanes: int  # pretrain shard streams (0 for finetune)
+    deepspeed: dict[str, Any]
+
+    def summary(self) -> str:
+        return (f"[{self.stage}] workers={self.world_size} global_batch={self.global_batch_size} "
+                f"micro_batch={self.micro_batch_size} grad_accum={self.grad_accum} "
+                f"seq_len={self.seq_len} tokens/step={self.tokens_per_step}"
+                + (f" lanes={self.lanes}" if self.lanes else "")
+                + f" zero={self.deepspeed['zero_optimization']['stage']} "
+                f"precision={_precision(self.deepspeed)}")
+
+
+def stage_section(cfg: RunConfig, stage: str) -> PretrainConfig | FinetuneConfig:
+    section = getattr(cfg, stage, None)
+    if section is None:
+        raise ConfigError(f"stage {stage!r} is not configured: add a `{stage}:` section to the config")
+    return section
+
+
+def derive_stage(cfg: RunConfig, stage: str, world_size: int | None = None) -> StageDerived:
+    """Batch arithmetic and DeepSpeed JSON of one stage; raises ConfigError when they don't fit."""
+    section = stage_section(cfg, stage)
+    world = world_size or cfg.ray.num_workers
+    train = section.train
+    per_pass = train.micro_batch_size * world
+    if train.global_batch_size % per_pass:
+        raise ConfigError(
+            f"{stage}.train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"micro_batch_size ({train.micro_batch_size}) × workers ({world}) = {per_pass}: "
+            f"use a multiple of {per_pass}")
+    grad_accum = train.global_batch_size // per_pass
+    _check_deepspeed(section.deepspeed, stage)
+    if isinstance(section, PretrainConfig):
+        seq_len = section.data.seq_len
+        lanes = section.data.lanes or cfg.ray.num_workers
+        if lanes % world:
+            raise ConfigError(f"{stage}.data.lanes={lanes} is not divisible by the {world} workers: "
+                              f"use a worker count that divides {lanes}, or set lanes to a multiple of it")
+        if train.global_batch_size % lanes:
+            raise ConfigError(f"{stage}.train.global_batch_size={train.global_batch_size} is not "
+                              f"divisible by {stage}.data.lanes={lanes}: make it a multiple of {lanes}")
+    else:
+        seq_len = section.data.max_length
+        lanes = 0
+    return StageDerived(
+        stage=stage, world_size=world, global_batch_size=train.global_batch_size,
+        micro_batch_size=train.micro_batch_size, grad_accum=grad_accum,
+        samples_per_rank=train.global_batch_size // world, seq_len=seq_len,
+        tokens_per_step=train.global_batch_size * seq_len, lanes=lanes,
+        deepspeed=deepspeed_json(section.deepspeed, section.optim, train, grad_accum, cfg.ray.use_gpu),
+    )
+
+
+def _check_deepspeed(ds: DeepSpeedSection, stage: str) -> None:
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError(f"{stage}.deepspeed.offload_params needs zero_stage 3 (got {ds.zero_stage}): "
+                          "set zero_stage=3 or offload_params=false")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError(f"{stage}.deepspeed.offload_optimizer needs zero_stage >= 1: raise zero_stage")
+
+
+def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopConfig, grad_accum: int,
+                   use_gpu: bool) -> dict[str, Any]:
+    """Render the DeepSpeed config dict that `deepspeed.initialize` receives, complete and explicit."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,
+            "weight_decay": optim.weight_decay,
+            # On CPU without offload, torch's AdamW avoids a JIT-compiled fused op.
+            "torch_adam": not use_gpu and not ds.offload_optimizer}},
+        "scheduler": _scheduler(optim, train.max_steps),
+        "steps_per_print": 10**9,  # we log ourselves, once, on rank 0
+        "wall_clock_breakdown": False,
+    }
+
+
+def _scheduler(optim: OptimConfig, max_steps: int) -> dict[str, Any]:
+    warmup = min(optim.warmup_steps, max_steps)
+    if optim.schedule == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": optim.min_lr_ratio}}
+    if optim.schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": max_steps, "warmup_num_steps": max(warmup, 1), "warmup_type": "linear",
+            "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr}}
+    return {"type": "WarmupLR", "params": {
+        "warmup_num_steps": max(warmup, 1), "warmup_type": "linear", "warmup_min_lr": 0.0,
+        "warmup_max_lr": optim.lr}}
+
+
+def _precision(ds_json: dict[str, Any]) -> str:
+    if ds_json["bf16"]["enabled"]:
+        return "bf16"
+    return "fp16" if ds_json["fp16"]["enabled"] else "fp32"
+
+
+def describe(cfg: RunConfig, stages: list[str]) -> str:
+    """The derived values printed at start, one line per stage."""
+    return "\n".join(derive_stage(cfg, s).summary() for s in stages)
+
+
+__all__ = ["StageDerived", "asdict", "derive_stage", "describe", "deepspeed_json", "stage_section"]

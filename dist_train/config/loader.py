@@ -1,0 +1,189 @@
+"""YAML + `a.b.c=value` overrides -> a strictly checked `RunConfig`.
+
+Guarantees: an unknown key is an error naming the closest valid key; every value has its
+declared type (ints stay ints, `3e-4` is accepted as a float) and range; errors are one line
+and name the fix. Nothing here touches the filesystem beyond reading the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_train.config.schema import REQUIRED, RunConfig
+
+
+class ConfigError(ValueError):
+    """A mistake in a config, named with the offending key and value and how to fix it."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found: pass the path of a YAML file "
+                              "(e.g. configs/quickstart.yaml)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}: not valid YAML{where}: fix the syntax") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a raw nested dict; the value is parsed as YAML (`10`, `true`, `null`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form a.b.c=value "
+                          "(e.g. pretrain.train.max_steps=10)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build the typed tree from a plain nested dict (as written by `to_dict`)."""
+    return _build(RunConfig, raw, "")
+
+
+def to_dict(cfg: Any) -> Any:
+    """The resolved config as plain data (JSON/YAML-safe), the inverse of `from_dict`."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    return cfg
+
+
+def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key path of the schema, for suggestions and the reference docs."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        keys.append(path)
+        sub = _dataclass_in(hints[f.name])
+        if sub is not None:
+            keys.extend(all_keys(sub, path + "."))
+    return keys
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    for arg in (tp, *typing.get_args(tp)):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _suggest(path: str) -> str:
+    candidates = all_keys()
+    match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
+    if not match:  # the right leaf under another section, e.g. train.max_steps
+        leaf = path.rsplit(".", 1)[-1]
+        match = [k for k in candidates if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{_suggest(prefix + str(key))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if f.name in raw:
+            value = _coerce(hints[f.name], raw[f.name], path)
+            _check_range(f, value, path)
+            kwargs[f.name] = value
+        elif f.default is REQUIRED:
+            raise ConfigError(f"missing required config key {path!r}: set it in the YAML or as "
+                              f"{path}=VALUE")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{path} = {_show(value)} is not one of {list(choices)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            raise ConfigError(f"{path} must be a mapping, got null")
+        return _build(tp, value, path + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {_show(value)} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {_show(value)} must be an integer")
+        return value
+    if tp is float:
+        # YAML 1.1 reads 3e-4 (no dot) as a string: accept it, as promised in DESIGN.md.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} = {_show(value)} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path} = {_show(value)} must be a non-empty string")
+        return value
+    raise TypeError(f"schema type {tp!r} at {path} is not supported by the loader")
+
+
+def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    meta = f.metadata
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise ConfigError(f"{path} = {value} is out of range: it must be >= {meta['ge']}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ConfigError(f"{path} = {value} is out of range: it must be > {meta['gt']}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise ConfigError(f"{path} = {value} is out of range: it must be <= {meta['le']}")
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if value is not None else "null"

@@ -1,0 +1,136 @@
+"""The embedded quickstart dataset, built from text every Python installation carries.
+
+Corpus (unlabeled): the language reference topics of `pydoc_data.topics` plus the docstrings
+of a fixed list of standard-library modules. Task (labeled): the first paragraph of each
+public function's or class's docstring, labeled with its module family (text, files, math,
+network, concurrency, formats). A byte-level BPE tokenizer is trained on the corpus. Nothing is
+downloaded; the result depends only on the Python version's standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import shutil
+from pathlib import Path
+
+FAMILIES: dict[str, list[str]] = {
+    "text": ["string", "re", "textwrap", "difflib", "unicodedata", "locale", "gettext", "codecs"],
+    "files": ["os", "os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "filecmp", "stat",
+              "fileinput", "io"],
+    "math": ["math", "cmath", "decimal", "fractions", "random", "statistics", "numbers"],
+    "network": ["socket", "ssl", "http.client", "http.server", "http.cookies", "urllib.request",
+                "urllib.parse", "smtplib", "ftplib", "poplib", "imaplib", "email.message", "email.utils",
+                "ipaddress", "socketserver", "xmlrpc.client"],
+    "concurrency": ["threading", "multiprocessing", "concurrent.futures", "asyncio", "queue",
+                    "subprocess", "sched", "contextvars", "signal", "selectors"],
+    "formats": ["json", "csv", "pickle", "xml.etree.ElementTree", "configparser", "zipfile", "tarfile",
+                "gzip", "bz2", "lzma", "base64", "binascii", "struct", "plistlib", "html.parser",
+                "sqlite3", "zlib"],
+}
+READY = "READY.json"
+VERSION = 1
+
+
+def _docs(module_name: str) -> list[tuple[str, str]]:
+    """(qualified name, docstring) for a module, its public members and their methods."""
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    out = [(module_name, inspect.getdoc(mod) or "")]
+    for name in sorted(dir(mod)):
+        if name.startswith("_"):
+            continue
+        obj = getattr(mod, name, None)
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        out.append((f"{module_name}.{name}", inspect.getdoc(obj) or ""))
+        if inspect.isclass(obj):
+            for meth in sorted(vars(obj)):
+                if not meth.startswith("_") and inspect.isroutine(vars(obj)[meth]):
+                    out.append((f"{module_name}.{name}.{meth}", inspect.getdoc(vars(obj)[meth]) or ""))
+    return [(q, d) for q, d in out if d.strip()]
+
+
+def collect() -> tuple[list[str], list[dict[str, str]]]:
+    """The corpus documents and the labeled examples (deduplicated, label-unambiguous)."""
+    import pydoc_data.topics
+
+    corpus = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    seen: dict[str, set[str]] = {}
+    for family, modules in FAMILIES.items():
+        for module_name in modules:
+            for _, doc in _docs(module_name):
+                corpus.append(doc)
+                first = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
+                if len(first.split()) >= 4:
+                    seen.setdefault(first, set()).add(family)
+    # A paragraph shared by two families (e.g. inherited docs) has no single right label.
+    examples = [{"text": t, "label": next(iter(f))} for t, f in sorted(seen.items()) if len(f) == 1]
+    return list(dict.fromkeys(corpus)), examples
+
+
+def _split(text: str) -> str:
+    bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) with <pad> and <eos>, saved as an HF directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(str(out_dir))
+
+
+def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed: int = 0,
+                        progress: bool = True) -> Path:
+    """Materialize the quickstart data under `root` (once; a READY marker makes it idempotent).
+
+    Layout: corpus.jsonl, tokenizer/, shards/ (with manifest.json), task/{train,validation,test}.jsonl.
+    """
+    from dist_train.data.build import build_shards
+
+    root = Path(root)
+    stamp = {"version": VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed}
+    ready = root / READY
+    if ready.is_file() and json.loads(ready.read_text()) == stamp:
+        return root
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"prepare.dir {str(root)!r} is a file: choose a directory path")
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "task").mkdir(parents=True)
+    try:
+        corpus, examples = collect()
+        with open(tmp / "corpus.jsonl", "w") as f:
+            for doc in corpus:
+                f.write(json.dumps({"text": doc}) + "\n")
+        for split in ("train", "validation", "test"):
+            with open(tmp / "task" / f"{split}.jsonl", "w") as f:
+                for ex in examples:
+                    if _split(ex["text"]) == split:
+                        f.write(json.dumps(ex) + "\n")
+        train_tokenizer(corpus, vocab_size, tmp / "tokenizer")
+        build_shards(input_spec=str(tmp / "corpus.jsonl"), output=tmp / "shards",
+                     tokenizer_name=str(tmp / "tokenizer"), seq_len=seq_len, samples_per_shard=256,
+                     val_fraction=0.05, seed=seed, progress=progress,
+                     tokenizer_label=str(root / "tokenizer"))
+        (tmp / READY).write_text(json.dumps(stamp))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root

@@ -1,0 +1,127 @@
+"""The Ray driver: validate, prepare data, then one Ray Train `TorchTrainer` per stage.
+
+Nothing touches the cluster or output_dir until every check has passed. Each stage is a
+separate `fit()`, so a fine-tune can start from the pretrain export and a single stage can be
+rerun alone. The report merges the stages' results with the resolved config and timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from dist_train.checkpoint.manager import write_atomic
+from dist_train.config.checks import check_run, resolve_paths
+from dist_train.config.derived import describe
+from dist_train.config.loader import to_dict
+from dist_train.config.schema import STAGES, RunConfig
+
+REPORT = "report.json"
+
+
+class RunFailed(RuntimeError):
+    """A stage failed on the cluster; the message names the stage and the worker's error."""
+
+
+def stages_to_run(cfg: RunConfig, only: str | None) -> list[str]:
+    return [only] if only else [s for s in STAGES if getattr(cfg, s) is not None]
+
+
+def prepare(cfg: RunConfig) -> None:
+    if cfg.prepare is not None:
+        from dist_train.data.quickstart import prepare_python_docs
+
+        p = cfg.prepare
+        prepare_python_docs(p.dir, seq_len=p.seq_len, vocab_size=p.vocab_size, seed=cfg.seed)
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
+    if not cfg.ray.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, with the gloo backend
+    return env
+
+
+def start_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    # A local instance: reserve enough logical CPUs for the workers even on a small machine
+    # (they are threads-limited by cpus_per_worker anyway).
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level="WARNING")
+
+
+def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dist_train.launch.worker import train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": to_dict(cfg), "stage": stage},
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RayRunConfig(name=stage, storage_path=str(Path(cfg.output_dir) / "_ray"),
+                                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                worker_runtime_env={"env_vars": worker_env(cfg)}),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; keep its last line for people
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise RunFailed(f"stage {stage} failed: {lines[-1] if lines else type(e).__name__}") from e
+    return json.loads((Path(cfg.output_dir) / stage / "result.json").read_text())
+
+
+def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, Any]:
+    """Validate, prepare, train every selected stage, write report.json; returns the report."""
+    t0 = time.time()
+    cfg = resolve_paths(cfg)
+    stages = stages_to_run(cfg, only_stage)
+    check_run(cfg, stages)  # raises before anything is written or started
+    prepare(cfg)
+    for note in check_run(cfg, stages):
+        log(note)
+    log(describe(cfg, stages))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}
+    t = time.time()
+    start_ray(cfg)
+    timings["ray_init_s"] = time.time() - t
+    report_path = out / REPORT
+    previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    results: dict[str, Any] = dict(previous.get("stages", {}))
+    for stage in stages:
+        t = time.time()
+        result = fit_stage(cfg, stage)
+        timings[f"{stage}_s"] = time.time() - t
+        results[stage] = result
+        log(f"[{stage}] done: {summary_line(result)}")
+    timings["total_s"] = time.time() - t0
+    report = {"config": to_dict(cfg), "stages": results, "timings": timings}
+    write_atomic(report_path, json.dumps(report, indent=1))
+    log(f"report: {report_path}")
+    return report
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    ev = result.get("eval") or {}
+    parts = [f"steps={result['steps']}", f"loss={result['final_train_loss']:.4f}",
+             f"tokens/s={result['tokens_per_s']:.0f}", f"mfu={result['mfu']:.1%}"]
+    parts += [f"eval_{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)]
+    if "test" in result:
+        parts.append(f"test_accuracy={result['test']['accuracy']:.3f}")
+    return " ".join(parts) + f" export={result['export_dir']}"

@@ -1,0 +1,38 @@
+"""The Ray Train worker entry. Its only input is the plain dict it receives: no driver globals.
+
+It rebuilds the typed config, builds the `World` from Ray Train's context (the one place the
+topology is read), and runs the requested stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist_train.config.derived import derive_stage
+from dist_train.config.loader import from_dict
+from dist_train.world import World
+
+
+def world_from_ray() -> World:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return World(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
+                 local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank())
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """Run one stage on this worker. payload = {"config": resolved config dict, "stage": name}."""
+    from dist_train.train.finetune import build_finetune
+    from dist_train.train.pretrain import build_pretrain
+    from dist_train.train.stage import run_stage
+
+    cfg = from_dict(payload["config"])
+    stage = payload["stage"]
+    world = world_from_ray()
+    torch.set_num_threads(cfg.ray.cpus_per_worker)
+    d = derive_stage(cfg, stage, world.world_size)
+    build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
+    run_stage(cfg, stage, d, world, build(cfg, d, world))

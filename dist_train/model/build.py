@@ -1,0 +1,145 @@
+"""Build Hugging Face models and tokenizers from the config. Knows nothing of distribution.
+
+`build_*` functions take plain arguments and return plain `nn.Module`s; DeepSpeed wraps them
+later in train/engine.py, the one seam.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train.config.schema import TinyArch
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be used as configured, named with the fix."""
+
+
+def _offline() -> None:
+    # No model hub is reachable on clusters behind firewalls (or here): fail fast instead of
+    # retrying downloads. Users who want the hub can export HF_HUB_OFFLINE=0.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """Load a tokenizer by local path or cached hub id; guarantees a pad token is defined."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer {name_or_path!r} ({str(e).splitlines()[0][:120]}): "
+                         "give a local tokenizer directory or a model id in the local HF cache") from None
+    if tok.pad_token is None:
+        # Padding is masked out of every loss; any existing special token will do.
+        tok.pad_token = tok.eos_token or tok.sep_token or tok.unk_token
+    return tok
+
+
+def arch_config(arch: TinyArch, vocab_size: int, pad_token_id: int | None) -> Any:
+    """An HF config for an inline architecture (random init, for from-scratch runs)."""
+    from transformers import BertConfig, LlamaConfig
+
+    if arch.hidden_size % arch.num_heads:
+        raise ModelError(f"model.arch.hidden_size={arch.hidden_size} is not divisible by "
+                         f"num_heads={arch.num_heads}: pick sizes that divide")
+    vocab = arch.vocab_size or vocab_size
+    if arch.family == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=arch.hidden_size,
+                           num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+                           num_key_value_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
+                           max_position_embeddings=arch.max_position_embeddings,
+                           tie_word_embeddings=arch.tie_word_embeddings, pad_token_id=pad_token_id,
+                           attn_implementation="sdpa")
+    return BertConfig(vocab_size=vocab, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+                      num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
+                      max_position_embeddings=arch.max_position_embeddings, pad_token_id=pad_token_id or 0,
+                      tie_word_embeddings=arch.tie_word_embeddings)
+
+
+def model_vocab_size(name_or_path: str | None, arch: TinyArch | None, tokenizer_size: int) -> int:
+    """Embedding rows the model will have (reads only the config, not the weights)."""
+    if arch is not None:
+        return arch.vocab_size or tokenizer_size
+    _offline()
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(name_or_path).vocab_size)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read model config {name_or_path!r} ({str(e).splitlines()[0][:120]}): "
+                         "give a local HF model directory") from None
+
+
+def build_causal_lm(*, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
+                    pad_token_id: int | None, seed: int, gradient_checkpointing: bool) -> torch.nn.Module:
+    """A causal LM: pretrained weights from name_or_path, or random init (seeded) from arch."""
+    _offline()
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)  # identical init on every rank and every run
+    if arch is not None:
+        model = AutoModelForCausalLM.from_config(arch_config(arch, vocab_size, pad_token_id))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    return _finish(model, gradient_checkpointing)
+
+
+def build_classifier(*, init_from: str, labels: list[str], pad_token_id: int | None, seed: int,
+                     gradient_checkpointing: bool) -> torch.nn.Module:
+    """A sequence classifier from an HF directory (weights only), with a fresh seeded head."""
+    _offline()
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        init_from, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)}, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return _finish(model, gradient_checkpointing)
+
+
+def _finish(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs and ZeRO's parameter hooks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for biases, norms and embeddings-free 1-D tensors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM convention: 6·N + 12·L·H·Q·T.
+
+    N counts matmul parameters: the input embedding is excluded unless it is tied to the output.
+    Recomputation from activation checkpointing is not counted (that would be HFU, not MFU).
+    """
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings()
+    if emb is not None and not getattr(cfg, "tie_word_embeddings", False):
+        n -= emb.weight.numel()
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def save_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: Any,
+            out_dir: str | Path) -> None:
+    """Write a plain HF directory (config, safetensors, tokenizer) from a consolidated state dict."""
+    model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))

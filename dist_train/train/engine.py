@@ -1,0 +1,81 @@
+"""The one DeepSpeed seam. Everything else talks to `Engine`, never to deepspeed directly.
+
+It owns forward/backward over micro batches (DeepSpeed applies the optimizer step, clipping,
+loss scaling and the LR schedule at the accumulation boundary) and checkpoint save/load of
+model + optimizer + scheduler + client state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dist_train.model.build import param_groups
+
+
+class Engine:
+    """A DeepSpeed engine behind a small surface the training loop can read at a glance."""
+
+    def __init__(self, ds_engine: Any) -> None:
+        self.ds = ds_engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward one micro batch; returns the detached loss (no host sync)."""
+        out = self.ds(**self._to_device(batch))
+        self.ds.backward(out.loss)
+        return out.loss.detach()
+
+    def step(self) -> None:
+        """Call once per micro batch; DeepSpeed steps the optimizer at the accumulation boundary."""
+        self.ds.step()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.ds(**self._to_device(batch))
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.ds.device, non_blocking=True) for k, v in batch.items()}
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(getattr(self.ds, "skipped_steps", 0))
+
+    def save(self, save_dir: str, tag: str, client_state: dict[str, Any]) -> None:
+        """Write this rank's part of a checkpoint into save_dir/tag (a collective: all ranks call it)."""
+        # The empty universal_checkpoint_info lets ds_to_universal convert the checkpoint for a
+        # different world size later.
+        state = {**client_state, "universal_checkpoint_info": {}}
+        self.ds.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False)
+
+    def load(self, load_dir: str, tag: str) -> dict[str, Any]:
+        """Restore model, optimizer and scheduler from load_dir/tag; returns the client state."""
+        path, client_state = self.ds.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
+        return client_state or {}
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float) -> Engine:
+    """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py)."""
+    import deepspeed
+
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                              config=ds_config)
+    return Engine(ds_engine)

@@ -1,0 +1,98 @@
+"""The training loop: the whole step sequence of both stages, readable top to bottom.
+
+forward/backward over the accumulation micro batches -> (DeepSpeed: clip, step, schedule)
+-> log -> eval -> checkpoint. Everything it uses is built before and passed in. Host syncs
+(loss read-out, token all-reduce) happen only at log, eval and save steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_train.train.engine import Engine
+from dist_train.train.metrics import MetricsLog, Throughput, max_rss_mb
+from dist_train.world import World
+
+
+@dataclass
+class StepBatch:
+    """One optimizer step's data on this rank: its micro batches and their (non-pad) token count."""
+
+    micro: list[dict[str, torch.Tensor]]
+    tokens: int
+
+
+@dataclass
+class TrainState:
+    """Counters that must survive a restart (stored in every checkpoint's client state)."""
+
+    step: int = 0
+    tokens: int = 0
+    last_loss: float = float("nan")
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "last_loss": self.last_loss,
+                "last_eval": dict(self.last_eval)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.tokens, self.last_loss = int(d["step"]), int(d["tokens"]), float(d["last_loss"])
+        self.last_eval = dict(d.get("last_eval", {}))
+
+
+@dataclass(frozen=True)
+class Cadence:
+    max_steps: int
+    log_every: int
+    eval_every: int  # 0: only at the end
+    save_every: int  # 0: only at the end
+
+    def due(self, step: int, every: int) -> bool:
+        return step == self.max_steps or (every > 0 and step % every == 0)
+
+
+def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainState, cadence: Cadence,
+               evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
+               world: World, flops_per_token: float, peak_flops: float, throughput: Throughput) -> TrainState:
+    """Train until `cadence.max_steps`; every rank runs the same steps and the same collectives."""
+    engine.train()
+    losses: list[torch.Tensor] = []
+    tokens, step_s, wait_s = 0, 0.0, 0.0
+    while state.step < cadence.max_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t_data = time.perf_counter() - t0
+        for micro in batch.micro:  # gradient accumulation; DeepSpeed steps at the boundary
+            losses.append(engine.forward_backward(micro))
+            engine.step()
+        state.step += 1
+        tokens += batch.tokens
+        step_s += time.perf_counter() - t0
+        wait_s += t_data
+
+        do_eval, do_save = cadence.due(state.step, cadence.eval_every), cadence.due(state.step, cadence.save_every)
+        if do_eval or do_save or state.step % cadence.log_every == 0:
+            loss_sum, n, global_tokens = world.all_reduce_sum([float(torch.stack(losses).sum()), len(losses),
+                                                               tokens])
+            state.tokens += int(global_tokens)
+            state.last_loss = loss_sum / n
+            throughput.add(int(global_tokens), step_s)
+            tps = global_tokens / step_s
+            row = {"step": state.step, "loss": state.last_loss, "lr": engine.lr, "grad_norm": engine.grad_norm,
+                   "tokens": state.tokens, "tokens_per_s": tps,
+                   "mfu": flops_per_token * tps / (peak_flops * world.world_size),
+                   "mem_mb": max_rss_mb(), "data_wait_frac": wait_s / step_s,
+                   "skipped_steps": engine.skipped_steps}
+            if do_eval:
+                state.last_eval = evaluate()
+                engine.train()
+                row.update({f"eval_{k}": v for k, v in state.last_eval.items()})
+            log.log(row)
+            losses, tokens, step_s, wait_s = [], 0, 0.0, 0.0
+        if do_save:
+            save(state.step)
+    return state

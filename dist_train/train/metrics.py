@@ -1,0 +1,106 @@
+"""Throughput, MFU and the metrics log (metrics.jsonl plus one console line per log step).
+
+MFU = FLOPs/token (PaLM: 6·N + 12·L·H·Q·T) × tokens/s ÷ (peak FLOP/s per worker × workers).
+The peak is a table value on known GPUs, and measured on CPU (a bf16 or fp32 matmul with the
+worker's thread count), since CPU peaks vary too much between machines for a table.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s), from the vendors' data sheets.
+GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+             "L4": 121e12, "V100": 125e12, "A6000": 155e12}
+
+
+def device_peak_flops(use_gpu: bool, dtype: torch.dtype, threads: int) -> tuple[float, str]:
+    """Peak FLOP/s of the device one worker uses, and where the figure comes from."""
+    if use_gpu and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAKS.items():
+            if key in name:
+                return peak, f"table:{key}"
+        return measure_matmul_peak(dtype, threads, device="cuda"), f"measured:{name}"
+    return measure_matmul_peak(dtype, threads), f"measured:cpu x{threads} threads {str(dtype)[6:]}"
+
+
+def measure_matmul_peak(dtype: torch.dtype, threads: int, device: str = "cpu", n: int = 1024,
+                        seconds: float = 0.6) -> float:
+    """Best observed FLOP/s of an n×n matmul: the practical peak the model's matmuls can reach."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        best = 0.0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+        return best
+    finally:
+        torch.set_num_threads(prev)
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (the CPU analogue of max GPU memory)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Throughput:
+    """Steady-state tokens/s: the first `skip` steps (compilation, warm caches) are not timed."""
+
+    def __init__(self, skip: int = 2) -> None:
+        self.skip = skip
+        self.steps = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > self.skip:
+            self.tokens += tokens
+            self.seconds += seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl writer and console printer; other ranks get a silent one."""
+
+    def __init__(self, path: Path | None, stage: str, max_steps: int, console: TextIO | None) -> None:
+        self.stage, self.max_steps, self.console = stage, max_steps, console
+        self.file = open(path, "a") if path is not None else None
+        self.start = time.time()
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.console is not None:
+            elapsed = time.time() - self.start
+            done = row["step"] / self.max_steps
+            eta = elapsed / done * (1 - done) if done > 0 else 0.0
+            extra = "".join(f" {k}={v:.4g}" for k, v in row.items() if k.startswith("eval_"))
+            print(f"[{self.stage}] step {row['step']}/{self.max_steps} loss={row['loss']:.4f} "
+                  f"lr={row['lr']:.2e} tok/s={row['tokens_per_s']:.0f} mfu={row['mfu']:.1%} "
+                  f"eta={eta:.0f}s{extra}", file=self.console, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,58 @@
+"""Stage `pretrain`: causal-LM continued pretraining on token shards (the parts run_stage needs)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_train.config.derived import StageDerived
+from dist_train.config.schema import RunConfig
+from dist_train.data.manifest import read_manifest
+from dist_train.data.stream import pretrain_batches, validation_batches
+from dist_train.model.build import build_causal_lm, load_tokenizer
+from dist_train.train.loop import StepBatch
+from dist_train.train.stage import StageParts
+from dist_train.world import World
+
+
+def lm_micro(rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """A causal-LM micro batch: HF shifts labels inside the model."""
+    ids = torch.from_numpy(rows.astype(np.int64))  # (B, T)
+    return {"input_ids": ids, "labels": ids}
+
+
+def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
+    sec = cfg.pretrain
+    man = read_manifest(sec.data.shards)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    model = build_causal_lm(name_or_path=cfg.model.name_or_path, arch=cfg.model.arch, vocab_size=len(tokenizer),
+                            pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
+                            gradient_checkpointing=sec.train.gradient_checkpointing)
+
+    def batches(start_step: int) -> Iterator[StepBatch]:
+        for rows in pretrain_batches(man, lanes=d.lanes, global_batch=d.global_batch_size, seed=cfg.seed,
+                                     world_size=world.world_size, rank=world.rank, start_step=start_step):
+            micro = [lm_micro(rows[i:i + d.micro_batch_size]) for i in range(0, len(rows), d.micro_batch_size)]
+            yield StepBatch(micro, tokens=int(rows.size))
+
+    def evaluate(engine: Any) -> dict[str, float]:
+        engine.train(False)
+        loss_tokens, tokens = 0.0, 0
+        with torch.no_grad():
+            for rows in validation_batches(man, micro_batch=d.micro_batch_size, world_size=world.world_size,
+                                           rank=world.rank, max_batches=sec.train.eval_batches):
+                n = rows.shape[0] * (rows.shape[1] - 1)  # predicted tokens: every position but the first
+                loss_tokens += float(engine.forward(lm_micro(rows)).loss) * n
+                tokens += n
+        total, count = world.all_reduce_sum([loss_tokens, tokens])
+        if count == 0:
+            return {}
+        loss = total / count
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+    return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
+                      final=lambda engine: {}, seq_len=man.seq_len)

@@ -1,0 +1,106 @@
+"""Run one stage on one worker: build everything, resume if this run has a checkpoint, loop, export.
+
+The stage-specific parts (model, data, evaluation) come from train/pretrain.py and
+train/finetune.py as a `StageParts`; the sequence around them is the same for both stages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train.checkpoint.export import export_hf
+from dist_train.checkpoint.manager import CheckpointManager, write_atomic
+from dist_train.config.derived import StageDerived
+from dist_train.config.loader import to_dict
+from dist_train.config.schema import RunConfig
+from dist_train.data.stream import Prefetcher
+from dist_train.model.build import flops_per_token
+from dist_train.train.engine import build_engine
+from dist_train.train.loop import Cadence, StepBatch, TrainState, train_loop
+from dist_train.train.metrics import MetricsLog, Throughput, device_peak_flops
+from dist_train.world import World
+
+RESULT = "result.json"
+
+
+@dataclass
+class StageParts:
+    """What differs between stages, built before the loop starts."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    batches: Callable[[int], Iterator[StepBatch]]  # start step -> this rank's step batches
+    evaluate: Callable[[Any], dict[str, float]]  # engine -> metrics (collective)
+    final: Callable[[Any], dict[str, Any]]  # engine -> extra result entries (e.g. test metrics)
+    seq_len: int  # for the attention term of FLOPs/token
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: StageParts) -> dict[str, Any]:
+    """Train one stage to its max_steps and export it; returns the stage's report entry."""
+    t_start = time.time()
+    section = getattr(cfg, stage)
+    out = Path(cfg.output_dir) / stage
+    engine = build_engine(parts.model, d.deepspeed, section.optim.weight_decay)
+    ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
+                             run_info={"stage": stage, "config": to_dict(cfg)})
+    state = TrainState()
+    resumed_from = None
+    if (tag := ckpt.resume_tag()) is not None:
+        client = engine.load(str(ckpt.root), tag)
+        state.load_state_dict(client["train_state"])
+        resumed_from = str(ckpt.root / tag)
+        if world.is_main:
+            print(f"[{stage}] resumed from {resumed_from} at step {state.step}", flush=True)
+
+    peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(section.deepspeed.precision),
+                                          cfg.ray.cpus_per_worker)
+    fpt = flops_per_token(parts.model, parts.seq_len)
+    log = MetricsLog(out / "metrics.jsonl" if world.is_main else None, stage, section.train.max_steps,
+                     sys.stdout if world.is_main else None)
+    throughput = Throughput(skip=1)
+    batches = Prefetcher(parts.batches(state.step))
+    t_loop = time.time()
+
+    def save(step: int) -> None:
+        ckpt.save(engine, step, {"train_state": state.state_dict(), "data_state": {"next_step": step}})
+
+    train_loop(engine=engine, batches=batches, state=state,
+               cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
+                               section.train.save_every),
+               evaluate=lambda: parts.evaluate(engine), save=save, log=log, world=world, flops_per_token=fpt,
+               peak_flops=peak, throughput=throughput)
+    log.close()
+    t_export = time.time()
+    tag = ckpt.resume_tag()
+    export_dir = out / "export"
+    export_hf(engine, ckpt_root=ckpt.root, tag=tag, zero_stage=section.deepspeed.zero_stage,
+              tokenizer=parts.tokenizer, out_dir=export_dir, world=world)
+    extra = parts.final(engine)
+    tps = throughput.tokens_per_s
+    result = {
+        "world_size": world.world_size, "zero_stage": section.deepspeed.zero_stage,
+        "precision": section.deepspeed.precision,
+        "gradient_checkpointing": section.train.gradient_checkpointing, "steps": state.step,
+        "tokens": state.tokens, "tokens_per_s": tps, "mfu": fpt * tps / (peak * world.world_size),
+        "flops_per_token": fpt, "peak_flops_per_worker": peak, "peak_source": peak_source,
+        "final_train_loss": state.last_loss, "eval": state.last_eval, "export_dir": str(export_dir),
+        "resumed_from": resumed_from, "data_wait_frac": batches.wait_s / max(time.time() - t_loop, 1e-9),
+        **extra,
+        "timings": {"setup_s": t_loop - t_start, "train_s": t_export - t_loop,
+                    "export_s": time.time() - t_export},
+    }
+    if world.is_main:
+        write_atomic(out / RESULT, json.dumps(result, indent=1))
+    return result

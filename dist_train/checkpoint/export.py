@@ -7,6 +7,8 @@ directory appears atomically: written beside it, then renamed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +26,9 @@ def consolidated_state_dict(engine: Any, ckpt_root: Path, tag: str, zero_stage: 
         return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    # It narrates every shard it reads, with progress bars: keep the console for our own lines.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
 
 
 def export_hf(engine: Any, *, ckpt_root: Path, tag: str, zero_stage: int, tokenizer: Any, out_dir: Path,
@@ -35,9 +39,7 @@ def export_hf(engine: Any, *, ckpt_root: Path, tag: str, zero_stage: int, tokeni
         state = consolidated_state_dict(engine, ckpt_root, tag, zero_stage)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        module = engine.module
-        module.config.dtype = torch.float32  # DeepSpeed cast the working copy; the export is fp32
-        save_hf(module, state, tokenizer, tmp)
+        save_hf(engine.module, state, tokenizer, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -40,7 +40,9 @@ def prepare(cfg: RunConfig) -> None:
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
+           # Ray Train's print patch would echo every line of rank 0 twice.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if not cfg.ray.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, with the gloo backend
     return env
@@ -49,6 +51,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 def start_ray(cfg: RunConfig) -> None:
     import ray
 
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
     if cfg.ray.address:
@@ -57,8 +60,10 @@ def start_ray(cfg: RunConfig) -> None:
     # A local instance: reserve enough logical CPUs for the workers even on a small machine
     # (they are threads-limited by cpus_per_worker anyway).
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level="WARNING")
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls; it
+    # listens on loopback only.
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
 def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -92,6 +97,7 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     stages = stages_to_run(cfg, only_stage)
     check_run(cfg, stages)  # raises before anything is written or started
     prepare(cfg)
+    cfg = resolve_paths(cfg)  # paths into the prepared data exist now and become absolute
     for note in check_run(cfg, stages):
         log(note)
     log(describe(cfg, stages))

@@ -23,12 +23,27 @@ def world_from_ray() -> World:
                  local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank())
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a user (deprecations, load reports, bars)."""
+    import logging
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
 def train_worker(payload: dict[str, Any]) -> None:
     """Run one stage on this worker. payload = {"config": resolved config dict, "stage": name}."""
     from dist_train.train.finetune import build_finetune
     from dist_train.train.pretrain import build_pretrain
     from dist_train.train.stage import run_stage
 
+    quiet_libraries()
     cfg = from_dict(payload["config"])
     stage = payload["stage"]
     world = world_from_ray()

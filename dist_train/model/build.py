@@ -42,7 +42,8 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tok
 
 
-def arch_config(arch: TinyArch, vocab_size: int, pad_token_id: int | None) -> Any:
+def arch_config(arch: TinyArch, vocab_size: int, pad_token_id: int | None,
+                eos_token_id: int | None = None) -> Any:
     """An HF config for an inline architecture (random init, for from-scratch runs)."""
     from transformers import BertConfig, LlamaConfig
 
@@ -56,7 +57,7 @@ def arch_config(arch: TinyArch, vocab_size: int, pad_token_id: int | None) -> An
                            num_key_value_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
                            max_position_embeddings=arch.max_position_embeddings,
                            tie_word_embeddings=arch.tie_word_embeddings, pad_token_id=pad_token_id,
-                           attn_implementation="sdpa")
+                           bos_token_id=None, eos_token_id=eos_token_id, attn_implementation="sdpa")
     return BertConfig(vocab_size=vocab, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
                       num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
                       max_position_embeddings=arch.max_position_embeddings, pad_token_id=pad_token_id or 0,
@@ -78,14 +79,15 @@ def model_vocab_size(name_or_path: str | None, arch: TinyArch | None, tokenizer_
 
 
 def build_causal_lm(*, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
-                    pad_token_id: int | None, seed: int, gradient_checkpointing: bool) -> torch.nn.Module:
+                    pad_token_id: int | None, eos_token_id: int | None, seed: int,
+                    gradient_checkpointing: bool) -> torch.nn.Module:
     """A causal LM: pretrained weights from name_or_path, or random init (seeded) from arch."""
     _offline()
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)  # identical init on every rank and every run
     if arch is not None:
-        model = AutoModelForCausalLM.from_config(arch_config(arch, vocab_size, pad_token_id))
+        model = AutoModelForCausalLM.from_config(arch_config(arch, vocab_size, pad_token_id, eos_token_id))
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     return _finish(model, gradient_checkpointing)
@@ -109,7 +111,11 @@ def build_classifier(*, init_from: str, labels: list[str], pad_token_id: int | N
 def _finish(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and ZeRO's parameter hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     return model
 
@@ -141,5 +147,11 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def save_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: Any,
             out_dir: str | Path) -> None:
     """Write a plain HF directory (config, safetensors, tokenizer) from a consolidated state dict."""
-    model.save_pretrained(str(out_dir), state_dict=state_dict, safe_serialization=True)
+    import copy
+
+    # The live module may be a bf16 working copy; the weights written are the state dict's.
+    config = copy.deepcopy(model.config)
+    config.dtype = next(iter(state_dict.values())).dtype
+    model.save_pretrained(str(out_dir), state_dict=dict(state_dict), safe_serialization=True)
+    config.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))

@@ -30,7 +30,7 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     man = read_manifest(sec.data.shards)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     model = build_causal_lm(name_or_path=cfg.model.name_or_path, arch=cfg.model.arch, vocab_size=len(tokenizer),
-                            pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
                             gradient_checkpointing=sec.train.gradient_checkpointing)
 
     def batches(start_step: int) -> Iterator[StepBatch]:

@@ -143,7 +143,7 @@ def _data(args: argparse.Namespace) -> int:
         tok = load_tokenizer(man.tokenizer["name_or_path"])
     except ValueError:
         tok = None
-    for i, arr in zip(range(args.samples), read_shard(man.path(man.train[0]))):
+    for i, arr in zip(range(args.samples), read_shard(man.path(man.train[0])), strict=False):
         text = tok.decode(arr.tolist()) if tok is not None else arr[:32].tolist()
         print(f"--- {man.train[0].file}:{i}\n{text}")
     return 0

@@ -7,7 +7,7 @@ Ray starts and every rank computes the same thing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from dist_train.config.loader import ConfigError
@@ -150,4 +150,4 @@ def describe(cfg: RunConfig, stages: list[str]) -> str:
     return "\n".join(derive_stage(cfg, s).summary() for s in stages)
 
 
-__all__ = ["StageDerived", "asdict", "derive_stage", "describe", "deepspeed_json", "stage_section"]
+__all__ = ["StageDerived", "deepspeed_json", "derive_stage", "describe", "stage_section"]

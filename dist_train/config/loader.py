@@ -101,9 +101,11 @@ def _dataclass_in(tp: Any) -> type | None:
 def _suggest(path: str) -> str:
     candidates = all_keys()
     match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
-    if not match:  # the right leaf under another section, e.g. train.max_steps
+    if not match:  # the right (or a near) leaf under another section, e.g. train.max_steps
         leaf = path.rsplit(".", 1)[-1]
-        match = [k for k in candidates if k.rsplit(".", 1)[-1] == leaf][:1]
+        leaves = sorted({k.rsplit(".", 1)[-1] for k in candidates})
+        near = difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.7)
+        match = [k for k in candidates if near and k.rsplit(".", 1)[-1] == near[0]][:1]
     return f"; did you mean {match[0]!r}?" if match else ""
 
 

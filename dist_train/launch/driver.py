@@ -67,7 +67,8 @@ def start_ray(cfg: RunConfig) -> None:
 
 
 def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dist_train.launch.worker import train_worker

@@ -1,0 +1,59 @@
+"""Shared fixtures: a real corpus (Python's own docs), a locally trained tokenizer, real tar shards.
+
+Test tiers: unit/ (pure functions and file formats), dist/ (2 processes, gloo, real DeepSpeed),
+integration/ (real Ray Train running the CLI end to end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus_docs() -> list[str]:
+    from dist_train.data.quickstart import collect
+
+    docs, _ = collect()
+    return docs[:400]
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory, corpus_docs) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_docs))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_docs) -> Path:
+    from dist_train.data.quickstart import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(corpus_docs, 512, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
+    from dist_train.data.build import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    build_shards(input_spec=str(corpus_jsonl), output=out, tokenizer_name=str(tokenizer_dir), seq_len=32,
+                 samples_per_shard=40, val_fraction=0.1, progress=False)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `dist-train ARGS` in a subprocess (the way users run it)."""
+    return subprocess.run([sys.executable, "-m", "dist_train.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=timeout)

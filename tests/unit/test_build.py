@@ -1,0 +1,116 @@
+"""Shard building: real tokenizer, real tar files, read back through webdataset."""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from dist_train.data.build import Packer, build_shards, expand_inputs
+from dist_train.data.manifest import DataError, read_manifest, sha256_file
+from dist_train.data.stream import read_shard
+from dist_train.model.build import load_tokenizer
+
+
+def test_packer_concatenates_with_separator_and_drops_the_tail():
+    p = Packer(4, sep=0)
+    out = p.feed([1, 2, 3]) + p.feed([4, 5, 6, 7, 8]) + p.feed([9])
+    assert [a.tolist() for a in out] == [[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 9, 0]]
+    assert p.buf == []
+
+
+def test_manifest_matches_the_shards(shards_dir, tokenizer_dir):
+    man = read_manifest(shards_dir)
+    assert man.seq_len == 32 and man.dtype == "uint16" and man.vocab_size == len(load_tokenizer(str(tokenizer_dir)))
+    assert len(man.train) > 3 and man.validation
+    for shard in man.train + man.validation:
+        assert sha256_file(man.path(shard)) == shard.sha256
+        rows = list(read_shard(man.path(shard)))
+        assert len(rows) == shard.samples and shard.tokens == shard.samples * 32
+        assert all(r.dtype == np.uint16 and r.shape == (32,) for r in rows)
+    with tarfile.open(man.path(man.train[0])) as tf:  # plain npy members, no pickles
+        assert all(m.name.endswith(".tokens.npy") for m in tf.getmembers())
+
+
+def test_packed_tokens_are_the_documents_with_separators(shards_dir, tokenizer_dir, corpus_docs):
+    tok = load_tokenizer(str(tokenizer_dir))
+    man = read_manifest(shards_dir)
+    first = next(read_shard(man.path(man.train[0]))).tolist()
+    # the first training sample starts with the first training document (val docs are drawn at random)
+    ids = [i for d in corpus_docs[:5] for i in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert any(first == ids[k:k + 32] for k in range(0, len(ids) - 32))
+
+
+def test_build_is_reproducible(tmp_path, corpus_jsonl, tokenizer_dir):
+    kw = dict(input_spec=str(corpus_jsonl), tokenizer_name=str(tokenizer_dir), seq_len=32, samples_per_shard=50,
+              progress=False)
+    a = build_shards(output=tmp_path / "a", **kw)
+    b = build_shards(output=tmp_path / "b", **kw)
+    assert [s.sha256 for s in a.train] == [s.sha256 for s in b.train]
+
+
+@pytest.mark.parametrize("kind", ["txt", "parquet", "saved"])
+def test_other_input_formats(tmp_path, corpus_docs, tokenizer_dir, kind):
+    import datasets
+
+    docs = corpus_docs[:60]
+    if kind == "txt":
+        for i, d in enumerate(docs):
+            (tmp_path / f"doc{i:03d}.txt").write_text(d)
+        spec = str(tmp_path / "*.txt")
+    elif kind == "parquet":
+        datasets.Dataset.from_dict({"body": docs}).to_parquet(tmp_path / "c.parquet")
+        spec = str(tmp_path / "c.parquet")
+    else:
+        datasets.Dataset.from_dict({"body": docs}).save_to_disk(tmp_path / "saved")
+        spec = str(tmp_path / "saved")
+    man = build_shards(input_spec=spec, output=tmp_path / "out", tokenizer_name=str(tokenizer_dir), seq_len=16,
+                       text_field="text" if kind == "txt" else "body", samples_per_shard=100, progress=False)
+    assert man.documents == len(docs) and sum(s.samples for s in man.train) > 10
+
+
+def test_bad_inputs_fail_cleanly(tmp_path, corpus_jsonl, tokenizer_dir):
+    kw = dict(tokenizer_name=str(tokenizer_dir), seq_len=32, progress=False)
+    with pytest.raises(DataError, match="matches no file"):
+        build_shards(input_spec=str(tmp_path / "none-*.jsonl"), output=tmp_path / "o1", **kw)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        build_shards(input_spec=str(tmp_path / "empty.jsonl"), output=tmp_path / "o2", **kw)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        build_shards(input_spec=str(corpus_jsonl), output=tmp_path / "file", **kw)
+    with pytest.raises(DataError, match="no field 'body'"):
+        build_shards(input_spec=str(corpus_jsonl), output=tmp_path / "o3", text_field="body", **kw)
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"text": "hi"}) + "\n")
+    with pytest.raises(DataError, match="shorter than one training sample"):
+        build_shards(input_spec=str(tiny), output=tmp_path / "o4", **kw)
+    # nothing half-written is left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "empty.jsonl", "file", "tiny.jsonl"] or \
+        not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    assert not any(p.name.startswith((".o", "o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+
+
+def test_expand_inputs_rejects_mixed_and_unknown(tmp_path):
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "b.txt").write_text("x")
+    with pytest.raises(DataError, match="mixes file kinds"):
+        expand_inputs(str(tmp_path / "*"))
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(DataError, match="unsupported suffix"):
+        expand_inputs(str(tmp_path / "c.csv"))
+
+
+def test_damaged_manifest_and_missing_shard(tmp_path, shards_dir):
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(shards_dir, copy)
+    (copy / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match="shard-000001.tar listed in manifest.json is missing"):
+        read_manifest(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="damaged"):
+        read_manifest(copy)
+    with pytest.raises(DataError, match="does not exist"):
+        read_manifest(tmp_path / "nowhere")

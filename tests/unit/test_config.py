@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from dist_train.config.loader import ConfigError, apply_override, from_dict, load_config, to_dict
+from dist_train.config.schema import RunConfig
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_loads_with_documented_names():
+    cfg = load_config(QUICKSTART)
+    assert cfg.ray.num_workers == 2
+    assert cfg.pretrain.deepspeed.zero_stage == 2
+    assert cfg.pretrain.deepspeed.precision == "bf16"
+    assert cfg.finetune.train.gradient_checkpointing is True
+
+
+def test_overrides_reach_every_field_and_parse_types():
+    cfg = load_config(QUICKSTART, ["pretrain.train.max_steps=7", "pretrain.optim.lr=3e-4", "ray.use_gpu=true",
+                                   "ray.address=null", "output_dir=/tmp/x", "finetune=null"])
+    assert cfg.pretrain.train.max_steps == 7
+    assert cfg.pretrain.optim.lr == pytest.approx(3e-4)
+    assert cfg.ray.use_gpu is True and cfg.ray.address is None
+    assert cfg.output_dir == "/tmp/x" and cfg.finetune is None
+
+
+def test_yaml_1_1_exponent_without_dot_is_accepted(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pretrain:\n  data: {shards: x}\n  optim: {lr: 3e-4}\n")  # YAML 1.1 reads 3e-4 as a string
+    assert load_config(p).pretrain.optim.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.train.max_step=3", "did you mean 'pretrain.train.max_steps'"),
+    ("seeds=1", "did you mean 'seed'"),
+    ("pretrain.train.max_steps=ten", "must be an integer"),
+    ("pretrain.train.max_steps=2.5", "must be an integer"),
+    ("pretrain.train.max_steps=0", "must be >= 1"),
+    ("pretrain.optim.lr=-1.0", "must be > 0"),
+    ("pretrain.deepspeed.zero_stage=4", "must be <= 3"),
+    ("pretrain.deepspeed.precision=bf61", "did you mean 'bf16'"),
+    ("ray.use_gpu=yes please", "must be true or false"),
+    ("ray=3", "must be a mapping"),
+])
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        load_config(QUICKSTART, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_section_key_suggests_full_path():
+    with pytest.raises(ConfigError, match="'max_stepz'.*did you mean 'pretrain.train.max_steps'"):
+        from_dict({"max_stepz": 3})
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="missing required config key 'pretrain.data.shards'"):
+        from_dict({"pretrain": {"data": {"seq_len": 16}}})
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="a.b.c=value"):
+        apply_override({}, "pretrain.train.max_steps")
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_round_trip_through_plain_dict():
+    cfg = load_config(QUICKSTART)
+    assert from_dict(to_dict(cfg)) == cfg
+    assert to_dict(RunConfig())["ray"]["num_workers"] == 2

@@ -1,0 +1,74 @@
+"""Bodies of the 2-process tests (importable, so torch.multiprocessing can spawn them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def init_process(rank: int, world_size: int, port: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cpu")
+    import torch
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    from dist_train.world import World
+
+    return World(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
+
+
+def build(cfg_dict, world, start_step=0):
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import from_dict
+    from dist_train.train.engine import build_engine
+    from dist_train.train.pretrain import build_pretrain
+
+    cfg = from_dict(cfg_dict)
+    d = derive_stage(cfg, "pretrain", world.world_size)
+    parts = build_pretrain(cfg, d, world)
+    engine = build_engine(parts.model, d.deepspeed, cfg.pretrain.optim.weight_decay)
+    return cfg, d, parts, engine, parts.batches(start_step)
+
+
+def run_steps(engine, batches, n):
+    import torch
+
+    losses = []
+    for _ in range(n):
+        batch = next(batches)
+        step_losses = []
+        for micro in batch.micro:
+            step_losses.append(engine.forward_backward(micro))
+            engine.step()
+        losses.append(float(torch.stack(step_losses).mean()))
+    return losses
+
+
+def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Train 3 steps, commit a checkpoint, train 2 more; a fresh engine resumed from the
+    checkpoint must reproduce those 2 steps exactly. Then export and report."""
+    import torch
+
+    from dist_train.checkpoint.export import export_hf
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={"stage": "pretrain"})
+    first = run_steps(engine, batches, 3)
+    tag = ckpt.save(engine, 3, {"train_state": {"step": 3}})
+    after = run_steps(engine, batches, 2)
+    final_params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+
+    cfg2, _, parts2, engine2, _ = build(cfg_dict, world)
+    client = engine2.load(str(ckpt.root), ckpt.resume_tag())
+    resumed = run_steps(engine2, parts2.batches(client["train_state"]["step"]), 2)
+    same = all(torch.equal(final_params[n], p.detach().float()) for n, p in engine2.module.named_parameters())
+    export_hf(engine2, ckpt_root=ckpt.root, tag=tag, zero_stage=d.deepspeed["zero_optimization"]["stage"],
+              tokenizer=parts2.tokenizer, out_dir=Path(cfg.output_dir) / "export", world=world)
+    if world.is_main:
+        Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same,
+                                         "tag": tag, "client": client["train_state"]}))
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,71 @@
+"""The quickstart end to end through real Ray Train, real DeepSpeed and real webdataset shards."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """Run the unmodified quickstart from a fresh directory (its data is built there, offline)."""
+    cwd = tmp_path_factory.mktemp("qs")
+    t0 = time.time()
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run", cwd=cwd, timeout=900)
+    wall = time.time() - t0
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+    return cwd / "run", wall, res
+
+
+def test_report_matches_the_contract(quickstart):
+    out, wall, _ = quickstart
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["ray"]["num_workers"] == 2
+    for stage in ("pretrain", "finetune"):
+        s = report["stages"][stage]
+        assert s["world_size"] == 2 and s["zero_stage"] == 2 and s["precision"] == "bf16"
+        assert s["steps"] == report["config"][stage]["train"]["max_steps"]
+        assert s["tokens"] > 0 and s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1
+        assert s["resumed_from"] is None and Path(s["export_dir"]).is_dir()
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows and {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_mb",
+                         "data_wait_frac"} <= rows[-1].keys()
+    pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
+    assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is True
+    assert pre["eval"]["loss"] < 7.5  # ln(4096) = 8.3 at random init: it learned the domain
+    assert ft["eval"]["accuracy"] > ft["eval"]["majority_rate"] + 0.1
+    assert ft["test"]["accuracy"] > ft["test"]["majority_rate"] + 0.1
+    assert {"pretrain_s", "finetune_s", "total_s"} <= report["timings"].keys()
+    print(f"quickstart wall time: {wall:.0f}s")
+
+
+def test_exports_load_with_plain_transformers(quickstart):
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _, _ = quickstart
+    base = AutoModel.from_pretrained(out / "pretrain" / "export")
+    assert next(base.parameters()).dtype == torch.float32
+    clf = AutoModelForSequenceClassification.from_pretrained(out / "finetune" / "export")
+    tok = AutoTokenizer.from_pretrained(out / "finetune" / "export")
+    assert set(clf.config.id2label.values()) == {"concurrency", "files", "formats", "math", "network", "text"}
+    logits = clf(**tok(["Return the cosine of x (measured in radians)."], return_tensors="pt")).logits
+    assert logits.shape == (1, 6)
+
+
+def test_rerun_resumes_from_the_committed_checkpoint(quickstart):
+    out, _, first = quickstart
+    cwd = out.parent
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run", "--stage", "finetune",
+                  "finetune.train.max_steps=110", cwd=cwd, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    ft = report["stages"]["finetune"]
+    assert ft["resumed_from"].endswith("step_00000100") and ft["steps"] == 110
+    assert "pretrain" in report["stages"]  # the other stage's entry is kept
+    assert (out / "finetune" / "checkpoints" / "latest").read_text().strip() == "step_00000110"

@@ -1,0 +1,30 @@
+"""The README's two commands stay what CI runs, and the shipped configs stay valid."""
+
+import re
+from pathlib import Path
+
+from dist_train.config.loader import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_opens_with_exactly_two_commands():
+    cmds = readme_commands()
+    assert len(cmds) == 2
+    assert "dist-train run configs/quickstart.yaml" in cmds[0] and "pytest" in cmds[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    assert readme_commands()[1] in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

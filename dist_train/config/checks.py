@@ -47,6 +47,43 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# Keys a resumed run must share with the checkpoint it resumes: they decide the model's shape,
+# the data plan and the optimizer's partitioning. (Cadence, max_steps and lr may change.)
+RESUME_IDENTITY = ("seed", "model", "{stage}.data", "{stage}.deepspeed.zero_stage", "{stage}.train.global_batch_size",
+                   "ray.num_workers")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resume(cfg: RunConfig, stage: str) -> str | None:
+    """If output_dir holds a committed checkpoint of `stage`, check it fits this config.
+
+    Returns the checkpoint's tag (None when the stage starts fresh). Changing a key in
+    RESUME_IDENTITY would silently mix two runs, so it is an error that names the key.
+    """
+    import json
+
+    from dist_train.checkpoint.manager import META, latest_committed
+    from dist_train.config.loader import to_dict
+
+    root = Path(cfg.output_dir) / stage / "checkpoints"
+    tag = latest_committed(root) if root.is_dir() else None
+    if tag is None:
+        return None
+    meta = json.loads((root / tag / META).read_text())
+    old, new = meta.get("config", {}), to_dict(cfg)
+    for key in (k.format(stage=stage) for k in RESUME_IDENTITY):
+        if _lookup(old, key) != _lookup(new, key):
+            raise ConfigError(f"{cfg.output_dir} holds a {stage} checkpoint ({tag}) made with {key}="
+                              f"{json.dumps(_lookup(old, key))}, but this config has {json.dumps(_lookup(new, key))}: "
+                              f"use a new output_dir, or restore {key} to resume")
+    return tag
+
+
 def _pending(cfg: RunConfig, path: str) -> bool:
     """True when `path` lies inside a prepare.dir that `run` will build."""
     if cfg.prepare is None:
@@ -74,6 +111,8 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     for stage in stages:
         stage_section(cfg, stage)
         derive_stage(cfg, stage)
+        if (tag := check_resume(cfg, stage)) is not None:
+            notes.append(f"{stage} will resume from {tag}")
 
     tokenizer_name = model.tokenizer or model.name_or_path
     if tokenizer_name is None:

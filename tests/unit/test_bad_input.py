@@ -83,3 +83,21 @@ def test_real_cli_prints_one_line(config):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
     assert "global_batch_size=6" in res.stderr
+
+
+def test_resume_with_a_changed_identity_key_is_refused(config, capsys, tmp_path):
+    import json
+
+    from dist_train.config.checks import resolve_paths
+    from dist_train.config.loader import load_config, to_dict
+
+    old = to_dict(resolve_paths(load_config(config, ["seed=5"])))
+    ckpt = tmp_path / "run" / "pretrain" / "checkpoints"
+    (ckpt / "step_00000002").mkdir(parents=True)
+    (ckpt / "step_00000002" / "meta.json").write_text(json.dumps({"config": old, "step": 2}))
+    (ckpt / "latest").write_text("step_00000002\n")
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "made with seed=5, but this config has 0" in err and "use a new output_dir" in err
+    assert main(["validate", str(config), "seed=5", "pretrain.train.max_steps=9"]) == 0
+    assert "pretrain will resume from step_00000002" in capsys.readouterr().out

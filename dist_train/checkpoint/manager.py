@@ -21,6 +21,7 @@ from typing import Any
 from dist_train.world import World
 
 META = "meta.json"
+RNG_DIR = "rng"  # one rng/rank_NNNNN.npy per rank: DeepSpeed keeps client state of rank 0 only
 LATEST = "latest"
 STAGING = ".staging"
 
@@ -87,6 +88,34 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
+def save_rng(ckpt_dir: Path, rank: int) -> None:
+    """Store this rank's torch RNG states (CPU, and CUDA when present) as plain npy (no pickle)."""
+    import numpy as np
+    import torch
+
+    (ckpt_dir / RNG_DIR).mkdir(exist_ok=True)
+    np.save(ckpt_dir / RNG_DIR / f"rank_{rank:05d}.cpu.npy", torch.get_rng_state().numpy(), allow_pickle=False)
+    if torch.cuda.is_available():
+        np.save(ckpt_dir / RNG_DIR / f"rank_{rank:05d}.cuda.npy", torch.cuda.get_rng_state().numpy(),
+                allow_pickle=False)
+
+
+def restore_rng(ckpt_dir: Path, rank: int) -> bool:
+    """Restore what save_rng stored for `rank`; False when the checkpoint has no state for it
+    (written by fewer ranks), in which case the seeded initial state stays."""
+    import numpy as np
+    import torch
+
+    cpu = ckpt_dir / RNG_DIR / f"rank_{rank:05d}.cpu.npy"
+    if not cpu.is_file():
+        return False
+    torch.set_rng_state(torch.from_numpy(np.load(cpu, allow_pickle=False)))
+    cuda = cpu.with_name(f"rank_{rank:05d}.cuda.npy")
+    if torch.cuda.is_available() and cuda.is_file():
+        torch.cuda.set_rng_state(torch.from_numpy(np.load(cuda, allow_pickle=False)))
+    return True
+
+
 class CheckpointManager:
     """Saves and finds committed checkpoints of one stage. Every rank calls `save`."""
 
@@ -109,6 +138,7 @@ class CheckpointManager:
         self.world.barrier()
         t0 = time.perf_counter()
         engine.save(str(staging), tag, client_state)
+        save_rng(staging / tag, self.world.rank)
         self.world.barrier()  # every rank's shard is on disk
         if self.world.is_main:
             meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.export import export_hf
-from dist_train.checkpoint.manager import CheckpointManager, write_atomic
+from dist_train.checkpoint.manager import CheckpointManager, restore_rng, write_atomic
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import RunConfig
@@ -60,6 +60,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     if (tag := ckpt.resume_tag()) is not None:
         client = engine.load(str(ckpt.root), tag)
         state.load_state_dict(client["train_state"])
+        restore_rng(ckpt.root / tag, world.rank)
         resumed_from = str(ckpt.root / tag)
         if world.is_main:
             print(f"[{stage}] resumed from {resumed_from} at step {state.step}", flush=True)

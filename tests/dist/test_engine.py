@@ -35,7 +35,7 @@ def test_checkpoint_resume_is_exact_and_export_loads(tmp_path, shards_dir, token
     res = json.loads(out.read_text())
     assert res["first"][0] > res["after"][-1] - 5  # training ran and produced finite losses
     assert res["resumed"] == res["after"], "resumed steps must reproduce the uninterrupted ones exactly"
-    assert res["same_params"]
+    assert res["same_params"] and res["rng_same"]
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text().strip() == res["tag"] == "step_00000003"
     meta = json.loads((ckpt / res["tag"] / "meta.json").read_text())

@@ -59,16 +59,21 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={"stage": "pretrain"})
     first = run_steps(engine, batches, 3)
     tag = ckpt.save(engine, 3, {"train_state": {"step": 3}})
+    rng_draw = torch.rand(3).tolist()  # what the RNG gives right after the save
     after = run_steps(engine, batches, 2)
     final_params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
     cfg2, _, parts2, engine2, _ = build(cfg_dict, world)
     client = engine2.load(str(ckpt.root), ckpt.resume_tag())
+    from dist_train.checkpoint.manager import restore_rng
+
+    assert restore_rng(ckpt.root / tag, rank)
+    rng_same = torch.rand(3).tolist() == rng_draw
     resumed = run_steps(engine2, parts2.batches(client["train_state"]["step"]), 2)
     same = all(torch.equal(final_params[n], p.detach().float()) for n, p in engine2.module.named_parameters())
     export_hf(engine2, ckpt_root=ckpt.root, tag=tag, zero_stage=d.deepspeed["zero_optimization"]["stage"],
               tokenizer=parts2.tokenizer, out_dir=Path(cfg.output_dir) / "export", world=world)
     if world.is_main:
-        Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same,
+        Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same, "rng_same": rng_same,
                                          "tag": tag, "client": client["train_state"]}))
     torch.distributed.destroy_process_group()

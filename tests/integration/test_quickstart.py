@@ -59,7 +59,7 @@ def test_exports_load_with_plain_transformers(quickstart):
 
 
 def test_rerun_resumes_from_the_committed_checkpoint(quickstart):
-    out, _, first = quickstart
+    out, _, _ = quickstart
     cwd = out.parent
     res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run", "--stage", "finetune",
                   "finetune.train.max_steps=110", cwd=cwd, timeout=600)

@@ -107,7 +107,7 @@ def test_damaged_manifest_and_missing_shard(tmp_path, shards_dir):
     copy = tmp_path / "s"
     shutil.copytree(shards_dir, copy)
     (copy / "shard-000001.tar").unlink()
-    with pytest.raises(DataError, match="shard-000001.tar listed in manifest.json is missing"):
+    with pytest.raises(DataError, match=r"shard-000001\.tar listed in manifest\.json is missing"):
         read_manifest(copy)
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="damaged"):

@@ -50,17 +50,17 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
 
 
 def test_unknown_section_key_suggests_full_path():
-    with pytest.raises(ConfigError, match="'max_stepz'.*did you mean 'pretrain.train.max_steps'"):
+    with pytest.raises(ConfigError, match=r"'max_stepz'.*did you mean 'pretrain\.train\.max_steps'"):
         from_dict({"max_stepz": 3})
 
 
 def test_missing_required_key():
-    with pytest.raises(ConfigError, match="missing required config key 'pretrain.data.shards'"):
+    with pytest.raises(ConfigError, match=r"missing required config key 'pretrain\.data\.shards'"):
         from_dict({"pretrain": {"data": {"seq_len": 16}}})
 
 
 def test_override_syntax_error():
-    with pytest.raises(ConfigError, match="a.b.c=value"):
+    with pytest.raises(ConfigError, match=r"a\.b\.c=value"):
         apply_override({}, "pretrain.train.max_steps")
 
 

@@ -34,7 +34,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    from deepspeed.utils import logger as ds_logger  # importing deepspeed resets its level: set it after
+
+    ds_logger.setLevel(logging.ERROR)
 
 
 def train_worker(payload: dict[str, Any]) -> None:

@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--global-batch", type=int, required=True)
     pl.add_argument("--world-size", type=int, required=True)
     pl.add_argument("--lanes", type=int, help="default: the world size")
+    pl.add_argument("--window-shards", type=int, default=1)
     pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--epoch", type=int, help="count --from-step from the first step of this epoch")
     pl.add_argument("--from-step", type=int, default=0)
     pl.add_argument("--steps", type=int, default=1)
     pl.add_argument("--json", action="store_true", help="one JSON object per (step, rank)")
@@ -157,19 +159,20 @@ def _data(args: argparse.Namespace) -> int:
 
 def _plan(man, args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError
-    from dist_train.data.plan import rank_step_samples
+    from dist_train.data.plan import PlanSpec, first_step_of_epoch, rank_step_samples, step_epoch
 
     lanes = args.lanes or args.world_size
     if lanes % args.world_size or args.global_batch % lanes:
         raise ConfigError(f"--lanes {lanes} must be a multiple of --world-size {args.world_size} and divide "
                           f"--global-batch {args.global_batch}")
-    sizes = tuple(s.samples for s in man.train)
-    for step in range(args.from_step, args.from_step + args.steps):
+    spec = PlanSpec(tuple(s.samples for s in man.train), lanes, args.global_batch, args.seed, args.window_shards)
+    spec.check(args.world_size)
+    first = args.from_step + (first_step_of_epoch(spec, args.epoch) if args.epoch is not None else 0)
+    for step in range(first, first + args.steps):
         for rank in range(args.world_size):
-            pairs = rank_step_samples(step, sizes, lanes, args.global_batch, args.seed, args.world_size, rank)
-            ids = [f"{man.train[s].file}:{k}" for s, k in pairs]
+            ids = [f"{man.train[s].file}:{k}" for s, k in rank_step_samples(spec, step, args.world_size, rank)]
             if args.json:
-                print(json.dumps({"step": step, "rank": rank, "samples": ids}))
+                print(json.dumps({"step": step, "epoch": step_epoch(spec, step), "rank": rank, "samples": ids}))
             else:
                 print(f"step {step} rank {rank}: {' '.join(ids)}")
     return 0

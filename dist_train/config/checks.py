@@ -139,10 +139,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
                 raise ConfigError(f"the shards in {data.shards} were tokenized with "
                                   f"{man.tokenizer['name_or_path']!r} ({man.vocab_size} tokens), not with "
                                   f"{tokenizer_name!r} ({len(tokenizer)}): use that tokenizer or rebuild")
-            lanes = derive_stage(cfg, "pretrain").lanes
-            if lanes > len(man.train):
-                raise ConfigError(f"{len(man.train)} training shards cannot fill {lanes} lanes: rebuild with "
-                                  "more shards (--samples-per-shard) or lower pretrain.data.lanes")
+            from dist_train.train.pretrain import plan_spec
+
+            plan_spec(cfg, man, derive_stage(cfg, "pretrain")).check(cfg.ray.num_workers)
             notes.append(f"pretrain data: {len(man.train)} shards, "
                          f"{sum(s.samples for s in man.train)} samples of {man.seq_len} tokens")
         if max_pos is not None and data.seq_len > max_pos:

@@ -96,8 +96,12 @@ class TrainLoopConfig:
 class PretrainData:
     shards: str = doc("Directory written by `dist-train data build` (holds manifest.json).", REQUIRED)
     seq_len: int = doc("Tokens per sample; must equal the manifest's seq_len.", 128, ge=8)
-    lanes: int | None = doc("Parallel shard streams. Each worker reads lanes / num_workers of them; "
-                            "null = num_workers.", None, ge=1)
+    lanes: int | None = doc("Parallel shard streams. Each worker reads lanes / num_workers of them, so a run "
+                            "can resume on any worker count that divides lanes; null = num_workers.", None, ge=1)
+    window_shards: int = doc("Shuffle window: samples are permuted within groups of this many consecutive "
+                             "shards of a lane (memory: this many shards per lane).", 1, ge=1)
+    loader_workers: int = doc("DataLoader processes per worker reading windows ahead; 0 reads in a thread.", 0,
+                              ge=0)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,19 @@
 """The sample plan: which samples each rank trains on at each step. Pure functions only.
 
-Design (after mosaicml-streaming's canonical nodes): the training shards of an epoch are
-permuted by (seed, epoch) and dealt round-robin to a fixed number of *lanes*. Global step s
-takes the next `global_batch / lanes` samples of every lane, lanes in order. A rank owns a
-contiguous block of `lanes / world_size` lanes, so each shard is read by exactly one rank, and
-the global sequence of samples does not depend on the worker count — a run can resume on any
-worker count that divides the lane count. Every rank does the same number of steps by
-construction: an epoch lasts as long as its shortest lane allows (the tail of longer lanes,
-at most about one shard, is skipped that epoch and shuffled back in the next).
+Design (after mosaicml-streaming's canonical nodes). For each epoch the training shards are
+permuted by (seed, epoch) and dealt round-robin to a fixed number of *lanes*. A lane is read as
+consecutive *windows* of `window_shards` shards; the samples of a window are permuted by
+(seed, epoch, lane, window) — the bounded shuffle. Every lane of an epoch is used for the same
+number of samples (its shortest lane's length; the longer lanes' tails, under one shard each,
+wait for the next epoch's reshuffle), so all lanes cross epochs at the same position.
+
+Global step s takes positions [s·k, (s+1)·k) of every lane, k = global_batch / lanes, lanes in
+order. A rank owns a contiguous block of lanes / world_size lanes, so each shard is read by one
+rank, and the global sample sequence is the same for any worker count that divides the lanes.
+Every rank runs the same number of steps by construction.
+
+Shuffle quality vs memory: a batch draws from `lanes` different windows; a window holds
+`window_shards` shards in memory per lane (window_shards × shard bytes per lane being read).
 """
 
 from __future__ import annotations
@@ -22,66 +28,116 @@ from dist_train.data.manifest import DataError
 
 
 @dataclass(frozen=True)
-class LaneSpan:
-    """A contiguous run of samples of one lane: shard list, start shard and offset, count."""
+class PlanSpec:
+    """Everything the plan depends on: a few integers and the shard sizes of the manifest."""
 
-    shards: tuple[int, ...]  # shard indices of this lane, in read order
-    start_shard: int  # position in `shards` of the first sample
-    offset: int  # sample index inside that shard
-    count: int  # samples to read
+    sizes: tuple[int, ...]  # samples per training shard, manifest order
+    lanes: int
+    global_batch: int
+    seed: int
+    window_shards: int = 1
+
+    @property
+    def per_lane(self) -> int:
+        return self.global_batch // self.lanes
+
+    def check(self, world_size: int | None = None) -> None:
+        """Raise DataError for layouts that cannot work, before any cluster resource is spent."""
+        if not self.sizes or sum(self.sizes) == 0:
+            raise DataError("the shard list is empty: build shards with `dist-train data build`")
+        if self.lanes > len(self.sizes):
+            raise DataError(f"{len(self.sizes)} training shards cannot fill {self.lanes} lanes: rebuild with more, "
+                            "smaller shards (--samples-per-shard) or lower pretrain.data.lanes")
+        if self.global_batch % self.lanes:
+            raise DataError(f"global batch {self.global_batch} is not divisible by {self.lanes} lanes")
+        if world_size is not None and self.lanes % world_size:
+            raise DataError(f"{world_size} workers cannot share {self.lanes} lanes evenly: use a worker count "
+                            f"that divides {self.lanes}")
+        if epoch_length(self, 0) < self.per_lane:
+            raise DataError(f"an epoch of {sum(self.sizes)} samples in {self.lanes} lanes holds fewer samples than "
+                            f"one global batch of {self.global_batch}: add data or lower the global batch")
 
 
-def lanes_for_epoch(shard_sizes: tuple[int, ...], lanes: int, seed: int, epoch: int) -> list[tuple[int, ...]]:
-    """Shard indices dealt to each lane for this epoch (shard order permuted by seed and epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes))
-    return [tuple(int(i) for i in order[lane::lanes]) for lane in range(lanes)]
+@dataclass(frozen=True)
+class Window:
+    """One window of one lane in one epoch: its shards and where it sits in the lane."""
+
+    epoch: int
+    lane: int
+    index: int
+    shards: tuple[int, ...]
+    start: int  # lane position (within the epoch) of its first sample
+    size: int  # physical samples in its shards
 
 
-@lru_cache(maxsize=64)
-def steps_in_epoch(shard_sizes: tuple[int, ...], lanes: int, global_batch: int, seed: int, epoch: int) -> int:
-    """Optimizer steps epoch `epoch` provides: limited by its shortest lane."""
-    per_lane = global_batch // lanes
-    shortest = min(sum(shard_sizes[i] for i in lane) for lane in lanes_for_epoch(shard_sizes, lanes, seed, epoch))
-    return shortest // per_lane
+@lru_cache(maxsize=256)
+def epoch_lanes(spec: PlanSpec, epoch: int) -> tuple[tuple[int, ...], ...]:
+    """Shard indices dealt to each lane in this epoch (shard order permuted by seed and epoch)."""
+    order = np.random.default_rng([spec.seed, epoch]).permutation(len(spec.sizes))
+    return tuple(tuple(int(i) for i in order[lane::spec.lanes]) for lane in range(spec.lanes))
 
 
-def locate(step: int, shard_sizes: tuple[int, ...], lanes: int, global_batch: int, seed: int) -> tuple[int, int]:
-    """Map a global step (0-based) to (epoch, step within that epoch)."""
-    if lanes > len(shard_sizes):
-        raise DataError(f"{len(shard_sizes)} training shards cannot fill {lanes} lanes: rebuild with "
-                        f"more, smaller shards (--samples-per-shard) or lower pretrain.data.lanes")
+@lru_cache(maxsize=256)
+def epoch_length(spec: PlanSpec, epoch: int) -> int:
+    """Samples every lane contributes in this epoch: its shortest lane's length."""
+    return min(sum(spec.sizes[i] for i in lane) for lane in epoch_lanes(spec, epoch))
+
+
+def locate(spec: PlanSpec, position: int) -> tuple[int, int]:
+    """Map a lane position counted from the start of training to (epoch, position in epoch)."""
     epoch = 0
-    while True:
-        n = steps_in_epoch(shard_sizes, lanes, global_batch, seed, epoch)
-        if n == 0:
-            raise DataError(f"an epoch of {sum(shard_sizes)} samples in {lanes} lanes gives no step of "
-                            f"global batch {global_batch}: add data or lower the global batch")
-        if step < n:
-            return epoch, step
-        step -= n
+    while position >= (n := epoch_length(spec, epoch)):
+        position -= n
         epoch += 1
+    return epoch, position
 
 
-def lane_spans(step: int, num_steps: int, shard_sizes: tuple[int, ...], lanes: int, global_batch: int,
-               seed: int, lane_ids: range) -> tuple[int, list[LaneSpan]]:
-    """Where each of `lane_ids` starts at `step`, for up to `num_steps` steps within one epoch.
+def epoch_start(spec: PlanSpec, epoch: int) -> int:
+    """Lane position (from the start of training) where `epoch` begins."""
+    return sum(epoch_length(spec, e) for e in range(epoch))
 
-    Returns (steps covered, spans). The span count is shortened to the end of the epoch; the
-    caller continues with the next epoch. O(shards per lane): no sample is read to find it.
-    """
-    epoch, in_epoch = locate(step, shard_sizes, lanes, global_batch, seed)
-    covered = min(num_steps, steps_in_epoch(shard_sizes, lanes, global_batch, seed, epoch) - in_epoch)
-    per_lane = global_batch // lanes
-    assignment = lanes_for_epoch(shard_sizes, lanes, seed, epoch)
-    spans = []
-    for lane in lane_ids:
-        shards = assignment[lane]
-        ends = np.cumsum([shard_sizes[i] for i in shards]).tolist()
-        first = in_epoch * per_lane
-        j = bisect.bisect_right(ends, first)
-        offset = first - (ends[j - 1] if j else 0)
-        spans.append(LaneSpan(shards, j, offset, covered * per_lane))
-    return covered, spans
+
+@lru_cache(maxsize=1024)
+def lane_windows(spec: PlanSpec, epoch: int, lane: int) -> tuple[Window, ...]:
+    shards = epoch_lanes(spec, epoch)[lane]
+    m = max(spec.window_shards, 1)
+    out, start = [], 0
+    for index, first in enumerate(range(0, len(shards), m)):
+        group = shards[first:first + m]
+        size = sum(spec.sizes[i] for i in group)
+        out.append(Window(epoch, lane, index, group, start, size))
+        start += size
+    return tuple(out)
+
+
+def window_at(spec: PlanSpec, epoch: int, lane: int, position: int) -> Window:
+    windows = lane_windows(spec, epoch, lane)
+    return windows[bisect.bisect_right([w.start for w in windows], position) - 1]
+
+
+def window_order(spec: PlanSpec, window: Window) -> np.ndarray:
+    """Physical sample offsets of a window in plan order (the bounded shuffle)."""
+    return np.random.default_rng([spec.seed, window.epoch, window.lane, window.index, 7]).permutation(window.size)
+
+
+def window_samples(spec: PlanSpec, window: Window) -> list[tuple[int, int]]:
+    """(shard, sample) pairs of a window in plan order."""
+    physical = [(shard, k) for shard in window.shards for k in range(spec.sizes[shard])]
+    return [physical[i] for i in window_order(spec, window)]
+
+
+def lane_samples(spec: PlanSpec, lane: int, position: int, count: int) -> list[tuple[int, int]]:
+    """(shard, sample) pairs at lane positions [position, position + count), across epochs."""
+    out: list[tuple[int, int]] = []
+    while count > 0:
+        epoch, pos = locate(spec, position)
+        window = window_at(spec, epoch, lane, pos)
+        end = min(window.start + window.size, epoch_length(spec, epoch))
+        take = min(count, end - pos)
+        out += window_samples(spec, window)[pos - window.start:pos - window.start + take]
+        position += take
+        count -= take
+    return out
 
 
 def rank_lanes(lanes: int, world_size: int, rank: int) -> range:
@@ -90,24 +146,20 @@ def rank_lanes(lanes: int, world_size: int, rank: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
-def rank_step_samples(step: int, shard_sizes: tuple[int, ...], lanes: int, global_batch: int, seed: int,
-                      world_size: int, rank: int) -> list[tuple[int, int]]:
-    """The (shard index, sample index) pairs rank `rank` trains on at `step`, in order.
+def rank_step_samples(spec: PlanSpec, step: int, world_size: int, rank: int) -> list[tuple[int, int]]:
+    """The (shard, sample) pairs rank `rank` trains on at global step `step`, in batch order.
 
-    This is the reference the streaming loader must reproduce; it is also what
-    `dist-train data plan` prints.
+    The streaming loader reproduces exactly this; `dist-train data plan` prints it.
     """
-    _, spans = lane_spans(step, 1, shard_sizes, lanes, global_batch, seed, rank_lanes(lanes, world_size, rank))
-    return [s for span in spans for s in iter_span(span, shard_sizes)]
+    return [s for lane in rank_lanes(spec.lanes, world_size, rank)
+            for s in lane_samples(spec, lane, step * spec.per_lane, spec.per_lane)]
 
 
-def iter_span(span: LaneSpan, shard_sizes: tuple[int, ...]):
-    """The (shard, sample) pairs of a span, crossing shard boundaries within the lane."""
-    j, offset, left = span.start_shard, span.offset, span.count
-    while left > 0:
-        shard = span.shards[j]
-        take = min(left, shard_sizes[shard] - offset)
-        for k in range(offset, offset + take):
-            yield shard, k
-        left -= take
-        j, offset = j + 1, 0
+def first_step_of_epoch(spec: PlanSpec, epoch: int) -> int:
+    """The first global step whose samples belong (at least partly) to `epoch`."""
+    return epoch_start(spec, epoch) // spec.per_lane
+
+
+def step_epoch(spec: PlanSpec, step: int) -> int:
+    """The epoch of a step's first sample."""
+    return locate(spec, step * spec.per_lane)[0]

@@ -12,6 +12,7 @@ import torch
 from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
 from dist_train.data.manifest import read_manifest
+from dist_train.data.plan import PlanSpec
 from dist_train.data.stream import pretrain_batches, validation_batches
 from dist_train.model.build import build_causal_lm, load_tokenizer
 from dist_train.train.loop import StepBatch
@@ -25,6 +26,12 @@ def lm_micro(rows: np.ndarray) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
+def plan_spec(cfg: RunConfig, man, d: StageDerived) -> PlanSpec:
+    """The data plan of this run: fixed by the manifest and a few config integers."""
+    return PlanSpec(sizes=tuple(s.samples for s in man.train), lanes=d.lanes, global_batch=d.global_batch_size,
+                    seed=cfg.seed, window_shards=cfg.pretrain.data.window_shards)
+
+
 def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.pretrain
     man = read_manifest(sec.data.shards)
@@ -33,9 +40,12 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
                             gradient_checkpointing=sec.train.gradient_checkpointing)
 
+    spec = plan_spec(cfg, man, d)
+    spec.check(world.world_size)
+
     def batches(start_step: int) -> Iterator[StepBatch]:
-        for rows in pretrain_batches(man, lanes=d.lanes, global_batch=d.global_batch_size, seed=cfg.seed,
-                                     world_size=world.world_size, rank=world.rank, start_step=start_step):
+        for rows in pretrain_batches(man, spec, world_size=world.world_size, rank=world.rank, start_step=start_step,
+                                     loader_workers=sec.data.loader_workers):
             micro = [lm_micro(rows[i:i + d.micro_batch_size]) for i in range(0, len(rows), d.micro_batch_size)]
             yield StepBatch(micro, tokens=int(rows.size))
 

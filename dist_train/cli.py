@@ -61,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--steps", type=int, default=1)
     pl.add_argument("--json", action="store_true", help="one JSON object per (step, rank)")
 
+    led = sub.add_parser("ledger", help="check what was trained on").add_subparsers(dest="ledger_cmd", required=True)
+    lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
+    lv.add_argument("output_dir")
+    lv.add_argument("--stage", default="pretrain", choices=["pretrain"])
+
     ins = data.add_parser("inspect", help="summarize a shard directory and show a sample")
     ins.add_argument("data_dir")
     ins.add_argument("--samples", type=int, default=1)
@@ -119,6 +124,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "data":
         return _data(args)
+    if args.cmd == "ledger":
+        return _ledger_verify(args.output_dir, args.stage)
     raise AssertionError(args.cmd)
 
 
@@ -176,6 +183,32 @@ def _plan(man, args: argparse.Namespace) -> int:
             else:
                 print(f"step {step} rank {rank}: {' '.join(ids)}")
     return 0
+
+
+def _ledger_verify(output_dir: str, stage: str) -> int:
+    from pathlib import Path
+
+    from dist_train.checkpoint.manager import META, latest_committed
+    from dist_train.data.ledger import verify
+    from dist_train.data.manifest import DataError, read_manifest
+    from dist_train.data.plan import PlanSpec
+
+    stage_dir = Path(output_dir) / stage
+    tag = latest_committed(stage_dir / "checkpoints")
+    if tag is None:
+        raise DataError(f"{stage_dir} holds no committed checkpoint: nothing to verify (is it a run's output_dir?)")
+    plan = json.loads((stage_dir / "checkpoints" / tag / META).read_text())["plan"]
+    man = read_manifest(plan["shards"])
+    spec = PlanSpec(tuple(s.samples for s in man.train), plan["lanes"], plan["global_batch"], plan["seed"],
+                    plan["window_shards"])
+    v = verify(stage_dir, spec, [s.file for s in man.train])
+    print(f"{stage}: {v.steps} steps, {v.samples} samples, {v.complete_epochs} complete epochs, world sizes "
+          f"{v.world_sizes}; duplicated {v.duplicated}, missing {v.missing}, off-plan steps {v.off_plan_steps}, "
+          f"re-run steps {v.rerun_steps}")
+    for problem in v.problems[:20]:
+        print(f"problem: {problem}")
+    print("ledger OK" if v.ok else "ledger FAILED")
+    return 0 if v.ok else 1
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_train.data.ledger import Ledger, gather
 from dist_train.world import World
 
 META = "meta.json"
@@ -119,8 +120,9 @@ def restore_rng(ckpt_dir: Path, rank: int) -> bool:
 class CheckpointManager:
     """Saves and finds committed checkpoints of one stage. Every rank calls `save`."""
 
-    def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any]) -> None:
-        self.root, self.world, self.keep, self.run_info = root, world, keep, run_info
+    def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any],
+                 ledger: Ledger | None = None) -> None:
+        self.root, self.world, self.keep, self.run_info, self.ledger = root, world, keep, run_info, ledger
         if world.is_main:
             root.mkdir(parents=True, exist_ok=True)
         world.barrier()
@@ -139,6 +141,8 @@ class CheckpointManager:
         t0 = time.perf_counter()
         engine.save(str(staging), tag, client_state)
         save_rng(staging / tag, self.world.rank)
+        if self.ledger is not None:
+            self.ledger.flush(staging / tag)  # committed with the checkpoint, or not at all
         self.world.barrier()  # every rank's shard is on disk
         if self.world.is_main:
             meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
@@ -153,6 +157,7 @@ class CheckpointManager:
             os.replace(staging / tag, final)
             _fsync_dir(self.root)
             write_atomic(self.root / LATEST, tag + "\n")
+            gather(final, self.root.parent)
             self._retain(tag)
         self.world.barrier()
         self.last_save_s = time.perf_counter() - t0

@@ -47,14 +47,17 @@ def read_shard(path: str, skip: int = 0, *, seq_len: int | None = None) -> Itera
             yield arr
 
 
-def read_window(man: Manifest, spec: PlanSpec, window: Window, first: int, last: int) -> np.ndarray:
-    """Samples at lane positions [first, last) of a window, in plan order, as a (n, T) array."""
+def read_window(man: Manifest, spec: PlanSpec, window: Window, first: int,
+                last: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Samples at lane positions [first, last) of a window, in plan order, as a (n, T) array,
+    with their (shard, sample) ids."""
     rows = [arr for shard in window.shards for arr in read_shard(man.path(man.train[shard]), seq_len=man.seq_len)]
     if len(rows) != window.size:
         raise DataError(f"window of shards {[man.train[s].file for s in window.shards]} holds {len(rows)} samples, "
                         f"the manifest says {window.size}: rebuild the shards")
+    physical = [(shard, k) for shard in window.shards for k in range(spec.sizes[shard])]
     order = window_order(spec, window)[first - window.start:last - window.start]
-    return np.stack([rows[i] for i in order])  # (n, T)
+    return np.stack([rows[i] for i in order]), [physical[i] for i in order]  # (n, T), n ids
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Block:
     lane: int
     start: int  # lane position (from the start of training) of rows[0]
     rows: np.ndarray  # (n, T)
+    ids: list[tuple[int, int]]  # (shard, sample) of each row
 
 
 class RankWindows(torch.utils.data.IterableDataset):
@@ -103,7 +107,7 @@ class RankWindows(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for i, (w, first, last, absolute) in enumerate(self.work()):
             if i % workers == worker:
-                yield Block(w.lane, absolute, read_window(self.man, self.spec, w, first, last))
+                yield Block(w.lane, absolute, *read_window(self.man, self.spec, w, first, last))
 
 
 def _identity(block: Block) -> Block:
@@ -111,8 +115,9 @@ def _identity(block: Block) -> Block:
 
 
 def pretrain_batches(man: Manifest, spec: PlanSpec, *, world_size: int, rank: int, start_step: int,
-                     loader_workers: int = 0) -> Iterator[np.ndarray]:
-    """Yield, for each step from `start_step` on, this rank's samples as one (B_rank, T) array."""
+                     loader_workers: int = 0) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
+    """Yield, for each step from `start_step` on, this rank's samples as one (B_rank, T) array
+    and their (shard, sample) ids, in the order of data/plan.py's rank_step_samples."""
     lanes = rank_lanes(spec.lanes, world_size, rank)
     dataset = RankWindows(man, spec, lanes, start_step * spec.per_lane)
     if loader_workers > 0:
@@ -121,27 +126,28 @@ def pretrain_batches(man: Manifest, spec: PlanSpec, *, world_size: int, rank: in
             collate_fn=_identity, multiprocessing_context="spawn", persistent_workers=False))
     else:
         blocks = iter(dataset)
-    buffers = {lane: deque() for lane in lanes}
+    pending: dict[int, deque[Block]] = {lane: deque() for lane in lanes}
     have = dict.fromkeys(lanes, 0)
     while True:
         while any(have[lane] < spec.per_lane for lane in lanes):
             block = next(blocks)
-            buffers[block.lane].append(block.rows)
-            have[block.lane] += len(block.rows)
-        rows = []
+            pending[block.lane].append(block)
+            have[block.lane] += len(block.ids)
+        rows, ids = [], []
         for lane in lanes:
             need = spec.per_lane
             while need:
-                head = buffers[lane][0]
-                take = min(need, len(head))
-                rows.append(head[:take])
-                if take == len(head):
-                    buffers[lane].popleft()
+                head = pending[lane][0]
+                take = min(need, len(head.ids))
+                rows.append(head.rows[:take])
+                ids += head.ids[:take]
+                if take == len(head.ids):
+                    pending[lane].popleft()
                 else:
-                    buffers[lane][0] = head[take:]
+                    pending[lane][0] = Block(lane, head.start + take, head.rows[take:], head.ids[take:])
                 need -= take
             have[lane] -= spec.per_lane
-        yield np.concatenate(rows)  # (B_rank, T)
+        yield np.concatenate(rows), ids  # (B_rank, T)
 
 
 def validation_batches(man: Manifest, *, micro_batch: int, world_size: int, rank: int,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dist_train.data.ledger import Ledger
 from dist_train.train.engine import Engine
 from dist_train.train.metrics import MetricsLog, Throughput, max_rss_mb
 from dist_train.world import World
@@ -24,6 +25,7 @@ class StepBatch:
 
     micro: list[dict[str, torch.Tensor]]
     tokens: int
+    ids: list[tuple[str, int]] | None = None  # (shard file, sample) per row, for the ledger
 
 
 @dataclass
@@ -57,7 +59,8 @@ class Cadence:
 
 def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainState, cadence: Cadence,
                evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
-               world: World, flops_per_token: float, peak_flops: float, throughput: Throughput) -> TrainState:
+               ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
+               throughput: Throughput) -> TrainState:
     """Train until `cadence.max_steps`; every rank runs the same steps and the same collectives."""
     engine.train()
     losses: list[torch.Tensor] = []
@@ -69,6 +72,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainStat
         for micro in batch.micro:  # gradient accumulation; DeepSpeed steps at the boundary
             losses.append(engine.forward_backward(micro))
             engine.step()
+        ledger.record(state.step, batch.ids)  # plan steps count from 0
         state.step += 1
         tokens += batch.tokens
         step_s += time.perf_counter() - t0

@@ -44,10 +44,11 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     spec.check(world.world_size)
 
     def batches(start_step: int) -> Iterator[StepBatch]:
-        for rows in pretrain_batches(man, spec, world_size=world.world_size, rank=world.rank, start_step=start_step,
-                                     loader_workers=sec.data.loader_workers):
+        files = [s.file for s in man.train]
+        for rows, ids in pretrain_batches(man, spec, world_size=world.world_size, rank=world.rank,
+                                          start_step=start_step, loader_workers=sec.data.loader_workers):
             micro = [lm_micro(rows[i:i + d.micro_batch_size]) for i in range(0, len(rows), d.micro_batch_size)]
-            yield StepBatch(micro, tokens=int(rows.size))
+            yield StepBatch(micro, tokens=int(rows.size), ids=[(files[s], k) for s, k in ids])
 
     def evaluate(engine: Any) -> dict[str, float]:
         engine.train(False)
@@ -64,5 +65,7 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         loss = total / count
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
+    plan = {"lanes": spec.lanes, "window_shards": spec.window_shards, "seed": spec.seed,
+            "global_batch": spec.global_batch, "shards": str(man.root)}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
-                      final=lambda engine: {}, seq_len=man.seq_len)
+                      final=lambda engine: {}, seq_len=man.seq_len, run_info={"plan": plan})

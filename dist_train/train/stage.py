@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from dist_train.checkpoint.manager import CheckpointManager, restore_rng, write_
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import RunConfig
+from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.model.build import flops_per_token
 from dist_train.train.engine import build_engine
@@ -41,6 +42,7 @@ class StageParts:
     evaluate: Callable[[Any], dict[str, float]]  # engine -> metrics (collective)
     final: Callable[[Any], dict[str, Any]]  # engine -> extra result entries (e.g. test metrics)
     seq_len: int  # for the attention term of FLOPs/token
+    run_info: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint's meta.json
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -53,14 +55,17 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
     engine = build_engine(parts.model, d.deepspeed, section.optim.weight_decay)
+    ledger = Ledger(world.rank, world.world_size, attempt=world.broadcast_object(time.time()))
     ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
-                             run_info={"stage": stage, "config": to_dict(cfg)})
+                             run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger)
     state = TrainState()
     resumed_from = None
     if (tag := ckpt.resume_tag()) is not None:
         client = engine.load(str(ckpt.root), tag)
         state.load_state_dict(client["train_state"])
         restore_rng(ckpt.root / tag, world.rank)
+        if world.is_main:
+            gather(ckpt.root / tag, out)  # in case the last run stopped between commit and gather
         resumed_from = str(ckpt.root / tag)
         if world.is_main:
             print(f"[{stage}] resumed from {resumed_from} at step {state.step}", flush=True)
@@ -80,7 +85,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     train_loop(engine=engine, batches=batches, state=state,
                cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
                                section.train.save_every),
-               evaluate=lambda: parts.evaluate(engine), save=save, log=log, world=world, flops_per_token=fpt,
+               evaluate=lambda: parts.evaluate(engine), save=save, log=log, ledger=ledger, world=world,
+               flops_per_token=fpt,
                peak_flops=peak, throughput=throughput)
     log.close()
     t_export = time.time()

@@ -22,12 +22,14 @@ def test_loader_follows_the_plan_across_epochs_and_resumes_exactly(shards_dir, w
     steps = 2 * sum(spec.sizes) // 8 + 3  # crosses into a third epoch
     for rank in range(2):
         got = list(islice(pretrain_batches(man, spec, world_size=2, rank=rank, start_step=0), steps))
-        for step, rows in enumerate(got):
-            want = [table[p] for p in rank_step_samples(spec, step, 2, rank)]
-            np.testing.assert_array_equal(rows, np.stack(want))
+        for step, (rows, ids) in enumerate(got):
+            want = rank_step_samples(spec, step, 2, rank)
+            assert ids == want
+            np.testing.assert_array_equal(rows, np.stack([table[p] for p in want]))
         resumed = list(islice(pretrain_batches(man, spec, world_size=2, rank=rank, start_step=7), 5))
-        for a, b in zip(resumed, got[7:12], strict=True):
+        for (a, ia), (b, ib) in zip(resumed, got[7:12], strict=True):
             np.testing.assert_array_equal(a, b)
+            assert ia == ib
 
 
 def test_dataloader_workers_deliver_the_same_batches(shards_dir):
@@ -35,8 +37,9 @@ def test_dataloader_workers_deliver_the_same_batches(shards_dir):
     spec = PlanSpec(tuple(s.samples for s in man.train), lanes=4, global_batch=8, seed=1)
     plain = list(islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=3), 30))
     workers = list(islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=3, loader_workers=2), 30))
-    for a, b in zip(plain, workers, strict=True):
+    for (a, ia), (b, ib) in zip(plain, workers, strict=True):
         np.testing.assert_array_equal(a, b)
+        assert ia == ib
 
 
 def test_validation_batches_are_equal_in_number_on_every_rank(shards_dir):

@@ -102,11 +102,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(d, indent=1) if args.json else yaml.safe_dump(d, sort_keys=False), end="")
         return 0
     if args.cmd == "validate":
-        from dist_train.config.checks import check_run, resolve_paths
+        from dist_train.config.checks import check_run, resolve
         from dist_train.config.derived import describe
         from dist_train.launch.driver import stages_to_run
 
-        cfg = resolve_paths(load_config(args.config, args.overrides))
+        cfg = resolve(load_config(args.config, args.overrides))
         stages = stages_to_run(cfg, args.stage)
         for note in check_run(cfg, stages):
             print(note)

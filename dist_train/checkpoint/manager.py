@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ META = "meta.json"
 RNG_DIR = "rng"  # one rng/rank_NNNNN.npy per rank: DeepSpeed keeps client state of rank 0 only
 LATEST = "latest"
 STAGING = ".staging"
+UNIVERSAL = ".universal"  # checkpoints converted for another worker count
 
 
 def tag_for(step: int) -> str:
@@ -130,6 +132,39 @@ class CheckpointManager:
     def resume_tag(self) -> str | None:
         return latest_committed(self.root)
 
+    def meta(self, tag: str) -> dict[str, Any]:
+        return json.loads((self.root / tag / META).read_text())
+
+    def load_source(self, tag: str) -> tuple[Path, bool]:
+        """Where the engine should load `tag` from, and whether it is in universal format.
+
+        A checkpoint written by another number of workers is converted once (by rank 0, cached
+        beside it) into DeepSpeed's universal format, which any worker count can load.
+        """
+        if self.meta(tag)["world_size"] == self.world.world_size:
+            return self.root, False
+        out = self.root / UNIVERSAL
+        done = out / tag / "converted.json"
+        if self.world.is_main and not done.is_file():
+            shutil.rmtree(out / tag, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(self.root / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"converting {self.root / tag} for {self.world.world_size} workers failed: "
+                                   f"{tail[0]}")
+            for name in (META, RNG_DIR):  # keep our own files next to DeepSpeed's
+                src = self.root / tag / name
+                if src.is_dir():
+                    shutil.copytree(src, out / tag / name, dirs_exist_ok=True)
+                else:
+                    shutil.copy(src, out / tag / name)
+            write_atomic(done, json.dumps({"from_world_size": self.meta(tag)["world_size"]}))
+        self.world.barrier()
+        return out, True
+
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         """Write, verify and commit a checkpoint for `step`; returns its tag once committed."""
         tag = tag_for(step)
@@ -168,3 +203,6 @@ class CheckpointManager:
         for old in tags[: -self.keep]:
             if old != newest:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+        for converted in (self.root / UNIVERSAL).glob("step_*"):
+            if not (self.root / converted.name).is_dir():
+                shutil.rmtree(converted, ignore_errors=True)

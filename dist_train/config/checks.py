@@ -28,6 +28,11 @@ def _abs_if_local(name: str | None) -> str | None:
     return str(p.resolve()) if p.exists() or name.startswith((".", "/", "~")) else name
 
 
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Absolute paths, and the data plan pinned to the checkpoint a run resumes from."""
+    return pin_resumed_lanes(resolve_paths(cfg))
+
+
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """The same config with every local path absolute."""
     rep = dataclasses.replace
@@ -49,8 +54,36 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
 
 # Keys a resumed run must share with the checkpoint it resumes: they decide the model's shape,
 # the data plan and the optimizer's partitioning. (Cadence, max_steps and lr may change.)
-RESUME_IDENTITY = ("seed", "model", "{stage}.data", "{stage}.deepspeed.zero_stage", "{stage}.train.global_batch_size",
-                   "ray.num_workers")
+# The worker count may change: the data plan depends on lanes, not workers, and a checkpoint
+# written by another worker count is converted to DeepSpeed's universal format on load.
+RESUME_IDENTITY = ("seed", "model", "{stage}.data.shards", "{stage}.data.seq_len", "{stage}.data.window_shards",
+                   "{stage}.data.train", "{stage}.data.max_length", "{stage}.deepspeed.zero_stage",
+                   "{stage}.train.global_batch_size")
+
+
+def pin_resumed_lanes(cfg: RunConfig) -> RunConfig:
+    """On resume, an unset pretrain.data.lanes takes the value the checkpoint was planned with
+    (its default, the worker count, may have changed since): the plan must not change."""
+    import json
+
+    from dist_train.checkpoint.manager import META, latest_committed
+
+    if cfg.pretrain is None:
+        return cfg
+    root = Path(cfg.output_dir) / "pretrain" / "checkpoints"
+    tag = latest_committed(root) if root.is_dir() else None
+    if tag is None:
+        return cfg
+    meta = json.loads((root / tag / META).read_text())
+    planned = meta.get("plan", {}).get("lanes")
+    configured = cfg.pretrain.data.lanes
+    if configured is not None and planned is not None and configured != planned:
+        raise ConfigError(f"{cfg.output_dir} holds a pretrain checkpoint ({tag}) planned with {planned} lanes, but "
+                          f"pretrain.data.lanes={configured}: use a new output_dir, or set lanes={planned}")
+    if configured is None and planned is not None:
+        rep = dataclasses.replace
+        cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(cfg.pretrain.data, lanes=planned)))
+    return cfg
 
 
 def _lookup(tree: dict, dotted: str):

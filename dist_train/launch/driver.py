@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.checkpoint.manager import write_atomic
-from dist_train.config.checks import check_run, resolve_paths
+from dist_train.config.checks import check_run, resolve
 from dist_train.config.derived import describe
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import STAGES, RunConfig
@@ -94,11 +94,11 @@ def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, Any]:
     """Validate, prepare, train every selected stage, write report.json; returns the report."""
     t0 = time.time()
-    cfg = resolve_paths(cfg)
+    cfg = resolve(cfg)
     stages = stages_to_run(cfg, only_stage)
     check_run(cfg, stages)  # raises before anything is written or started
     prepare(cfg)
-    cfg = resolve_paths(cfg)  # paths into the prepared data exist now and become absolute
+    cfg = resolve(cfg)  # paths into the prepared data exist now and become absolute
     for note in check_run(cfg, stages):
         log(note)
     log(describe(cfg, stages))

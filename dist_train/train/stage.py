@@ -54,21 +54,26 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     t_start = time.time()
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
-    engine = build_engine(parts.model, d.deepspeed, section.optim.weight_decay)
     ledger = Ledger(world.rank, world.world_size, attempt=world.broadcast_object(time.time()))
     ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
                              run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger)
+    tag = ckpt.resume_tag()
+    ds_config, load_dir = d.deepspeed, ckpt.root
+    if tag is not None:
+        load_dir, universal = ckpt.load_source(tag)  # converted when the worker count changed
+        ds_config = {**ds_config, "checkpoint": {"load_universal": universal}}
+    engine = build_engine(parts.model, ds_config, section.optim.weight_decay)
     state = TrainState()
     resumed_from = None
-    if (tag := ckpt.resume_tag()) is not None:
-        client = engine.load(str(ckpt.root), tag)
+    if tag is not None:
+        client = engine.load(str(load_dir), tag)
         state.load_state_dict(client["train_state"])
-        restore_rng(ckpt.root / tag, world.rank)
-        if world.is_main:
-            gather(ckpt.root / tag, out)  # in case the last run stopped between commit and gather
+        restore_rng(load_dir / tag, world.rank)
         resumed_from = str(ckpt.root / tag)
         if world.is_main:
-            print(f"[{stage}] resumed from {resumed_from} at step {state.step}", flush=True)
+            gather(ckpt.root / tag, out)  # in case the last run stopped between commit and gather
+            print(f"[{stage}] resumed from {resumed_from} at step {state.step} "
+                  f"(written by {ckpt.meta(tag)['world_size']} workers, now {world.world_size})", flush=True)
 
     peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(section.deepspeed.precision),
                                           cfg.ray.cpus_per_worker)

@@ -32,7 +32,8 @@ def build(cfg_dict, world, start_step=0):
     return cfg, d, parts, engine, parts.batches(start_step)
 
 
-def run_steps(engine, batches, n):
+def run_steps(engine, batches, n, world=None):
+    """Train n steps; returns each step's loss, averaged over all ranks when `world` is given."""
     import torch
 
     losses = []
@@ -42,7 +43,10 @@ def run_steps(engine, batches, n):
         for micro in batch.micro:
             step_losses.append(engine.forward_backward(micro))
             engine.step()
-        losses.append(float(torch.stack(step_losses).mean()))
+        total, count = float(torch.stack(step_losses).sum()), len(step_losses)
+        if world is not None:
+            total, count = world.all_reduce_sum([total, count])
+        losses.append(total / count)
     return losses
 
 
@@ -76,4 +80,47 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     if world.is_main:
         Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same, "rng_same": rng_same,
                                          "tag": tag, "client": client["train_state"]}))
+    torch.distributed.destroy_process_group()
+
+
+def elastic_save(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Phase 1 of an elastic resume: train 3 steps on `world_size` ranks and commit; then 2 more."""
+    import torch
+
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={})
+    run_steps(engine, batches, 3)
+    ckpt.save(engine, 3, {"train_state": {"step": 3}})
+    after = run_steps(engine, batches, 2, world)
+    if world.is_main:
+        Path(out).write_text(json.dumps({"after": after}))
+    torch.distributed.destroy_process_group()
+
+
+def elastic_load(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Phase 2: resume the committed checkpoint on a different number of ranks; train 2 steps."""
+    import torch
+
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import from_dict
+    from dist_train.train.engine import build_engine
+    from dist_train.train.pretrain import build_pretrain
+
+    world = init_process(rank, world_size, port)
+    cfg = from_dict(cfg_dict)
+    d = derive_stage(cfg, "pretrain", world.world_size)
+    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={})
+    tag = ckpt.resume_tag()
+    load_dir, universal = ckpt.load_source(tag)
+    parts = build_pretrain(cfg, d, world)
+    ds = {**d.deepspeed, "checkpoint": {"load_universal": universal}}
+    engine = build_engine(parts.model, ds, cfg.pretrain.optim.weight_decay)
+    client = engine.load(str(load_dir), tag)
+    resumed = run_steps(engine, parts.batches(client["train_state"]["step"]), 2, world)
+    if world.is_main:
+        Path(out).write_text(json.dumps({"resumed": resumed, "universal": universal, "lr": engine.lr}))
     torch.distributed.destroy_process_group()

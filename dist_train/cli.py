@@ -158,7 +158,9 @@ def _data(args: argparse.Namespace) -> int:
         tok = load_tokenizer(man.tokenizer["name_or_path"])
     except ValueError:
         tok = None
-    for i, arr in zip(range(args.samples), read_shard(man.path(man.train[0])), strict=False):
+    first = man.train[0]
+    rows = read_shard(man.path(first), samples=first.samples, seq_len=man.seq_len, sha256=first.sha256)
+    for i, arr in enumerate(rows[:args.samples]):
         text = tok.decode(arr.tolist()) if tok is not None else arr[:32].tolist()
         print(f"--- {man.train[0].file}:{i}\n{text}")
     return 0

@@ -102,6 +102,10 @@ class PretrainData:
                              "shards of a lane (memory: this many shards per lane).", 1, ge=1)
     loader_workers: int = doc("DataLoader processes per worker reading windows ahead; 0 reads in a thread.", 0,
                               ge=0)
+    on_bad_sample: Literal["error", "skip"] = doc("A corrupt shard or sample: stop naming it (error), or replace "
+                                                  "it by another sample of its window and count it (skip).",
+                                                  "error")
+    verify_checksums: bool = doc("Check each shard's sha256 against the manifest while it streams.", True)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ the step falls in: the resume state is one integer, the next global step.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import queue
 import threading
@@ -25,39 +26,110 @@ from dist_train.data.manifest import TOKENS_KEY, DataError, Manifest
 from dist_train.data.plan import PlanSpec, Window, epoch_length, lane_windows, locate, rank_lanes, window_order
 
 
-def read_shard(path: str, skip: int = 0, *, seq_len: int | None = None) -> Iterator[np.ndarray]:
-    """Token arrays of one tar shard in order, from sample `skip` on. Decodes npy only, never pickle."""
+class _HashingReader:
+    """A read-only file wrapper that hashes everything read through it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def finish(self) -> str:
+        while self.read(1 << 20):
+            pass
+        return self.h.hexdigest()
+
+
+def load_shard(path: str, *, samples: int, seq_len: int | None,
+               sha256: str | None = None) -> tuple[list[np.ndarray | None], list[str]]:
+    """Every sample of a tar shard (None where unreadable) and the problems found.
+
+    Reads through webdataset's tar iterator and decodes npy only, never pickle. Checks member
+    keys, shapes and dtypes, the sample count, and (when given) the sha256 of the whole file, which
+    is hashed while it streams, so verification costs no extra read.
+    """
     import fsspec
     import webdataset as wds
 
-    with fsspec.open(path, "rb") as f:
-        files = wds.tariterators.tar_file_expander([{"url": path, "stream": f}], eof_value=None)
-        samples = wds.tariterators.group_by_keys(files)
-        for index, sample in enumerate(samples):
-            if index < skip:
-                continue
-            raw = sample.get(TOKENS_KEY)
-            if raw is None or sample["__key__"] != f"{index:07d}":
-                raise DataError(f"shard {path} is damaged at member {sample.get('__key__')!r} (expected sample "
-                                f"{index:07d}.{TOKENS_KEY}): rebuild it with `dist-train data build`")
-            arr = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
-            if arr.ndim != 1 or arr.dtype.kind not in "iu" or (seq_len is not None and arr.shape[0] != seq_len):
-                raise DataError(f"shard {path} member {index:07d} holds {arr.dtype}{list(arr.shape)}, not "
-                                f"{seq_len} integer tokens: rebuild the shards")
-            yield arr
+    rows: list[np.ndarray | None] = [None] * samples
+    problems: list[str] = []
+    name = path.rsplit("/", 1)[-1]
+    try:
+        with fsspec.open(path, "rb") as raw:
+            f = _HashingReader(raw)
+            files = wds.tariterators.tar_file_expander([{"url": path, "stream": f}], eof_value=None)
+            for sample in wds.tariterators.group_by_keys(files):
+                key = sample["__key__"]
+                index = int(key) if key.isdigit() else -1
+                if not 0 <= index < samples:
+                    problems.append(f"{name}: unexpected member {key!r}")
+                    continue
+                try:
+                    arr = np.lib.format.read_array(io.BytesIO(sample[TOKENS_KEY]), allow_pickle=False)
+                except (KeyError, ValueError, OSError) as e:
+                    problems.append(f"{name}: member {key}.{TOKENS_KEY} does not decode ({e.__class__.__name__})")
+                    continue
+                if arr.ndim != 1 or arr.dtype.kind not in "iu" or (seq_len is not None and arr.shape[0] != seq_len):
+                    problems.append(f"{name}: member {key} holds {arr.dtype}{list(arr.shape)}, not {seq_len} "
+                                    "integer tokens")
+                    continue
+                rows[index] = arr
+            digest = f.finish()
+    except Exception as e:  # truncated or garbled tar: keep what was read before the damage
+        # webdataset appends the stream and url to the exception's args; the first is the reason
+        reason = str(e.args[0]).splitlines()[0][:80] if e.args else ""
+        problems.append(f"{name}: unreadable after {sum(r is not None for r in rows)} samples "
+                        f"({e.__class__.__name__}{': ' + reason if reason else ''})")
+        digest = None
+    if digest is not None and sha256 is not None and digest != sha256:
+        problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…")
+        rows = [None] * samples  # nothing in a changed file can be trusted
+    missing = sum(r is None for r in rows)
+    if missing and not problems:
+        problems.append(f"{name}: {missing} of {samples} samples missing")
+    return rows, problems
 
 
-def read_window(man: Manifest, spec: PlanSpec, window: Window, first: int,
-                last: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Samples at lane positions [first, last) of a window, in plan order, as a (n, T) array,
-    with their (shard, sample) ids."""
-    rows = [arr for shard in window.shards for arr in read_shard(man.path(man.train[shard]), seq_len=man.seq_len)]
-    if len(rows) != window.size:
-        raise DataError(f"window of shards {[man.train[s].file for s in window.shards]} holds {len(rows)} samples, "
-                        f"the manifest says {window.size}: rebuild the shards")
+def read_shard(path: str, *, samples: int, seq_len: int | None = None, sha256: str | None = None) -> list[np.ndarray]:
+    """All samples of a shard, or DataError naming the shard, the member and the fix."""
+    rows, problems = load_shard(path, samples=samples, seq_len=seq_len, sha256=sha256)
+    if problems:
+        raise DataError(f"bad shard {path}: {problems[0]}: rebuild it with `dist-train data build`, or set "
+                        "pretrain.data.on_bad_sample=skip")
+    return rows
+
+
+def read_window(man: Manifest, spec: PlanSpec, window: Window, first: int, last: int, *,
+                on_bad: str = "error", verify: bool = True) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+    """Samples at lane positions [first, last) of a window, in plan order, as a (n, T) array, with
+    their (shard, sample) ids and the number of bad samples replaced.
+
+    Policy `skip` replaces an unreadable sample by a readable one of the same window (chosen
+    deterministically), so the step keeps its size on every rank; `error` raises DataError.
+    """
+    rows: list[np.ndarray | None] = []
+    for shard in window.shards:
+        info = man.train[shard]
+        got, problems = load_shard(man.path(info), samples=info.samples, seq_len=man.seq_len,
+                                   sha256=info.sha256 if verify else None)
+        if problems and on_bad == "error":
+            raise DataError(f"bad shard {man.path(info)}: {problems[0]}: rebuild it, or set "
+                            "pretrain.data.on_bad_sample=skip")
+        for problem in problems:
+            print(f"[data] {problem}; replacing its bad samples (on_bad_sample=skip)", flush=True)
+        rows += got
     physical = [(shard, k) for shard in window.shards for k in range(spec.sizes[shard])]
+    good = [i for i, r in enumerate(rows) if r is not None]
+    if not good:
+        raise DataError(f"every sample of shards {[man.train[s].file for s in window.shards]} is unreadable: "
+                        "rebuild them")
     order = window_order(spec, window)[first - window.start:last - window.start]
-    return np.stack([rows[i] for i in order]), [physical[i] for i in order]  # (n, T), n ids
+    chosen = [i if rows[i] is not None else good[i % len(good)] for i in order]
+    replaced = sum(rows[i] is None for i in order)
+    return np.stack([rows[i] for i in chosen]), [physical[i] for i in chosen], replaced  # (n, T)
 
 
 @dataclass(frozen=True)
@@ -68,6 +140,7 @@ class Block:
     start: int  # lane position (from the start of training) of rows[0]
     rows: np.ndarray  # (n, T)
     ids: list[tuple[int, int]]  # (shard, sample) of each row
+    replaced: int = 0  # bad samples replaced in this block (policy skip)
 
 
 class RankWindows(torch.utils.data.IterableDataset):
@@ -78,8 +151,10 @@ class RankWindows(torch.utils.data.IterableDataset):
     sequence for any number of workers.
     """
 
-    def __init__(self, man: Manifest, spec: PlanSpec, lanes: range, start_position: int) -> None:
+    def __init__(self, man: Manifest, spec: PlanSpec, lanes: range, start_position: int, on_bad: str = "error",
+                 verify: bool = True) -> None:
         self.man, self.spec, self.lanes, self.start_position = man, spec, lanes, start_position
+        self.on_bad, self.verify = on_bad, verify
 
     def work(self) -> Iterator[tuple[Window, int, int, int]]:
         """(window, first, last, absolute start) for every window this rank reads, forever."""
@@ -107,7 +182,8 @@ class RankWindows(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for i, (w, first, last, absolute) in enumerate(self.work()):
             if i % workers == worker:
-                yield Block(w.lane, absolute, *read_window(self.man, self.spec, w, first, last))
+                yield Block(w.lane, absolute, *read_window(self.man, self.spec, w, first, last, on_bad=self.on_bad,
+                                                           verify=self.verify))
 
 
 def _identity(block: Block) -> Block:
@@ -115,11 +191,13 @@ def _identity(block: Block) -> Block:
 
 
 def pretrain_batches(man: Manifest, spec: PlanSpec, *, world_size: int, rank: int, start_step: int,
-                     loader_workers: int = 0) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
-    """Yield, for each step from `start_step` on, this rank's samples as one (B_rank, T) array
-    and their (shard, sample) ids, in the order of data/plan.py's rank_step_samples."""
+                     loader_workers: int = 0, on_bad: str = "error",
+                     verify: bool = True) -> Iterator[tuple[np.ndarray, list[tuple[int, int]], int]]:
+    """Yield, for each step from `start_step` on, this rank's samples as one (B_rank, T) array,
+    their (shard, sample) ids in the order of data/plan.py's rank_step_samples, and the number
+    of bad samples replaced in them."""
     lanes = rank_lanes(spec.lanes, world_size, rank)
-    dataset = RankWindows(man, spec, lanes, start_step * spec.per_lane)
+    dataset = RankWindows(man, spec, lanes, start_step * spec.per_lane, on_bad, verify)
     if loader_workers > 0:
         blocks: Iterator[Block] = iter(torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=loader_workers, prefetch_factor=2,
@@ -133,7 +211,7 @@ def pretrain_batches(man: Manifest, spec: PlanSpec, *, world_size: int, rank: in
             block = next(blocks)
             pending[block.lane].append(block)
             have[block.lane] += len(block.ids)
-        rows, ids = [], []
+        rows, ids, replaced = [], [], 0
         for lane in lanes:
             need = spec.per_lane
             while need:
@@ -141,13 +219,14 @@ def pretrain_batches(man: Manifest, spec: PlanSpec, *, world_size: int, rank: in
                 take = min(need, len(head.ids))
                 rows.append(head.rows[:take])
                 ids += head.ids[:take]
+                replaced += head.replaced  # counted once, with the block's first rows
                 if take == len(head.ids):
                     pending[lane].popleft()
                 else:
                     pending[lane][0] = Block(lane, head.start + take, head.rows[take:], head.ids[take:])
                 need -= take
             have[lane] -= spec.per_lane
-        yield np.concatenate(rows), ids  # (B_rank, T)
+        yield np.concatenate(rows), ids, replaced  # (B_rank, T)
 
 
 def validation_batches(man: Manifest, *, micro_batch: int, world_size: int, rank: int,
@@ -164,7 +243,7 @@ def validation_batches(man: Manifest, *, micro_batch: int, world_size: int, rank
     rows: list[np.ndarray] = []
     index = taken = 0
     for shard in man.validation:
-        for arr in read_shard(man.path(shard), seq_len=man.seq_len):
+        for arr in read_shard(man.path(shard), samples=shard.samples, seq_len=man.seq_len, sha256=shard.sha256):
             if index % world_size == rank and taken < wanted:
                 rows.append(arr)
                 taken += 1

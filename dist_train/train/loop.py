@@ -26,6 +26,7 @@ class StepBatch:
     micro: list[dict[str, torch.Tensor]]
     tokens: int
     ids: list[tuple[str, int]] | None = None  # (shard file, sample) per row, for the ledger
+    replaced: int = 0  # bad samples the loader replaced (on_bad_sample=skip)
 
 
 @dataclass
@@ -34,15 +35,17 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
+    replaced_samples: int = 0
     last_loss: float = float("nan")
     last_eval: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "last_loss": self.last_loss,
-                "last_eval": dict(self.last_eval)}
+        return {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
+                "last_loss": self.last_loss, "last_eval": dict(self.last_eval)}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens, self.last_loss = int(d["step"]), int(d["tokens"]), float(d["last_loss"])
+        self.replaced_samples = int(d.get("replaced_samples", 0))
         self.last_eval = dict(d.get("last_eval", {}))
 
 
@@ -64,7 +67,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainStat
     """Train until `cadence.max_steps`; every rank runs the same steps and the same collectives."""
     engine.train()
     losses: list[torch.Tensor] = []
-    tokens, step_s, wait_s = 0, 0.0, 0.0
+    tokens, replaced, step_s, wait_s = 0, 0, 0.0, 0.0
     while state.step < cadence.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -75,14 +78,16 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainStat
         ledger.record(state.step, batch.ids)  # plan steps count from 0
         state.step += 1
         tokens += batch.tokens
+        replaced += batch.replaced
         step_s += time.perf_counter() - t0
         wait_s += t_data
 
         do_eval, do_save = cadence.due(state.step, cadence.eval_every), cadence.due(state.step, cadence.save_every)
         if do_eval or do_save or state.step % cadence.log_every == 0:
-            loss_sum, n, global_tokens = world.all_reduce_sum([float(torch.stack(losses).sum()), len(losses),
-                                                               tokens])
+            loss_sum, n, global_tokens, global_replaced = world.all_reduce_sum(
+                [float(torch.stack(losses).sum()), len(losses), tokens, replaced])
             state.tokens += int(global_tokens)
+            state.replaced_samples += int(global_replaced)
             state.last_loss = loss_sum / n
             throughput.add(int(global_tokens), step_s)
             tps = global_tokens / step_s
@@ -90,13 +95,13 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainStat
                    "tokens": state.tokens, "tokens_per_s": tps,
                    "mfu": flops_per_token * tps / (peak_flops * world.world_size),
                    "mem_mb": max_rss_mb(), "data_wait_frac": wait_s / step_s,
-                   "skipped_steps": engine.skipped_steps}
+                   "skipped_steps": engine.skipped_steps, "replaced_samples": state.replaced_samples}
             if do_eval:
                 state.last_eval = evaluate()
                 engine.train()
                 row.update({f"eval_{k}": v for k, v in state.last_eval.items()})
             log.log(row)
-            losses, tokens, step_s, wait_s = [], 0, 0.0, 0.0
+            losses, tokens, replaced, step_s, wait_s = [], 0, 0, 0.0, 0.0
         if do_save:
             save(state.step)
     return state

@@ -45,10 +45,12 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
 
     def batches(start_step: int) -> Iterator[StepBatch]:
         files = [s.file for s in man.train]
-        for rows, ids in pretrain_batches(man, spec, world_size=world.world_size, rank=world.rank,
-                                          start_step=start_step, loader_workers=sec.data.loader_workers):
+        for rows, ids, replaced in pretrain_batches(
+                man, spec, world_size=world.world_size, rank=world.rank, start_step=start_step,
+                loader_workers=sec.data.loader_workers, on_bad=sec.data.on_bad_sample,
+                verify=sec.data.verify_checksums):
             micro = [lm_micro(rows[i:i + d.micro_batch_size]) for i in range(0, len(rows), d.micro_batch_size)]
-            yield StepBatch(micro, tokens=int(rows.size), ids=[(files[s], k) for s, k in ids])
+            yield StepBatch(micro, tokens=int(rows.size), ids=[(files[s], k) for s, k in ids], replaced=replaced)
 
     def evaluate(engine: Any) -> dict[str, float]:
         engine.train(False)

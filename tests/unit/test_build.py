@@ -25,7 +25,7 @@ def test_manifest_matches_the_shards(shards_dir, tokenizer_dir):
     assert len(man.train) > 3 and man.validation
     for shard in man.train + man.validation:
         assert sha256_file(man.path(shard)) == shard.sha256
-        rows = list(read_shard(man.path(shard)))
+        rows = list(read_shard(man.path(shard), samples=shard.samples, seq_len=32))
         assert len(rows) == shard.samples and shard.tokens == shard.samples * 32
         assert all(r.dtype == np.uint16 and r.shape == (32,) for r in rows)
     with tarfile.open(man.path(man.train[0])) as tf:  # plain npy members, no pickles
@@ -35,7 +35,7 @@ def test_manifest_matches_the_shards(shards_dir, tokenizer_dir):
 def test_packed_tokens_are_the_documents_with_separators(shards_dir, tokenizer_dir, corpus_docs):
     tok = load_tokenizer(str(tokenizer_dir))
     man = read_manifest(shards_dir)
-    first = next(read_shard(man.path(man.train[0]))).tolist()
+    first = read_shard(man.path(man.train[0]), samples=man.train[0].samples)[0].tolist()
     # the first training sample starts with the first training document (val docs are drawn at random)
     ids = [i for d in corpus_docs[:5] for i in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     assert any(first == ids[k:k + 32] for k in range(0, len(ids) - 32))

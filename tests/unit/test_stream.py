@@ -11,7 +11,8 @@ from dist_train.data.stream import Prefetcher, pretrain_batches, read_shard, val
 
 
 def all_samples(man):
-    return {(i, k): arr for i, s in enumerate(man.train) for k, arr in enumerate(read_shard(man.path(s)))}
+    return {(i, k): arr for i, s in enumerate(man.train)
+            for k, arr in enumerate(read_shard(man.path(s), samples=s.samples))}
 
 
 @pytest.mark.parametrize("window", [1, 2])
@@ -22,12 +23,12 @@ def test_loader_follows_the_plan_across_epochs_and_resumes_exactly(shards_dir, w
     steps = 2 * sum(spec.sizes) // 8 + 3  # crosses into a third epoch
     for rank in range(2):
         got = list(islice(pretrain_batches(man, spec, world_size=2, rank=rank, start_step=0), steps))
-        for step, (rows, ids) in enumerate(got):
+        for step, (rows, ids, _) in enumerate(got):
             want = rank_step_samples(spec, step, 2, rank)
             assert ids == want
             np.testing.assert_array_equal(rows, np.stack([table[p] for p in want]))
         resumed = list(islice(pretrain_batches(man, spec, world_size=2, rank=rank, start_step=7), 5))
-        for (a, ia), (b, ib) in zip(resumed, got[7:12], strict=True):
+        for (a, ia, _), (b, ib, _) in zip(resumed, got[7:12], strict=True):
             np.testing.assert_array_equal(a, b)
             assert ia == ib
 
@@ -37,7 +38,7 @@ def test_dataloader_workers_deliver_the_same_batches(shards_dir):
     spec = PlanSpec(tuple(s.samples for s in man.train), lanes=4, global_batch=8, seed=1)
     plain = list(islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=3), 30))
     workers = list(islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=3, loader_workers=2), 30))
-    for (a, ia), (b, ib) in zip(plain, workers, strict=True):
+    for (a, ia, _), (b, ib, _) in zip(plain, workers, strict=True):
         np.testing.assert_array_equal(a, b)
         assert ia == ib
 

@@ -1,0 +1,56 @@
+"""A corrupt shard on one of two Ray workers: `error` stops the run naming it, `skip` finishes;
+neither hangs."""
+
+import json
+import shutil
+import time
+
+import pytest
+
+from dist_train.data.manifest import read_manifest
+from dist_train.data.plan import PlanSpec, epoch_lanes
+from dist_train.data.quickstart import prepare_python_docs
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("bad")
+    prepare_python_docs(cwd / "data" / "quickstart", seq_len=128, vocab_size=4096, progress=False)
+    bad = cwd / "bad_shards"
+    shutil.copytree(cwd / "data" / "quickstart" / "shards", bad)
+    man = read_manifest(bad)
+    spec = PlanSpec(tuple(s.samples for s in man.train), lanes=2, global_batch=16, seed=0)
+    victim = man.train[epoch_lanes(spec, 0)[1][0]].file  # the first shard rank 1 reads
+    data = (bad / victim).read_bytes()
+    (bad / victim).write_bytes(data[: len(data) // 3])
+    return cwd, bad, victim
+
+
+def run(cwd, shards, policy):
+    t0 = time.time()
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), f"output_dir=run-{policy}", "finetune=null",
+                  f"pretrain.data.shards={shards}", f"pretrain.data.on_bad_sample={policy}",
+                  "pretrain.train.max_steps=6", "pretrain.train.eval_every=0", cwd=cwd, timeout=400)
+    return res, time.time() - t0
+
+
+def test_error_policy_stops_naming_the_shard(corrupt):
+    cwd, bad, victim = corrupt
+    res, wall = run(cwd, bad, "error")
+    assert res.returncode == 1
+    ours = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith("error: stage pretrain failed"), res.stderr[-2000:]
+    assert victim in ours[0] and "unreadable" in ours[0]
+    assert wall < 300
+
+
+def test_skip_policy_finishes_with_every_rank_in_step(corrupt):
+    cwd, bad, victim = corrupt
+    res, _ = run(cwd, bad, "skip")
+    assert res.returncode == 0, res.stderr[-2000:]
+    stage = json.loads((cwd / "run-skip" / "report.json").read_text())["stages"]["pretrain"]
+    assert stage["steps"] == 6 and stage["replaced_samples"] > 0
+    assert f"[data] {victim}: unreadable" in res.stdout

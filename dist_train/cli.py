@@ -200,7 +200,7 @@ def _ledger_verify(output_dir: str, stage: str) -> int:
     if tag is None:
         raise DataError(f"{stage_dir} holds no committed checkpoint: nothing to verify (is it a run's output_dir?)")
     plan = json.loads((stage_dir / "checkpoints" / tag / META).read_text())["plan"]
-    man = read_manifest(plan["shards"])
+    man = read_manifest(plan["shards"], allow_pipe=True)  # the run itself was allowed to use it
     spec = PlanSpec(tuple(s.samples for s in man.train), plan["lanes"], plan["global_batch"], plan["seed"],
                     plan["window_shards"])
     v = verify(stage_dir, spec, [s.file for s in man.train])

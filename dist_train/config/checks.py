@@ -42,7 +42,11 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if cfg.prepare is not None:
         cfg = rep(cfg, prepare=rep(cfg.prepare, dir=_abs(cfg.prepare.dir)))
     if cfg.pretrain is not None:
-        cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(cfg.pretrain.data, shards=_abs(cfg.pretrain.data.shards))))
+        from dist_train.data.sources import is_url
+
+        shards = cfg.pretrain.data.shards
+        cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(cfg.pretrain.data,
+                                                          shards=shards if is_url(shards) else _abs(shards))))
     if cfg.finetune is not None:
         d = cfg.finetune.data
         init = cfg.finetune.init_from
@@ -164,7 +168,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         if _pending(cfg, data.shards):
             notes.append(f"pretrain.data.shards {data.shards} will be built by prepare")
         else:
-            man = read_manifest(data.shards)
+            man = read_manifest(data.shards, allow_pipe=data.allow_pipe)
             if man.seq_len != data.seq_len:
                 raise ConfigError(f"pretrain.data.seq_len={data.seq_len} but the shards in {data.shards} hold "
                                   f"samples of {man.seq_len} tokens: set seq_len={man.seq_len} or rebuild")

@@ -94,7 +94,10 @@ class TrainLoopConfig:
 
 @dataclass(frozen=True)
 class PretrainData:
-    shards: str = doc("Directory written by `dist-train data build` (holds manifest.json).", REQUIRED)
+    shards: str = doc("Where the shards built by `dist-train data build` are: a directory, or an fsspec URL "
+                      "(s3://, gs://, https://) holding manifest.json, optionally ending in a brace pattern of "
+                      "shard names (shard-{000000..000099}.tar); or 'pipe:CMD {file}' when allow_pipe.", REQUIRED)
+    allow_pipe: bool = doc("Allow a pipe: source, which runs a shell command per shard.", False)
     seq_len: int = doc("Tokens per sample; must equal the manifest's seq_len.", 128, ge=8)
     lanes: int | None = doc("Parallel shard streams. Each worker reads lanes / num_workers of them, so a run "
                             "can resume on any worker count that divides lanes; null = num_workers.", None, ge=1)

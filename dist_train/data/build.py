@@ -158,10 +158,10 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
         if not train:
             raise DataError(f"the corpus ({docs} documents) is shorter than one training sample of "
                             f"{seq_len} tokens: add text or lower --seq-len")
-        man = Manifest(root=output, seq_len=seq_len, dtype=np.dtype(dtype).name,
+        man = Manifest(root=str(output), seq_len=seq_len, dtype=np.dtype(dtype).name,
                        tokenizer=tokenizer_fingerprint(tokenizer, tokenizer_label or tokenizer_name),
                        train=train, validation=val, documents=docs)
-        write_manifest(Manifest(**{**man.__dict__, "root": tmp}))
+        write_manifest(Manifest(**{**man.__dict__, "root": str(tmp)}))
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

@@ -31,7 +31,7 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    root: Path
+    root: str  # local directory, URL prefix or pipe: command (see data/sources.py)
     seq_len: int
     dtype: str
     tokenizer: dict[str, Any]
@@ -44,7 +44,9 @@ class Manifest:
         return int(self.tokenizer["vocab_size"])
 
     def path(self, shard: ShardInfo) -> str:
-        return str(self.root / shard.file)
+        from dist_train.data.sources import join
+
+        return join(self.root, shard.file)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,18 +56,29 @@ class Manifest:
         }
 
 
-def read_manifest(root: str | Path) -> Manifest:
-    """Load and sanity-check a shard directory's manifest (cheap: no shard is opened)."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise DataError(f"shard directory {str(root)!r} does not exist: build it with "
-                        "`dist-train data build --input ... --output {root}`")
-    if not path.is_file():
-        raise DataError(f"{str(root)!r} has no {MANIFEST}: it was not written by `dist-train data build` "
-                        "(or the build did not finish); rebuild it")
+def read_manifest(source: str | Path, *, allow_pipe: bool = False) -> Manifest:
+    """Load and sanity-check a shard source's manifest (cheap: no shard is opened).
+
+    `source` is a directory, an fsspec URL prefix or a pipe: command holding manifest.json,
+    optionally ending in a brace pattern that selects some of its shards.
+    """
+    from dist_train.data.sources import check_allowed, expand_pattern, is_url, join, open_binary, split_pattern
+
+    source = str(source)
+    check_allowed(source, allow_pipe)
+    root, pattern = split_pattern(source)
+    remote = is_url(root)
+    if not remote:
+        if not Path(root).is_dir():
+            raise DataError(f"shard directory {root!r} does not exist: build it with "
+                            f"`dist-train data build --input ... --output {root}`")
+        if not (Path(root) / MANIFEST).is_file():
+            raise DataError(f"{root!r} has no {MANIFEST}: it was not written by `dist-train data build` "
+                            "(or the build did not finish); rebuild it")
+    path = join(root, MANIFEST)
     try:
-        raw = json.loads(path.read_text())
+        with open_binary(path) as f:
+            raw = json.loads(f.read())
         if raw.get("format") != FORMAT:
             raise DataError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}: rebuild the shards "
                             "with this version of dist-train")
@@ -75,20 +88,31 @@ def read_manifest(root: str | Path) -> Manifest:
             train=[ShardInfo(**s) for s in raw["train"]],
             validation=[ShardInfo(**s) for s in raw["validation"]],
         )
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is damaged ({e.__class__.__name__}: {e}): rebuild the shards") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.__class__.__name__}: {e}): check the URL and credentials") from None
+    if pattern is not None:
+        wanted = expand_pattern(pattern)
+        known = {s.file: s for s in man.train}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise DataError(f"{source}: {unknown[0]} is not a training shard of {path} ({len(unknown)} unknown): "
+                            "fix the pattern")
+        man = Manifest(**{**man.__dict__, "train": [known[w] for w in wanted]})
     if not man.train or sum(s.samples for s in man.train) == 0:
-        raise DataError(f"{root} holds no training samples: the corpus was empty or shorter than one "
+        raise DataError(f"{source} holds no training samples: the corpus was empty or shorter than one "
                         f"sample of {man.seq_len} tokens; add text or lower --seq-len")
-    missing = [s.file for s in man.train + man.validation if not (root / s.file).is_file()]
-    if missing:
-        raise DataError(f"{root}: shard {missing[0]} listed in {MANIFEST} is missing "
-                        f"({len(missing)} missing in all): copy it back or rebuild the shards")
+    if not remote:
+        missing = [s.file for s in man.train + man.validation if not (Path(root) / s.file).is_file()]
+        if missing:
+            raise DataError(f"{root}: shard {missing[0]} listed in {MANIFEST} is missing "
+                            f"({len(missing)} missing in all): copy it back or rebuild the shards")
     return man
 
 
 def write_manifest(man: Manifest) -> None:
-    (man.root / MANIFEST).write_text(json.dumps(man.to_json(), indent=1) + "\n")
+    (Path(man.root) / MANIFEST).write_text(json.dumps(man.to_json(), indent=1) + "\n")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

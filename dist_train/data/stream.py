@@ -24,6 +24,7 @@ import torch
 
 from dist_train.data.manifest import TOKENS_KEY, DataError, Manifest
 from dist_train.data.plan import PlanSpec, Window, epoch_length, lane_windows, locate, rank_lanes, window_order
+from dist_train.data.sources import open_binary
 
 
 class _HashingReader:
@@ -51,14 +52,13 @@ def load_shard(path: str, *, samples: int, seq_len: int | None,
     keys, shapes and dtypes, the sample count, and (when given) the sha256 of the whole file, which
     is hashed while it streams, so verification costs no extra read.
     """
-    import fsspec
     import webdataset as wds
 
     rows: list[np.ndarray | None] = [None] * samples
     problems: list[str] = []
     name = path.rsplit("/", 1)[-1]
     try:
-        with fsspec.open(path, "rb") as raw:
+        with open_binary(path) as raw:
             f = _HashingReader(raw)
             files = wds.tariterators.tar_file_expander([{"url": path, "stream": f}], eof_value=None)
             for sample in wds.tariterators.group_by_keys(files):

@@ -34,7 +34,7 @@ def plan_spec(cfg: RunConfig, man, d: StageDerived) -> PlanSpec:
 
 def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.pretrain
-    man = read_manifest(sec.data.shards)
+    man = read_manifest(sec.data.shards, allow_pipe=sec.data.allow_pipe)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     model = build_causal_lm(name_or_path=cfg.model.name_or_path, arch=cfg.model.arch, vocab_size=len(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
@@ -68,6 +68,6 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
     plan = {"lanes": spec.lanes, "window_shards": spec.window_shards, "seed": spec.seed,
-            "global_batch": spec.global_batch, "shards": str(man.root)}
+            "global_batch": spec.global_batch, "shards": sec.data.shards}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
                       final=lambda engine: {}, seq_len=man.seq_len, run_info={"plan": plan})

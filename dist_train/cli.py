@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--from-step", type=int, default=0)
     pl.add_argument("--steps", type=int, default=1)
     pl.add_argument("--json", action="store_true", help="one JSON object per (step, rank)")
+    pl.add_argument("--mix", action="append", default=[], metavar="DIR:WEIGHT",
+                    help="a further corpus and its share, as pretrain.data.mix (repeatable)")
 
     led = sub.add_parser("ledger", help="check what was trained on").add_subparsers(dest="ledger_cmd", required=True)
     lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
@@ -168,20 +170,29 @@ def _data(args: argparse.Namespace) -> int:
 
 def _plan(man, args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError
-    from dist_train.data.plan import PlanSpec, first_step_of_epoch, rank_step_samples, step_epoch
+    from dist_train.data.manifest import read_manifest
+    from dist_train.data.mixture import Mixture, label, rank_step_ids
+    from dist_train.data.plan import PlanSpec, first_step_of_epoch, step_epoch
 
     lanes = args.lanes or args.world_size
     if lanes % args.world_size or args.global_batch % lanes:
         raise ConfigError(f"--lanes {lanes} must be a multiple of --world-size {args.world_size} and divide "
                           f"--global-batch {args.global_batch}")
-    spec = PlanSpec(tuple(s.samples for s in man.train), lanes, args.global_batch, args.seed, args.window_shards)
-    spec.check(args.world_size)
-    first = args.from_step + (first_step_of_epoch(spec, args.epoch) if args.epoch is not None else 0)
+    mixed = [item.rpartition(":") for item in args.mix]
+    if any(not sep for _, sep, _ in mixed):
+        raise ConfigError("--mix takes DIR:WEIGHT, e.g. --mix general/:0.1")
+    mans = [man, *(read_manifest(src) for src, _, _ in mixed)]
+    specs = tuple(PlanSpec(tuple(s.samples for s in m.train), lanes, args.global_batch, args.seed + i,
+                           args.window_shards) for i, m in enumerate(mans))
+    mix = Mixture.weighted(specs, tuple(float(w) for _, _, w in mixed))
+    mix.check(args.world_size)
+    files = [[s.file for s in m.train] for m in mans]
+    first = args.from_step + (first_step_of_epoch(specs[0], args.epoch) if args.epoch is not None else 0)
     for step in range(first, first + args.steps):
         for rank in range(args.world_size):
-            ids = [f"{man.train[s].file}:{k}" for s, k in rank_step_samples(spec, step, args.world_size, rank)]
+            ids = [label(files, *i) for i in rank_step_ids(mix, step, args.world_size, rank)]
             if args.json:
-                print(json.dumps({"step": step, "epoch": step_epoch(spec, step), "rank": rank, "samples": ids}))
+                print(json.dumps({"step": step, "epoch": step_epoch(specs[0], step), "rank": rank, "samples": ids}))
             else:
                 print(f"step {step} rank {rank}: {' '.join(ids)}")
     return 0
@@ -193,6 +204,7 @@ def _ledger_verify(output_dir: str, stage: str) -> int:
     from dist_train.checkpoint.manager import META, latest_committed
     from dist_train.data.ledger import verify
     from dist_train.data.manifest import DataError, read_manifest
+    from dist_train.data.mixture import Mixture
     from dist_train.data.plan import PlanSpec
 
     stage_dir = Path(output_dir) / stage
@@ -200,10 +212,12 @@ def _ledger_verify(output_dir: str, stage: str) -> int:
     if tag is None:
         raise DataError(f"{stage_dir} holds no committed checkpoint: nothing to verify (is it a run's output_dir?)")
     plan = json.loads((stage_dir / "checkpoints" / tag / META).read_text())["plan"]
-    man = read_manifest(plan["shards"], allow_pipe=True)  # the run itself was allowed to use it
-    spec = PlanSpec(tuple(s.samples for s in man.train), plan["lanes"], plan["global_batch"], plan["seed"],
-                    plan["window_shards"])
-    v = verify(stage_dir, spec, [s.file for s in man.train])
+    sources = [plan["shards"], *(m["shards"] for m in plan["mix"])]
+    mans = [read_manifest(src, allow_pipe=True) for src in sources]  # the run itself was allowed to use them
+    mix = Mixture.weighted(tuple(PlanSpec(tuple(s.samples for s in man.train), plan["lanes"], plan["global_batch"],
+                                          plan["seed"] + i, plan["window_shards"]) for i, man in enumerate(mans)),
+                           tuple(m["weight"] for m in plan["mix"]))
+    v = verify(stage_dir, mix, [[s.file for s in man.train] for man in mans])
     print(f"{stage}: {v.steps} steps, {v.samples} samples, {v.complete_epochs} complete epochs, world sizes "
           f"{v.world_sizes}; duplicated {v.duplicated}, missing {v.missing}, off-plan steps {v.off_plan_steps}, "
           f"re-run steps {v.rerun_steps}")

@@ -44,9 +44,12 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if cfg.pretrain is not None:
         from dist_train.data.sources import is_url
 
-        shards = cfg.pretrain.data.shards
-        cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(cfg.pretrain.data,
-                                                          shards=shards if is_url(shards) else _abs(shards))))
+        def source(path: str) -> str:
+            return path if is_url(path) else _abs(path)
+
+        data = cfg.pretrain.data
+        cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(
+            data, shards=source(data.shards), mix=tuple(rep(m, shards=source(m.shards)) for m in data.mix))))
     if cfg.finetune is not None:
         d = cfg.finetune.data
         init = cfg.finetune.init_from
@@ -176,9 +179,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
                 raise ConfigError(f"the shards in {data.shards} were tokenized with "
                                   f"{man.tokenizer['name_or_path']!r} ({man.vocab_size} tokens), not with "
                                   f"{tokenizer_name!r} ({len(tokenizer)}): use that tokenizer or rebuild")
-            from dist_train.train.pretrain import plan_spec
+            from dist_train.train.pretrain import plan_of, read_sources
 
-            plan_spec(cfg, man, derive_stage(cfg, "pretrain")).check(cfg.ray.num_workers)
+            plan_of(cfg, read_sources(cfg), derive_stage(cfg, "pretrain")).check(cfg.ray.num_workers)
             notes.append(f"pretrain data: {len(man.train)} shards, "
                          f"{sum(s.samples for s in man.train)} samples of {man.seq_len} tokens")
         if max_pos is not None and data.seq_len > max_pos:

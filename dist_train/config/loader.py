@@ -75,6 +75,8 @@ def to_dict(cfg: Any) -> Any:
     """The resolved config as plain data (JSON/YAML-safe), the inverse of `from_dict`."""
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(item) for item in cfg]
     return cfg
 
 
@@ -139,6 +141,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, path)
+    if origin is tuple:  # tuple[X, ...]: a YAML list of X
+        (inner, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {_show(value)} must be a list")
+        return tuple(_coerce(inner, item, f"{path}[{i}]") for i, item in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

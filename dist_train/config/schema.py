@@ -93,11 +93,22 @@ class TrainLoopConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """A further corpus mixed into every lane, e.g. general-domain replay against forgetting."""
+
+    shards: str = doc("Its shard source (as pretrain.data.shards), tokenized with the same tokenizer.", REQUIRED)
+    weight: float = doc("Its share of all samples (0-1); the main corpus gets what the mix leaves.", REQUIRED,
+                        gt=0, le=1)
+
+
+@dataclass(frozen=True)
 class PretrainData:
     shards: str = doc("Where the shards built by `dist-train data build` are: a directory, or an fsspec URL "
                       "(s3://, gs://, https://) holding manifest.json, optionally ending in a brace pattern of "
                       "shard names (shard-{000000..000099}.tar); or 'pipe:CMD {file}' when allow_pipe.", REQUIRED)
     allow_pipe: bool = doc("Allow a pipe: source, which runs a shell command per shard.", False)
+    mix: tuple[MixSource, ...] = doc("Further corpora and their shares, mixed deterministically into every "
+                                     "lane: [{shards: general/, weight: 0.1}].", ())
     seq_len: int = doc("Tokens per sample; must equal the manifest's seq_len.", 128, ge=8)
     lanes: int | None = doc("Parallel shard streams. Each worker reads lanes / num_workers of them, so a run "
                             "can resume on any worker count that divides lanes; null = num_workers.", None, ge=1)

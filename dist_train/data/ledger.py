@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_train.data.plan import PlanSpec, epoch_length, locate, rank_lanes, rank_step_samples
+from dist_train.data.mixture import Mixture, counts, label, rank_step_ids, source_runs
+from dist_train.data.plan import epoch_length, epoch_start, locate
 
 LEDGER_DIR = "ledger"
 
@@ -103,11 +104,12 @@ def load_segments(stage_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for _, p in sorted(files.items())]
 
 
-def verify(stage_dir: Path, spec: PlanSpec, files: list[str]) -> Verdict:
-    """Check the recorded sample sequence of a stage against the plan `spec`.
+def verify(stage_dir: Path, mix: Mixture, files: list[list[str]]) -> Verdict:
+    """Check the recorded sample sequence of a stage against the plan `mix`.
 
-    `files` names the manifest's training shards (index -> file). A step recorded more than
-    once (re-run after resuming from an older checkpoint) counts once, from the newest record.
+    `files[i]` names the training shards of source i (index -> file). A step recorded more
+    than once (re-run after resuming from an older checkpoint) counts once, from the newest
+    record. Completed epochs are counted per source; `complete_epochs` reports the main corpus.
     """
     v = Verdict()
     records: dict[int, dict[float, tuple[int, dict[int, list]]]] = {}  # step -> attempt -> (world, rank -> ranges)
@@ -122,7 +124,8 @@ def verify(stage_dir: Path, spec: PlanSpec, files: list[str]) -> Verdict:
     newest = {step: attempts[max(attempts)] for step, attempts in records.items()}
     v.rerun_steps = sum(len(attempts) > 1 for attempts in records.values())
     v.world_sizes = sorted({world for world, _ in newest.values()})
-    seen_by_epoch: dict[int, Counter] = {}
+    k = mix.per_lane
+    seen: dict[tuple[int, int], Counter] = {}  # (source, epoch) -> sample counts
     for step in range(v.steps):
         if step not in newest:
             v.problems.append(f"step {step} has no record")
@@ -131,25 +134,24 @@ def verify(stage_dir: Path, spec: PlanSpec, files: list[str]) -> Verdict:
         if sorted(by_rank) != list(range(world)):
             v.problems.append(f"step {step}: records from ranks {sorted(by_rank)} of {world}")
             continue
+        runs = source_runs(mix, step * k, k)  # (source, source-lane position) of each lane slot
         for rank in range(world):
-            got = expand(by_rank[rank])
-            want = [(files[s], k) for s, k in rank_step_samples(spec, step, world, rank)]
+            got = [f"{file}:{n}" for file, n in expand(by_rank[rank])]
+            want = [label(files, *i) for i in rank_step_ids(mix, step, world, rank)]
             if got != want:
                 v.off_plan_steps += 1
-            lanes = rank_lanes(spec.lanes, world, rank)
+            if len(got) != len(want):
+                v.problems.append(f"step {step} rank {rank}: {len(got)} samples, expected {len(want)}")
+                continue
             for j, sample in enumerate(got):
-                epoch, _ = locate(spec, step * spec.per_lane + j % spec.per_lane)
-                seen_by_epoch.setdefault(epoch, Counter())[sample] += 1
+                src, q = runs[j % k]
+                seen.setdefault((src, locate(mix.sources[src], q)[0]), Counter())[sample] += 1
                 v.samples += 1
-            if len(got) != len(lanes) * spec.per_lane:
-                v.problems.append(f"step {step} rank {rank}: {len(got)} samples, expected "
-                                  f"{len(lanes) * spec.per_lane}")
-    positions = v.steps * spec.per_lane
-    for epoch, seen in sorted(seen_by_epoch.items()):
-        v.duplicated += sum(c - 1 for c in seen.values() if c > 1)
-        start = sum(epoch_length(spec, e) for e in range(epoch))
-        if start + epoch_length(spec, epoch) <= positions:  # completed: every used sample exactly once
-            v.complete_epochs += 1
-            expected = epoch_length(spec, epoch) * spec.lanes
-            v.missing += expected - len(seen)
+    consumed = counts(mix.weights, v.steps * k)  # lane positions each source has filled
+    for (src, epoch), samples in sorted(seen.items()):
+        spec = mix.sources[src]
+        v.duplicated += sum(c - 1 for c in samples.values() if c > 1)
+        if epoch_start(spec, epoch) + epoch_length(spec, epoch) <= consumed[src]:  # completed
+            v.complete_epochs += src == 0
+            v.missing += epoch_length(spec, epoch) * spec.lanes - len(samples)
     return v

@@ -120,10 +120,11 @@ def window_order(spec: PlanSpec, window: Window) -> np.ndarray:
     return np.random.default_rng([spec.seed, window.epoch, window.lane, window.index, 7]).permutation(window.size)
 
 
-def window_samples(spec: PlanSpec, window: Window) -> list[tuple[int, int]]:
+@lru_cache(maxsize=256)
+def window_samples(spec: PlanSpec, window: Window) -> tuple[tuple[int, int], ...]:
     """(shard, sample) pairs of a window in plan order."""
     physical = [(shard, k) for shard in window.shards for k in range(spec.sizes[shard])]
-    return [physical[i] for i in window_order(spec, window)]
+    return tuple(physical[i] for i in window_order(spec, window))
 
 
 def lane_samples(spec: PlanSpec, lane: int, position: int, count: int) -> list[tuple[int, int]]:
@@ -134,7 +135,7 @@ def lane_samples(spec: PlanSpec, lane: int, position: int, count: int) -> list[t
         window = window_at(spec, epoch, lane, pos)
         end = min(window.start + window.size, epoch_length(spec, epoch))
         take = min(count, end - pos)
-        out += window_samples(spec, window)[pos - window.start:pos - window.start + take]
+        out += list(window_samples(spec, window)[pos - window.start:pos - window.start + take])
         position += take
         count -= take
     return out

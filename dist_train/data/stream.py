@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dist_train.data.manifest import TOKENS_KEY, DataError, Manifest
+from dist_train.data.mixture import Mixture, counts, source_runs
 from dist_train.data.plan import PlanSpec, Window, epoch_length, lane_windows, locate, rank_lanes, window_order
 from dist_train.data.sources import open_binary
 
@@ -190,43 +191,37 @@ def _identity(block: Block) -> Block:
     return block
 
 
-def pretrain_batches(man: Manifest, spec: PlanSpec, *, world_size: int, rank: int, start_step: int,
+def pretrain_batches(mans: list[Manifest], mix: Mixture, *, world_size: int, rank: int, start_step: int,
                      loader_workers: int = 0, on_bad: str = "error",
-                     verify: bool = True) -> Iterator[tuple[np.ndarray, list[tuple[int, int]], int]]:
+                     verify: bool = True) -> Iterator[tuple[np.ndarray, list[tuple[int, int, int]], int]]:
     """Yield, for each step from `start_step` on, this rank's samples as one (B_rank, T) array,
-    their (shard, sample) ids in the order of data/plan.py's rank_step_samples, and the number
-    of bad samples replaced in them."""
-    lanes = rank_lanes(spec.lanes, world_size, rank)
-    dataset = RankWindows(man, spec, lanes, start_step * spec.per_lane, on_bad, verify)
-    if loader_workers > 0:
-        blocks: Iterator[Block] = iter(torch.utils.data.DataLoader(
-            dataset, batch_size=None, num_workers=loader_workers, prefetch_factor=2,
-            collate_fn=_identity, multiprocessing_context="spawn", persistent_workers=False))
-    else:
-        blocks = iter(dataset)
-    pending: dict[int, deque[Block]] = {lane: deque() for lane in lanes}
-    have = dict.fromkeys(lanes, 0)
+    their (source, shard, sample) ids in the order of data/mixture.py's rank_step_ids, and the
+    number of bad samples replaced in them. `mans[i]` is the manifest of mix.sources[i]."""
+    lanes = rank_lanes(mix.lanes, world_size, rank)
+    first = start_step * mix.per_lane
+    blocks: list[Iterator[Block]] = []
+    for man, spec, start in zip(mans, mix.sources, counts(mix.weights, first), strict=True):
+        dataset = RankWindows(man, spec, lanes, start, on_bad, verify)
+        blocks.append(iter(torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=loader_workers, prefetch_factor=2, collate_fn=_identity,
+            multiprocessing_context="spawn", persistent_workers=False)) if loader_workers > 0 else iter(dataset))
+    pending: dict[tuple[int, int], deque[tuple[np.ndarray, tuple[int, int]]]] = {
+        (src, lane): deque() for src in range(len(mans)) for lane in lanes}
+    step = start_step
     while True:
-        while any(have[lane] < spec.per_lane for lane in lanes):
-            block = next(blocks)
-            pending[block.lane].append(block)
-            have[block.lane] += len(block.ids)
         rows, ids, replaced = [], [], 0
+        picks = [src for src, _ in source_runs(mix, step * mix.per_lane, mix.per_lane)]
         for lane in lanes:
-            need = spec.per_lane
-            while need:
-                head = pending[lane][0]
-                take = min(need, len(head.ids))
-                rows.append(head.rows[:take])
-                ids += head.ids[:take]
-                replaced += head.replaced  # counted once, with the block's first rows
-                if take == len(head.ids):
-                    pending[lane].popleft()
-                else:
-                    pending[lane][0] = Block(lane, head.start + take, head.rows[take:], head.ids[take:])
-                need -= take
-            have[lane] -= spec.per_lane
-        yield np.concatenate(rows), ids, replaced  # (B_rank, T)
+            for src in picks:
+                while not pending[src, lane]:  # windows arrive lane by lane: buffer the others
+                    block = next(blocks[src])
+                    pending[src, block.lane].extend(zip(block.rows, block.ids, strict=True))
+                    replaced += block.replaced
+                row, (shard, k) = pending[src, lane].popleft()
+                rows.append(row)
+                ids.append((src, shard, k))
+        yield np.stack(rows), ids, replaced  # (B_rank, T)
+        step += 1
 
 
 def validation_batches(man: Manifest, *, micro_batch: int, world_size: int, rank: int,

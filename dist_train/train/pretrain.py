@@ -11,7 +11,8 @@ import torch
 
 from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
-from dist_train.data.manifest import read_manifest
+from dist_train.data.manifest import DataError, Manifest, read_manifest
+from dist_train.data.mixture import Mixture, shard_name
 from dist_train.data.plan import PlanSpec
 from dist_train.data.stream import pretrain_batches, validation_batches
 from dist_train.model.build import build_causal_lm, load_tokenizer
@@ -26,31 +27,46 @@ def lm_micro(rows: np.ndarray) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def plan_spec(cfg: RunConfig, man, d: StageDerived) -> PlanSpec:
-    """The data plan of this run: fixed by the manifest and a few config integers."""
-    return PlanSpec(sizes=tuple(s.samples for s in man.train), lanes=d.lanes, global_batch=d.global_batch_size,
-                    seed=cfg.seed, window_shards=cfg.pretrain.data.window_shards)
+def read_sources(cfg: RunConfig) -> list[Manifest]:
+    """The manifests of the main corpus and of every mixed-in corpus, checked to fit together."""
+    data = cfg.pretrain.data
+    mans = [read_manifest(src, allow_pipe=data.allow_pipe) for src in (data.shards, *(m.shards for m in data.mix))]
+    for m, src in zip(mans[1:], data.mix, strict=True):
+        if m.seq_len != mans[0].seq_len or m.tokenizer["sha256"] != mans[0].tokenizer["sha256"]:
+            raise DataError(f"mixed-in corpus {src.shards} was built with another tokenizer or seq_len than "
+                            f"{data.shards}: rebuild it with the main tokenizer and --seq-len {mans[0].seq_len}")
+    return mans
+
+
+def plan_of(cfg: RunConfig, mans: list[Manifest], d: StageDerived) -> Mixture:
+    """The data plan of this run: fixed by the manifests and a few config integers."""
+    specs = tuple(PlanSpec(sizes=tuple(s.samples for s in man.train), lanes=d.lanes, global_batch=d.global_batch_size,
+                           seed=cfg.seed + i, window_shards=cfg.pretrain.data.window_shards)
+                  for i, man in enumerate(mans))
+    return Mixture.weighted(specs, tuple(m.weight for m in cfg.pretrain.data.mix))
 
 
 def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.pretrain
-    man = read_manifest(sec.data.shards, allow_pipe=sec.data.allow_pipe)
+    mans = read_sources(cfg)
+    man = mans[0]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     model = build_causal_lm(name_or_path=cfg.model.name_or_path, arch=cfg.model.arch, vocab_size=len(tokenizer),
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
                             gradient_checkpointing=sec.train.gradient_checkpointing)
 
-    spec = plan_spec(cfg, man, d)
-    spec.check(world.world_size)
+    mix = plan_of(cfg, mans, d)
+    mix.check(world.world_size)
+    files = [[s.file for s in m.train] for m in mans]
 
     def batches(start_step: int) -> Iterator[StepBatch]:
-        files = [s.file for s in man.train]
         for rows, ids, replaced in pretrain_batches(
-                man, spec, world_size=world.world_size, rank=world.rank, start_step=start_step,
+                mans, mix, world_size=world.world_size, rank=world.rank, start_step=start_step,
                 loader_workers=sec.data.loader_workers, on_bad=sec.data.on_bad_sample,
                 verify=sec.data.verify_checksums):
             micro = [lm_micro(rows[i:i + d.micro_batch_size]) for i in range(0, len(rows), d.micro_batch_size)]
-            yield StepBatch(micro, tokens=int(rows.size), ids=[(files[s], k) for s, k in ids], replaced=replaced)
+            named = [(shard_name(files, src, shard), k) for src, shard, k in ids]
+            yield StepBatch(micro, tokens=int(rows.size), ids=named, replaced=replaced)
 
     def evaluate(engine: Any) -> dict[str, float]:
         engine.train(False)
@@ -67,7 +83,8 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         loss = total / count
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
-    plan = {"lanes": spec.lanes, "window_shards": spec.window_shards, "seed": spec.seed,
-            "global_batch": spec.global_batch, "shards": sec.data.shards}
+    plan = {"lanes": mix.lanes, "window_shards": sec.data.window_shards, "seed": cfg.seed,
+            "global_batch": mix.global_batch, "shards": sec.data.shards,
+            "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix]}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
                       final=lambda engine: {}, seq_len=man.seq_len, run_info={"plan": plan})

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dist_train.data.manifest import DataError, read_manifest, sha256_file
+from dist_train.data.mixture import Mixture
 from dist_train.data.plan import PlanSpec, epoch_lanes
 from dist_train.data.stream import load_shard, pretrain_batches
 
@@ -38,8 +39,9 @@ def rewrite_manifest(root, file, **fields):
 
 
 def batches(man, rank, on_bad, n=6, verify=True):
-    return list(islice(pretrain_batches(man, spec_of(man), world_size=2, rank=rank, start_step=0, on_bad=on_bad,
-                                        verify=verify), n))
+    it = pretrain_batches([man], Mixture.of(spec_of(man)), world_size=2, rank=rank, start_step=0, on_bad=on_bad,
+                          verify=verify)
+    return list(islice(it, n))
 
 
 def test_truncated_shard(shards):

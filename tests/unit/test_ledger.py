@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from dist_train.data.ledger import Ledger, compress, expand, verify
+from dist_train.data.mixture import Mixture
 from dist_train.data.plan import PlanSpec, epoch_length, rank_step_samples
 
 SIZES = (40, 40, 40, 40, 40, 40, 40, 17)
@@ -32,7 +33,7 @@ def test_resizes_and_restarts_verify_clean(tmp_path):
     record(stage / "checkpoints" / "step_00000012", 2, range(0, 12), attempt=1.0)
     record(stage / "checkpoints" / "step_00000030", 1, range(10, 30), attempt=2.0)
     record(stage / "checkpoints" / "step_00000070", 4, range(30, per_epoch + 5), attempt=3.0)
-    v = verify(stage, SPEC, FILES)
+    v = verify(stage, Mixture.of(SPEC), [FILES])
     assert v.ok, v
     assert v.steps == per_epoch + 5 and v.world_sizes == [1, 2, 4] and v.complete_epochs == 1
     assert v.duplicated == v.missing == v.off_plan_steps == 0 and v.rerun_steps == 2
@@ -46,10 +47,10 @@ def test_duplicates_missing_and_off_plan_are_caught(tmp_path):
 
     per_epoch = -(-epoch_length(SPEC, 0) // SPEC.per_lane)  # steps until epoch 0 is complete
     record(stage / "checkpoints" / "step_1", 2, range(per_epoch), attempt=1.0, mutate=repeat_first)
-    v = verify(stage, SPEC, FILES)
+    v = verify(stage, Mixture.of(SPEC), [FILES])
     assert not v.ok and v.off_plan_steps == 1 and v.duplicated == 4 and v.missing == 4
     gap = tmp_path / "gap"
     record(gap / "checkpoints" / "step_a", 2, range(0, 5), attempt=1.0)
     record(gap / "checkpoints" / "step_b", 2, range(6, 9), attempt=1.0)
-    v = verify(gap, SPEC, FILES)
+    v = verify(gap, Mixture.of(SPEC), [FILES])
     assert not v.ok and "step 5 has no record" in v.problems

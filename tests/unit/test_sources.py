@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dist_train.data.manifest import DataError, read_manifest
+from dist_train.data.mixture import Mixture
 from dist_train.data.plan import PlanSpec
 from dist_train.data.stream import pretrain_batches
 
@@ -30,7 +31,8 @@ def http_root(shards_dir):
 
 def first_steps(man, n=12):
     spec = PlanSpec(tuple(s.samples for s in man.train), lanes=2, global_batch=8, seed=0)
-    return [(rows, ids) for rows, ids, _ in islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=0), n)]
+    it = pretrain_batches([man], Mixture.of(spec), world_size=2, rank=1, start_step=0)
+    return [(rows, ids) for rows, ids, _ in islice(it, n)]
 
 
 def assert_same(a, b):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dist_train.data.manifest import read_manifest
+from dist_train.data.mixture import Mixture
 from dist_train.data.plan import PlanSpec, rank_step_samples
 from dist_train.data.stream import Prefetcher, pretrain_batches, read_shard, validation_batches
 
@@ -22,12 +23,12 @@ def test_loader_follows_the_plan_across_epochs_and_resumes_exactly(shards_dir, w
     spec = PlanSpec(tuple(s.samples for s in man.train), lanes=2, global_batch=8, seed=3, window_shards=window)
     steps = 2 * sum(spec.sizes) // 8 + 3  # crosses into a third epoch
     for rank in range(2):
-        got = list(islice(pretrain_batches(man, spec, world_size=2, rank=rank, start_step=0), steps))
+        got = list(islice(pretrain_batches([man], Mixture.of(spec), world_size=2, rank=rank, start_step=0), steps))
         for step, (rows, ids, _) in enumerate(got):
             want = rank_step_samples(spec, step, 2, rank)
-            assert ids == want
+            assert ids == [(0, s, k) for s, k in want]
             np.testing.assert_array_equal(rows, np.stack([table[p] for p in want]))
-        resumed = list(islice(pretrain_batches(man, spec, world_size=2, rank=rank, start_step=7), 5))
+        resumed = list(islice(pretrain_batches([man], Mixture.of(spec), world_size=2, rank=rank, start_step=7), 5))
         for (a, ia, _), (b, ib, _) in zip(resumed, got[7:12], strict=True):
             np.testing.assert_array_equal(a, b)
             assert ia == ib
@@ -36,8 +37,9 @@ def test_loader_follows_the_plan_across_epochs_and_resumes_exactly(shards_dir, w
 def test_dataloader_workers_deliver_the_same_batches(shards_dir):
     man = read_manifest(shards_dir)
     spec = PlanSpec(tuple(s.samples for s in man.train), lanes=4, global_batch=8, seed=1)
-    plain = list(islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=3), 30))
-    workers = list(islice(pretrain_batches(man, spec, world_size=2, rank=1, start_step=3, loader_workers=2), 30))
+    plain = list(islice(pretrain_batches([man], Mixture.of(spec), world_size=2, rank=1, start_step=3), 30))
+    it = pretrain_batches([man], Mixture.of(spec), world_size=2, rank=1, start_step=3, loader_workers=2)
+    workers = list(islice(it, 30))
     for (a, ia, _), (b, ib, _) in zip(plain, workers, strict=True):
         np.testing.assert_array_equal(a, b)
         assert ia == ib

@@ -54,3 +54,18 @@ def test_skip_policy_finishes_with_every_rank_in_step(corrupt):
     stage = json.loads((cwd / "run-skip" / "report.json").read_text())["stages"]["pretrain"]
     assert stage["steps"] == 6 and stage["replaced_samples"] > 0
     assert f"[data] {victim}: unreadable" in res.stdout
+
+
+def test_mixture_run_follows_its_shares_and_verifies(corrupt):
+    cwd, _, _ = corrupt
+    shards = cwd / "data" / "quickstart" / "shards"
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run-mix", "finetune=null",
+                  f"pretrain.data.mix=[{{shards: '{shards}/shard-{{000000..000002}}.tar', weight: 0.25}}]",
+                  "pretrain.train.max_steps=8", "pretrain.train.save_every=4", "pretrain.train.eval_every=0",
+                  cwd=cwd, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli("ledger", "verify", str(cwd / "run-mix"), cwd=cwd)
+    assert res.returncode == 0 and "8 steps, 128 samples" in res.stdout, res.stdout + res.stderr
+    records = [json.loads(p.read_text()) for p in (cwd / "run-mix" / "pretrain" / "ledger").glob("*.json")]
+    mixed = sum(n for r in records for ranges in r["steps"].values() for f, _, n in ranges if f.startswith("mix1/"))
+    assert mixed == 32  # exactly a quarter of 128

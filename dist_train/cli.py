@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="tokenizer processes (the output does not depend on it)")
+    b.add_argument("--chunk-docs", type=int, default=1024, help="documents per tokenizing task")
 
     pl = data.add_parser("plan", help="print the exact samples each rank gets at each step")
     pl.add_argument("data_dir")
@@ -138,7 +142,8 @@ def _data(args: argparse.Namespace) -> int:
         man = build_shards(input_spec=args.input, output=args.output, tokenizer_name=args.tokenizer,
                            seq_len=args.seq_len, text_field=args.text_field,
                            samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
-                           seed=args.seed, overwrite=args.overwrite)
+                           seed=args.seed, overwrite=args.overwrite, workers=args.workers,
+                           chunk_docs=args.chunk_docs)
         n = sum(s.samples for s in man.train)
         print(f"wrote {len(man.train)} train shards ({n} samples × {man.seq_len} tokens) and "
               f"{len(man.validation)} validation shards from {man.documents} documents to {args.output}")
@@ -156,6 +161,11 @@ def _data(args: argparse.Namespace) -> int:
     print(f"{args.data_dir}: {len(man.train)} train shards, {n} samples × {man.seq_len} tokens "
           f"({n * man.seq_len} tokens); {len(man.validation)} validation shards; tokenizer "
           f"{man.tokenizer['name_or_path']} ({man.vocab_size} tokens)")
+    if man.doc_tokens_histogram:
+        width = max(man.doc_tokens_histogram.values())
+        print("documents by length in tokens:")
+        for bucket, n in man.doc_tokens_histogram.items():
+            print(f"  {bucket:>13} {n:>9}  {'#' * max(1, round(40 * n / width))}")
     try:
         tok = load_tokenizer(man.tokenizer["name_or_path"])
     except ValueError:

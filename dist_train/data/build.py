@@ -1,15 +1,17 @@
 """`dist-train data build`: raw text -> tokenized, packed WebDataset tar shards + manifest.json.
 
 Guarantees: output is a pure function of (inputs, tokenizer, seq_len, samples_per_shard,
-val_fraction, seed) — tar members carry a fixed mtime, so shard sha256s are reproducible.
-Samples are numpy arrays (npy, never pickles). The output directory appears only when the
-build is complete (written to a temp dir, then renamed), so a crash leaves nothing half-built.
+val_fraction, seed, chunk_docs) whatever the number of worker processes — tar members carry a
+fixed mtime, so shard sha256s are reproducible. Samples are numpy arrays (npy, never pickles).
+The output directory appears only when the build is complete; an interrupted build resumes.
+See data/packing.py for the two phases.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_train.data.manifest import TOKENS_KEY, DataError, Manifest, ShardInfo, sha256_file, write_manifest
+from dist_train.data.manifest import DataError, Manifest, write_manifest
 
 TEXT_SUFFIXES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
@@ -88,121 +90,123 @@ def separator_id(tokenizer: Any) -> int:
                     "use a tokenizer that defines one")
 
 
-class Packer:
-    """Concatenates documents (each followed by `sep`) and cuts the stream into seq_len samples.
-
-    The tail shorter than seq_len stays buffered and is dropped at the end: every sample is
-    full, so no padding is ever trained on.
-    """
-
-    def __init__(self, seq_len: int, sep: int, dtype: Any = np.int32) -> None:
-        self.seq_len, self.sep, self.dtype = seq_len, sep, dtype
-        self.buf: list[int] = []
-
-    def feed(self, ids: list[int]) -> list[np.ndarray]:
-        self.buf.extend(ids)
-        self.buf.append(self.sep)
-        out = []
-        while len(self.buf) >= self.seq_len:
-            out.append(np.asarray(self.buf[: self.seq_len], dtype=self.dtype))
-            del self.buf[: self.seq_len]
-        return out
-
-
 def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, seq_len: int,
                  text_field: str = "text", samples_per_shard: int = 1000, val_fraction: float = 0.05,
-                 seed: int = 0, overwrite: bool = False, progress: bool = True,
-                 tokenizer_label: str | None = None) -> Manifest:
-    """Tokenize, pack and shard a corpus; returns the written manifest."""
+                 seed: int = 0, overwrite: bool = False, progress: bool = True, workers: int = 1,
+                 chunk_docs: int = 1024, tokenizer_label: str | None = None) -> Manifest:
+    """Tokenize, pack and shard a corpus; returns the written manifest.
+
+    Work happens in `.<output>.partial/` beside the output; an interrupted build started again
+    with the same arguments resumes there (finished chunks and shards are kept). The output
+    directory appears, complete, by one rename.
+    """
     from tqdm import tqdm
 
+    from dist_train.data import packing
     from dist_train.model.build import load_tokenizer
 
     output = Path(output)
     if seq_len < 8:
         raise DataError(f"--seq-len {seq_len} is too short: use at least 8")
-    if samples_per_shard < 1:
-        raise DataError(f"--samples-per-shard {samples_per_shard} must be >= 1")
+    if samples_per_shard < 1 or workers < 1 or chunk_docs < 1:
+        raise DataError("--samples-per-shard, --workers and --chunk-docs must be >= 1")
     if not 0.0 <= val_fraction < 0.5:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 0.5)")
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {str(output)!r} is a file: choose a directory path")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise DataError(f"--output {str(output)!r} is not empty: choose a new directory or pass --overwrite")
-    expand_inputs(input_spec)  # fail on a bad path before loading the tokenizer
+    _, files = expand_inputs(input_spec)  # fail on a bad path before loading the tokenizer
     tokenizer = load_tokenizer(tokenizer_name)
     sep = separator_id(tokenizer)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
-
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    fingerprint = {"inputs": [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files],
+                   "tokenizer": tokenizer_fingerprint(tokenizer, "")["sha256"], "seq_len": seq_len,
+                   "samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "seed": seed,
+                   "text_field": text_field, "chunk_docs": chunk_docs}
+    work = output.parent / f".{output.name}.partial"
+    if (work / "build.json").is_file() and json.loads((work / "build.json").read_text()) != fingerprint:
+        shutil.rmtree(work)  # an earlier build with other arguments: nothing of it applies
+    resumed = (work / "build.json").is_file()
+    (work / "tokens").mkdir(parents=True, exist_ok=True)
+    (work / "build.json").write_text(json.dumps(fingerprint))
     try:
-        rng = np.random.default_rng(seed)
-        writers = {"train": _ShardWriter(tmp, "shard", samples_per_shard, dtype),
-                   "validation": _ShardWriter(tmp, "val", samples_per_shard, dtype)}
-        packers = {split: Packer(seq_len, sep, dtype) for split in writers}
-        docs = 0
-        bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress)
-        for batch in _batched(read_documents(input_spec, text_field), 256):
-            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                split = "validation" if rng.random() < val_fraction else "train"
-                for sample in packers[split].feed(ids):
-                    writers[split].add(sample)
-            docs += len(batch)
-            bar.update(len(batch))
+        # Phase 1: tokenize chunks (in parallel), skipping the ones cached by an interrupted build.
+        docs, chunks = 0, 0
+        bar = tqdm(desc="tokenizing" + (" (resumed)" if resumed else ""), unit=" docs", disable=not progress)
+        jobs = ((work, c, texts, sep, seed, val_fraction)
+                for c, texts in enumerate(_batched(read_documents(input_spec, text_field), chunk_docs)))
+        for job in _map_ordered(jobs, tokenizer_name, workers,
+                                skip=lambda job: packing.chunk_path(work, job[1]).is_file()):
+            docs += len(job[2])
+            chunks += 1
+            bar.update(len(job[2]))
         bar.close()
         if docs == 0:
             raise DataError(f"--input {input_spec!r} holds no non-empty documents in field {text_field!r}")
-        train, val = writers["train"].close(), writers["validation"].close()
-        if not train:
+        # Phase 2: pack each split into shards, resuming after the last finished shard.
+        state = packing.load_progress(work)
+
+        def save_progress() -> None:
+            tmp = work / ".progress.json.tmp"
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, work / "progress.json")
+
+        written = {split: packing.write_split(work, chunks, split, seq_len, dtype, samples_per_shard, state,
+                                              save_progress) for split in packing.SPLITS}
+        if not written["train"]:
             raise DataError(f"the corpus ({docs} documents) is shorter than one training sample of "
                             f"{seq_len} tokens: add text or lower --seq-len")
         man = Manifest(root=str(output), seq_len=seq_len, dtype=np.dtype(dtype).name,
                        tokenizer=tokenizer_fingerprint(tokenizer, tokenizer_label or tokenizer_name),
-                       train=train, validation=val, documents=docs)
-        write_manifest(Manifest(**{**man.__dict__, "root": str(tmp)}))
+                       train=written["train"], validation=written["validation"], documents=docs,
+                       doc_tokens_histogram=packing.doc_length_histogram(work, chunks))
+        for leftover in ("tokens", "progress.json", "build.json"):
+            path = work / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        write_manifest(Manifest(**{**man.__dict__, "root": str(work)}))
         if output.exists():
             shutil.rmtree(output)
-        os.replace(tmp, output)
+        os.replace(work, output)
         return man
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except DataError:
+        shutil.rmtree(work, ignore_errors=True)  # deterministic: a rerun would fail the same way
         raise
 
 
-class _ShardWriter:
-    """Writes samples into fixed-size tar shards `<prefix>-000000.tar`, recording ShardInfo."""
+def _map_ordered(jobs: Iterator[tuple], tokenizer_name: str, workers: int, skip) -> Iterator[tuple]:
+    """Run tokenize_chunk over jobs, `workers` processes at a time, yielding jobs in input order.
 
-    def __init__(self, root: Path, prefix: str, per_shard: int, dtype: Any) -> None:
-        self.root, self.prefix, self.per_shard, self.dtype = root, prefix, per_shard, dtype
-        self.shards: list[ShardInfo] = []
-        self.writer: Any = None
-        self.count = 0
-        self.tokens = 0
+    At most 2 × workers chunks are in flight, so memory stays bounded on any corpus size.
+    """
+    from dist_train.data import packing
 
-    def add(self, sample: np.ndarray) -> None:
-        import webdataset as wds
+    if workers == 1:
+        packing._init_worker(tokenizer_name)
+        for job in jobs:
+            if not skip(job):
+                packing.tokenize_chunk(job)
+            yield job
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
 
-        if self.writer is None:
-            self.name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self.writer = wds.TarWriter(str(self.root / self.name), mtime=0.0)
-        self.writer.write({"__key__": f"{self.count:07d}", TOKENS_KEY: sample})
-        self.count += 1
-        self.tokens += int(sample.size)
-        if self.count == self.per_shard:
-            self._finish()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=packing._init_worker,
+                                initargs=(tokenizer_name,)) as pool:
+        pending: list[tuple[tuple, cf.Future | None]] = []
+        for job in jobs:
+            pending.append((job, None if skip(job) else pool.submit(packing.tokenize_chunk, job)))
+            while len(pending) > 2 * workers:
+                yield _finish(pending.pop(0))
+        while pending:
+            yield _finish(pending.pop(0))
 
-    def _finish(self) -> None:
-        self.writer.close()
-        self.shards.append(ShardInfo(self.name, self.count, self.tokens,
-                                     sha256_file(self.root / self.name)))
-        self.writer, self.count, self.tokens = None, 0, 0
 
-    def close(self) -> list[ShardInfo]:
-        if self.writer is not None:
-            self._finish()
-        return self.shards
+def _finish(item: tuple[tuple, Any]) -> tuple:
+    job, future = item
+    if future is not None:
+        future.result()  # re-raises a worker's error here
+    return job
 
 
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:

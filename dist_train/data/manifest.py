@@ -38,6 +38,7 @@ class Manifest:
     train: list[ShardInfo]
     validation: list[ShardInfo]
     documents: int
+    doc_tokens_histogram: dict[str, int] | None = None  # documents per token-length bucket
 
     @property
     def vocab_size(self) -> int:
@@ -51,7 +52,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "seq_len": self.seq_len, "dtype": self.dtype, "tokenizer": self.tokenizer,
-            "documents": self.documents,
+            "documents": self.documents, "doc_tokens_histogram": self.doc_tokens_histogram,
             "train": [s.__dict__ for s in self.train], "validation": [s.__dict__ for s in self.validation],
         }
 
@@ -84,7 +85,7 @@ def read_manifest(source: str | Path, *, allow_pipe: bool = False) -> Manifest:
                             "with this version of dist-train")
         man = Manifest(
             root=root, seq_len=int(raw["seq_len"]), dtype=str(raw["dtype"]), tokenizer=raw["tokenizer"],
-            documents=int(raw["documents"]),
+            documents=int(raw["documents"]), doc_tokens_histogram=raw.get("doc_tokens_histogram"),
             train=[ShardInfo(**s) for s in raw["train"]],
             validation=[ShardInfo(**s) for s in raw["validation"]],
         )

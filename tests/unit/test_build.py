@@ -6,17 +6,23 @@ import tarfile
 import numpy as np
 import pytest
 
-from dist_train.data.build import Packer, build_shards, expand_inputs
+from dist_train.data.build import build_shards, expand_inputs
 from dist_train.data.manifest import DataError, read_manifest, sha256_file
 from dist_train.data.stream import read_shard
 from dist_train.model.build import load_tokenizer
 
 
-def test_packer_concatenates_with_separator_and_drops_the_tail():
-    p = Packer(4, sep=0)
-    out = p.feed([1, 2, 3]) + p.feed([4, 5, 6, 7, 8]) + p.feed([9])
-    assert [a.tolist() for a in out] == [[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 9, 0]]
-    assert p.buf == []
+def test_packing_concatenates_with_separator_and_drops_the_tail(tmp_path):
+    from dist_train.data import packing
+
+    (tmp_path / "tokens").mkdir()
+    np.savez(packing.chunk_path(tmp_path, 0), tokens=np.array([1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 9, 0, 10]),
+             lengths=np.array([4, 6, 2, 1]), val=np.array([False, False, False, True]))
+    got = list(packing.samples(tmp_path, 1, "train", 4, np.int32, (0, 0, 0)))
+    assert [a.tolist() for a, _ in got] == [[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 9, 0]]
+    assert [pos for _, pos in got] == [(0, 0, 4), (0, 1, 4), (0, 2, 2)]
+    resumed = list(packing.samples(tmp_path, 1, "train", 4, np.int32, (0, 1, 4)))
+    assert [a.tolist() for a, _ in resumed] == [[8, 0, 9, 0]]
 
 
 def test_manifest_matches_the_shards(shards_dir, tokenizer_dir):
@@ -41,12 +47,42 @@ def test_packed_tokens_are_the_documents_with_separators(shards_dir, tokenizer_d
     assert any(first == ids[k:k + 32] for k in range(0, len(ids) - 32))
 
 
-def test_build_is_reproducible(tmp_path, corpus_jsonl, tokenizer_dir):
+def test_build_is_reproducible_whatever_the_parallelism(tmp_path, corpus_jsonl, tokenizer_dir):
     kw = dict(input_spec=str(corpus_jsonl), tokenizer_name=str(tokenizer_dir), seq_len=32, samples_per_shard=50,
-              progress=False)
+              progress=False, chunk_docs=64)
     a = build_shards(output=tmp_path / "a", **kw)
-    b = build_shards(output=tmp_path / "b", **kw)
-    assert [s.sha256 for s in a.train] == [s.sha256 for s in b.train]
+    b = build_shards(output=tmp_path / "b", workers=2, **kw)
+    assert [s.sha256 for s in a.train + a.validation] == [s.sha256 for s in b.train + b.validation]
+    assert sum(a.doc_tokens_histogram.values()) == a.documents == 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no work dir left behind
+
+
+def test_interrupted_build_resumes_and_keeps_finished_shards(tmp_path, corpus_jsonl, tokenizer_dir, monkeypatch):
+    from dist_train.data import packing
+
+    kw = dict(input_spec=str(corpus_jsonl), tokenizer_name=str(tokenizer_dir), seq_len=32, samples_per_shard=50,
+              progress=False, chunk_docs=64)
+    reference = build_shards(output=tmp_path / "ref", **kw)
+    real = packing.sha256_file
+    calls = []
+
+    def stop_after_two(path):  # the machine goes down after the second finished shard
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(packing, "sha256_file", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(output=tmp_path / "out", **kw)
+    monkeypatch.setattr(packing, "sha256_file", real)
+    work = tmp_path / ".out.partial"
+    done = json.loads((work / "progress.json").read_text())["train"]["shards"]
+    assert len(done) == 2 and not (tmp_path / "out").exists()
+    inode = (work / "shard-000000.tar").stat().st_ino
+    man = build_shards(output=tmp_path / "out", **kw)
+    assert [s.sha256 for s in man.train + man.validation] == [s.sha256 for s in reference.train + reference.validation]
+    assert (tmp_path / "out" / "shard-000000.tar").stat().st_ino == inode  # kept, not rewritten
 
 
 @pytest.mark.parametrize("kind", ["txt", "parquet", "saved"])

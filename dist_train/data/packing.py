@@ -1,0 +1,129 @@
+"""The two phases of `data build`, each resumable.
+
+Phase 1 (parallel): documents are cut into fixed chunks; each chunk is tokenized, every document
+followed by the separator token, and cached as `tokens/chunk-NNNNNN.npz` (tokens, per-document
+lengths, validation flags). Chunks are independent, so any number of processes gives the same
+cache, and a finished chunk is never redone.
+
+Phase 2 (sequential, no tokenizing): the cached tokens of each split are concatenated and cut
+into full samples of seq_len, written `samples_per_shard` at a time into tar shards. After each
+shard, `progress.json` records the shards and the exact token position that follows them, so an
+interrupted build resumes after its last finished shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dist_train.data.manifest import TOKENS_KEY, ShardInfo, sha256_file
+
+SPLITS = {"train": "shard", "validation": "val"}
+
+
+def chunk_path(work: Path, chunk: int) -> Path:
+    return work / "tokens" / f"chunk-{chunk:06d}.npz"
+
+
+def val_flags(seed: int, chunk: int, n: int, val_fraction: float) -> np.ndarray:
+    """Which documents of a chunk are held out: a function of (seed, chunk) only."""
+    return np.random.default_rng([seed, chunk, 11]).random(n) < val_fraction
+
+
+_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer_name: str) -> None:
+    global _TOKENIZER
+    from dist_train.model.build import load_tokenizer
+
+    _TOKENIZER = load_tokenizer(tokenizer_name)
+
+
+def tokenize_chunk(args: tuple[Path, int, list[str], int, int, float]) -> int:
+    """Tokenize one chunk of documents into its cache file; returns its token count."""
+    work, chunk, texts, sep, seed, val_fraction = args
+    ids = _TOKENIZER(texts, add_special_tokens=False)["input_ids"]
+    lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
+    tokens = np.fromiter((t for x in ids for t in (*x, sep)), dtype=np.int32, count=int(lengths.sum()))
+    out = chunk_path(work, chunk)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, tokens=tokens, lengths=lengths, val=val_flags(seed, chunk, len(ids), val_fraction))
+    os.replace(tmp, out)
+    return int(lengths.sum())
+
+
+def samples(work: Path, chunks: int, split: str, seq_len: int, dtype: Any,
+            start: tuple[int, int, int]) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
+    """Full samples of one split from the token cache, from token position `start` on.
+
+    A position is (chunk, document, token offset). Each sample comes with the position of the
+    first token after it. The tail shorter than seq_len is dropped: no padding is ever trained on.
+    """
+    cur, fill = np.empty(seq_len, dtype=dtype), 0
+    want_val = split == "validation"
+    for c in range(start[0], chunks):
+        z = np.load(chunk_path(work, c))
+        tokens, lengths, val = z["tokens"], z["lengths"], z["val"]
+        ends = np.cumsum(lengths)
+        for d in range(start[1] if c == start[0] else 0, len(lengths)):
+            if bool(val[d]) != want_val:
+                continue
+            doc = tokens[ends[d] - lengths[d]:ends[d]]
+            o = start[2] if (c, d) == start[:2] else 0
+            while o < len(doc):
+                take = min(seq_len - fill, len(doc) - o)
+                cur[fill:fill + take] = doc[o:o + take]
+                fill, o = fill + take, o + take
+                if fill == seq_len:
+                    yield cur.copy(), (c, d, o)
+                    fill = 0
+
+
+def doc_length_histogram(work: Path, chunks: int) -> dict[str, int]:
+    """Documents per token-length bucket (powers of two), for `data inspect`."""
+    hist: dict[str, int] = {}
+    for c in range(chunks):
+        for n in np.load(chunk_path(work, c))["lengths"]:
+            hi = 1 << max(int(n) - 1, 0).bit_length()
+            key = f"{hi // 2 + 1}-{hi}" if hi > 1 else "1"
+            hist[key] = hist.get(key, 0) + 1
+    return dict(sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[-1])))
+
+
+def write_split(work: Path, chunks: int, split: str, seq_len: int, dtype: Any, per_shard: int,
+                progress: dict[str, Any], save_progress) -> list[ShardInfo]:
+    """Phase 2 for one split, resuming after the shards `progress[split]` records."""
+    import webdataset as wds
+
+    state = progress.setdefault(split, {"shards": [], "pos": [0, 0, 0]})
+    shards = [ShardInfo(**s) for s in state["shards"]]
+    stream = samples(work, chunks, split, seq_len, dtype, tuple(state["pos"]))
+    while True:
+        name = f"{SPLITS[split]}-{len(shards):06d}.tar"
+        count, pos = 0, None
+        with wds.TarWriter(str(work / name), mtime=0.0) as writer:  # fixed mtime: reproducible bytes
+            for sample, after in stream:
+                writer.write({"__key__": f"{count:07d}", TOKENS_KEY: sample})
+                count, pos = count + 1, after
+                if count == per_shard:
+                    break
+        if count == 0:
+            (work / name).unlink()
+            return shards
+        shards.append(ShardInfo(name, count, count * seq_len, sha256_file(work / name)))
+        state["shards"] = [s.__dict__ for s in shards]
+        state["pos"] = list(pos)
+        save_progress()
+        if count < per_shard:
+            return shards
+
+
+def load_progress(work: Path) -> dict[str, Any]:
+    path = work / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -136,7 +136,7 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
         bar = tqdm(desc="tokenizing" + (" (resumed)" if resumed else ""), unit=" docs", disable=not progress)
         jobs = ((work, c, texts, sep, seed, val_fraction)
                 for c, texts in enumerate(_batched(read_documents(input_spec, text_field), chunk_docs)))
-        for job in _map_ordered(jobs, tokenizer_name, workers,
+        for job in _map_ordered(jobs, packing.make_encoder(tokenizer), workers,
                                 skip=lambda job: packing.chunk_path(work, job[1]).is_file()):
             docs += len(job[2])
             chunks += 1
@@ -174,7 +174,7 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
         raise
 
 
-def _map_ordered(jobs: Iterator[tuple], tokenizer_name: str, workers: int, skip) -> Iterator[tuple]:
+def _map_ordered(jobs: Iterator[tuple], encoder: tuple[str, str], workers: int, skip) -> Iterator[tuple]:
     """Run tokenize_chunk over jobs, `workers` processes at a time, yielding jobs in input order.
 
     At most 2 × workers chunks are in flight, so memory stays bounded on any corpus size.
@@ -182,7 +182,7 @@ def _map_ordered(jobs: Iterator[tuple], tokenizer_name: str, workers: int, skip)
     from dist_train.data import packing
 
     if workers == 1:
-        packing._init_worker(tokenizer_name)
+        packing.init_encoder(encoder)
         for job in jobs:
             if not skip(job):
                 packing.tokenize_chunk(job)
@@ -191,8 +191,8 @@ def _map_ordered(jobs: Iterator[tuple], tokenizer_name: str, workers: int, skip)
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=packing._init_worker,
-                                initargs=(tokenizer_name,)) as pool:
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=packing.init_encoder,
+                                initargs=(encoder,)) as pool:
         pending: list[tuple[tuple, cf.Future | None]] = []
         for job in jobs:
             pending.append((job, None if skip(job) else pool.submit(packing.tokenize_chunk, job)))

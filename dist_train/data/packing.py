@@ -35,22 +35,47 @@ def val_flags(seed: int, chunk: int, n: int, val_fraction: float) -> np.ndarray:
     return np.random.default_rng([seed, chunk, 11]).random(n) < val_fraction
 
 
-_TOKENIZER: Any = None
+_ENCODE: Any = None  # this process's tokenizer: texts -> lists of token ids
 
 
-def _init_worker(tokenizer_name: str) -> None:
-    global _TOKENIZER
-    from dist_train.model.build import load_tokenizer
+def make_encoder(tokenizer: Any) -> tuple[str, str]:
+    """A picklable recipe for the tokenizer, cheap to load in a worker process.
 
-    _TOKENIZER = load_tokenizer(tokenizer_name)
+    Fast tokenizers travel as their Rust tokenizer's JSON (workers import only `tokenizers`,
+    not torch); others by name, loaded with transformers in each worker.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return "json", backend.to_str()
+    return "name", tokenizer.name_or_path
+
+
+def init_encoder(recipe: tuple[str, str]) -> None:
+    global _ENCODE
+    kind, value = recipe
+    if kind == "json":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(value)
+        _ENCODE = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+    else:
+        from dist_train.model.build import load_tokenizer
+
+        slow = load_tokenizer(value)
+        _ENCODE = lambda texts: slow(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
 
 
 def tokenize_chunk(args: tuple[Path, int, list[str], int, int, float]) -> int:
     """Tokenize one chunk of documents into its cache file; returns its token count."""
     work, chunk, texts, sep, seed, val_fraction = args
-    ids = _TOKENIZER(texts, add_special_tokens=False)["input_ids"]
+    ids = _ENCODE(texts)
     lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
-    tokens = np.fromiter((t for x in ids for t in (*x, sep)), dtype=np.int32, count=int(lengths.sum()))
+    tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+    end = 0
+    for x in ids:  # each document, then its separator
+        tokens[end:end + len(x)] = x
+        end += len(x) + 1
+        tokens[end - 1] = sep
     out = chunk_path(work, chunk)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")
     np.savez(tmp, tokens=tokens, lengths=lengths, val=val_flags(seed, chunk, len(ids), val_fraction))

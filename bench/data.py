@@ -168,3 +168,32 @@ def run(repeats: int = 3) -> dict:
     for key, value in res.items():
         print(f"{key:44} {value:>14.4g}")
     return res
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    rows = [
+        ("loader tokens/s per rank (one rank's share of the quickstart plan)", r["loader_tokens_per_s_per_rank"], ""),
+        ("training tokens/s per rank (quickstart pretrain, 2 workers, ZeRO-2 bf16)", r["train_tokens_per_s_per_rank"],
+         ""),
+        ("**loader headroom** (loader ÷ training)", r["loader_headroom"], "≥ 20×"),
+        ("data wait share of step time in that run", r["train_data_wait_frac"], "≤ 1%"),
+        ("build tokens/s, HF `datasets.map` + `webdataset.TarWriter` (baseline)", r["baseline_tokens_per_s"], ""),
+        ("build tokens/s, `dist-train data build --workers 1`", r["ours_1_worker_tokens_per_s"], ""),
+        ("build tokens/s, `dist-train data build --workers 2`", r["ours_2_workers_tokens_per_s"], ""),
+        ("**build ratio** (ours ÷ baseline), 1 worker / 2 workers",
+         f"{r['ratio_1_worker']:.2f}× / {r['ratio_2_workers']:.2f}×", "≥ 1.0×"),
+        ("time to first batch resuming at 10% of an epoch (s)", r["resume_at_10pct_s"], ""),
+        ("time to first batch resuming at 90% of an epoch (s)", r["resume_at_90pct_s"], ""),
+        ("**resume ratio** 90% ÷ 10%", r["resume_ratio_90_vs_10"], "within 1 ± 0.2"),
+    ]
+    lines = ["## Data path (`python -m bench data`)", "",
+             f"Measured {m['date']} on {m['cpu']} ({m['cpu_count']} cores), {m['platform']}, torch {m['torch']}. "
+             "Shared, noisy machine: each figure is the median of repeated runs, and ratios compare runs made "
+             "side by side in one session. Corpus: the quickstart's Python documentation, repeated 4× for the "
+             f"build ({r['tokens']:.0f} tokens), 128-token samples, a 4096-token BPE tokenizer.", "",
+             "| measure | value | goal |", "|---|---:|---|"]
+    for name, value, goal in rows:
+        shown = value if isinstance(value, str) else (f"{value:.1%}" if "share" in name else f"{value:,.3g}")
+        lines.append(f"| {name} | {shown} | {goal} |")
+    return "\n".join(lines)

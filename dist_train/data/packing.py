@@ -13,6 +13,7 @@ interrupted build resumes after its last finished shard.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -121,23 +122,51 @@ def doc_length_histogram(work: Path, chunks: int) -> dict[str, int]:
     return dict(sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[-1])))
 
 
+class ShardWriter:
+    """Writes one WebDataset tar shard of `<key>.tokens.npy` members, fast and byte-reproducible.
+
+    Every sample has the same dtype and length, so the npy header is encoded once; members are
+    plain USTAR entries with a fixed owner, mode and mtime (webdataset reads them as usual).
+    """
+
+    def __init__(self, path: Path, seq_len: int, dtype: Any) -> None:
+        import tarfile
+
+        template = io.BytesIO()
+        np.save(template, np.zeros(seq_len, dtype=dtype), allow_pickle=False)
+        self.header = template.getvalue()[: -seq_len * np.dtype(dtype).itemsize]
+        self.tar = tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def add(self, sample: np.ndarray) -> None:
+        import tarfile
+
+        data = self.header + sample.tobytes()
+        info = tarfile.TarInfo(f"{self.count:07d}.{TOKENS_KEY}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
+        self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 def write_split(work: Path, chunks: int, split: str, seq_len: int, dtype: Any, per_shard: int,
                 progress: dict[str, Any], save_progress) -> list[ShardInfo]:
     """Phase 2 for one split, resuming after the shards `progress[split]` records."""
-    import webdataset as wds
-
     state = progress.setdefault(split, {"shards": [], "pos": [0, 0, 0]})
     shards = [ShardInfo(**s) for s in state["shards"]]
     stream = samples(work, chunks, split, seq_len, dtype, tuple(state["pos"]))
     while True:
         name = f"{SPLITS[split]}-{len(shards):06d}.tar"
         count, pos = 0, None
-        with wds.TarWriter(str(work / name), mtime=0.0) as writer:  # fixed mtime: reproducible bytes
-            for sample, after in stream:
-                writer.write({"__key__": f"{count:07d}", TOKENS_KEY: sample})
-                count, pos = count + 1, after
-                if count == per_shard:
-                    break
+        writer = ShardWriter(work / name, seq_len, dtype)
+        for sample, after in stream:
+            writer.add(sample.astype(dtype, copy=False))
+            count, pos = count + 1, after
+            if count == per_shard:
+                break
+        writer.close()
         if count == 0:
             (work / name).unlink()
             return shards

@@ -49,7 +49,7 @@ def test_truncated_shard(shards):
     bad = first_shard_of_rank(man, 1)
     data = (shards / bad.file).read_bytes()
     (shards / bad.file).write_bytes(data[: len(data) // 2 + 100])
-    with pytest.raises(DataError, match=rf"{bad.file}: unreadable after \d+ samples"):
+    with pytest.raises(DataError, match=rf"{bad.file}: (unreadable after \d+ samples|\d+ of \d+ samples missing)"):
         batches(man, 1, "error")
     got = batches(man, 1, "skip")
     assert all(rows.shape == (4, 32) for rows, _, _ in got)

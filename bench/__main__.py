@@ -35,9 +35,13 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     ap.add_argument("--markdown", help="update this benchmark's section of a markdown file (docs/benchmarks.md)")
+    ap.add_argument("--render", metavar="JSON", help="only re-render the markdown from earlier results")
     args = ap.parse_args()
     module = __import__(BENCHES[args.name], fromlist=["run"])
-    results = {"machine": machine(), "bench": args.name, **module.run(repeats=args.repeats)}
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+    else:
+        results = {"machine": machine(), "bench": args.name, **module.run(repeats=args.repeats)}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if args.markdown:

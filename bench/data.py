@@ -177,7 +177,7 @@ def markdown(r: dict) -> str:
         ("training tokens/s per rank (quickstart pretrain, 2 workers, ZeRO-2 bf16)", r["train_tokens_per_s_per_rank"],
          ""),
         ("**loader headroom** (loader ÷ training)", r["loader_headroom"], "≥ 20×"),
-        ("data wait share of step time in that run", r["train_data_wait_frac"], "≤ 1%"),
+        ("data wait fraction of step time in that run", f"{r['train_data_wait_frac']:.2%}", "≤ 1%"),
         ("build tokens/s, HF `datasets.map` + `webdataset.TarWriter` (baseline)", r["baseline_tokens_per_s"], ""),
         ("build tokens/s, `dist-train data build --workers 1`", r["ours_1_worker_tokens_per_s"], ""),
         ("build tokens/s, `dist-train data build --workers 2`", r["ours_2_workers_tokens_per_s"], ""),
@@ -194,6 +194,6 @@ def markdown(r: dict) -> str:
              f"build ({r['tokens']:.0f} tokens), 128-token samples, a 4096-token BPE tokenizer.", "",
              "| measure | value | goal |", "|---|---:|---|"]
     for name, value, goal in rows:
-        shown = value if isinstance(value, str) else (f"{value:.1%}" if "share" in name else f"{value:,.3g}")
+        shown = value if isinstance(value, str) else f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
         lines.append(f"| {name} | {shown} | {goal} |")
     return "\n".join(lines)

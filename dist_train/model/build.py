@@ -136,12 +136,17 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     Recomputation from activation checkpointing is not counted (that would be HFU, not MFU).
     """
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(_numel(p) for p in model.parameters())
     emb = model.get_input_embeddings()
     if emb is not None and not getattr(cfg, "tie_word_embeddings", False):
-        n -= emb.weight.numel()
+        n -= _numel(emb.weight)
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def _numel(p: torch.Tensor) -> int:
+    # A parameter partitioned by ZeRO-3 is an empty placeholder that keeps its full size in ds_numel.
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def save_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: Any,

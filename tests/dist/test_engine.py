@@ -36,6 +36,9 @@ def test_checkpoint_resume_is_exact_and_export_loads(tmp_path, shards_dir, token
     assert res["first"][0] > res["after"][-1] - 5  # training ran and produced finite losses
     assert res["resumed"] == res["after"], "resumed steps must reproduce the uninterrupted ones exactly"
     assert res["same_params"] and res["rng_same"]
+    # FLOPs per token (for MFU) count every parameter once, partitioned or not: 6·N + 12·L·H·T
+    n = 512 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64  # tied embedding, 2 layers, final norm
+    assert res["fpt_engine"] == 6 * n + 12 * 2 * 64 * 32
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest").read_text().strip() == res["tag"] == "step_00000003"
     meta = json.loads((ckpt / res["tag"] / "meta.json").read_text())

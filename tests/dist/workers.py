@@ -58,8 +58,11 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     from dist_train.checkpoint.export import export_hf
     from dist_train.checkpoint.manager import CheckpointManager
 
+    from dist_train.model.build import flops_per_token
+
     world = init_process(rank, world_size, port)
     cfg, d, parts, engine, batches = build(cfg_dict, world)
+    fpt_engine = flops_per_token(engine.module, 32)  # under ZeRO-3 the parameters are partitioned by now
     ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={"stage": "pretrain"})
     first = run_steps(engine, batches, 3)
     tag = ckpt.save(engine, 3, {"train_state": {"step": 3}})
@@ -78,7 +81,7 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     export_hf(engine2, ckpt_root=ckpt.root, tag=tag, zero_stage=d.deepspeed["zero_optimization"]["stage"],
               tokenizer=parts2.tokenizer, out_dir=Path(cfg.output_dir) / "export", world=world)
     if world.is_main:
-        Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same, "rng_same": rng_same,
+        Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same, "rng_same": rng_same, "fpt_engine": fpt_engine,
                                          "tag": tag, "client": client["train_state"]}))
     torch.distributed.destroy_process_group()
 

@@ -73,6 +73,36 @@ def latest_committed(root: Path) -> str | None:
     return tag if (root / tag / META).is_file() else None
 
 
+def committed_tags(root: Path) -> list[str]:
+    """Committed checkpoints (those with meta.json), newest first."""
+    return sorted((p.name for p in root.glob("step_*") if (p / META).is_file()), reverse=True)
+
+
+def checksums(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a checkpoint, keyed by relative path."""
+    from dist_train.data.manifest import sha256_file
+
+    return {str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != META}
+
+
+def verify_files(ckpt_dir: Path) -> str | None:
+    """None when every file recorded in meta.json is present with its size and sha256; else what is wrong."""
+    try:
+        files = json.loads((ckpt_dir / META).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{META} unreadable: {e.__class__.__name__}"
+    from dist_train.data.manifest import sha256_file
+
+    for rel, want in files.items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
+            return f"{rel} does not match its recorded sha256"
+    return None
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -125,12 +155,27 @@ class CheckpointManager:
     def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any],
                  ledger: Ledger | None = None) -> None:
         self.root, self.world, self.keep, self.run_info, self.ledger = root, world, keep, run_info, ledger
+        self.latest: str | None = None  # the newest checkpoint this run committed or resumed from
         if world.is_main:
             root.mkdir(parents=True, exist_ok=True)
         world.barrier()
 
     def resume_tag(self) -> str | None:
-        return latest_committed(self.root)
+        """The newest committed checkpoint whose files match their recorded checksums (a collective).
+
+        A checkpoint that fails verification is skipped with a message naming the file, and the
+        previous one is used: a damaged checkpoint is never loaded.
+        """
+        choice = None
+        if self.world.is_main:
+            for tag in committed_tags(self.root):
+                problem = verify_files(self.root / tag)
+                if problem is None:
+                    choice = tag
+                    break
+                print(f"[checkpoint] {tag} is damaged ({problem}); trying the previous one", flush=True)
+        self.latest = self.world.broadcast_object(choice)
+        return self.latest
 
     def meta(self, tag: str) -> dict[str, Any]:
         return json.loads((self.root / tag / META).read_text())
@@ -180,10 +225,10 @@ class CheckpointManager:
             self.ledger.flush(staging / tag)  # committed with the checkpoint, or not at all
         self.world.barrier()  # every rank's shard is on disk
         if self.world.is_main:
+            fsync_tree(staging / tag)
             meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
                     "git_revision": git_revision(), "versions": library_versions(), **self.run_info,
-                    "files": sorted(str(p.relative_to(staging / tag)) for p in (staging / tag).rglob("*")
-                                    if p.is_file())}
+                    "files": checksums(staging / tag)}
             (staging / tag / META).write_text(json.dumps(meta, indent=1))
             fsync_tree(staging / tag)
             final = self.root / tag
@@ -196,6 +241,7 @@ class CheckpointManager:
             self._retain(tag)
         self.world.barrier()
         self.last_save_s = time.perf_counter() - t0
+        self.latest = tag
         return tag
 
     def _retain(self, newest: str) -> None:

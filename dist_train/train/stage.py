@@ -95,9 +95,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                peak_flops=peak, throughput=throughput)
     log.close()
     t_export = time.time()
-    tag = ckpt.resume_tag()
     export_dir = out / "export"
-    export_hf(engine, ckpt_root=ckpt.root, tag=tag, zero_stage=section.deepspeed.zero_stage,
+    export_hf(engine, ckpt_root=ckpt.root, tag=ckpt.latest, zero_stage=section.deepspeed.zero_stage,
               tokenizer=parts.tokenizer, out_dir=export_dir, world=world)
     extra = parts.final(engine)
     tps = throughput.tokens_per_s

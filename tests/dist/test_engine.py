@@ -64,3 +64,13 @@ def test_resume_on_another_worker_count_continues_training(tmp_path, shards_dir,
     assert b["universal"] is True
     # same data plan and restored optimizer: the losses of steps 4-5 agree up to reduction order
     assert b["resumed"] == pytest.approx(a["after"], rel=1e-4)
+
+
+def test_a_damaged_checkpoint_is_never_loaded(tmp_path, shards_dir, tokenizer_dir, capfd):
+    cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir)
+    out = tmp_path / "r.json"
+    mp.spawn(workers.corrupt_fallback, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    assert json.loads(out.read_text()) == {"tag": "step_00000002", "step": 2}
+    assert "step_00000004 is damaged" in capfd.readouterr().out
+    meta = json.loads((tmp_path / "ckpt" / "step_00000002" / "meta.json").read_text())
+    assert all(len(f["sha256"]) == 64 for f in meta["files"].values()) and len(meta["files"]) >= 4

@@ -127,3 +127,31 @@ def elastic_load(rank: int, world_size: int, port: int, cfg_dict: dict, out: str
     if world.is_main:
         Path(out).write_text(json.dumps({"resumed": resumed, "universal": universal, "lr": engine.lr}))
     torch.distributed.destroy_process_group()
+
+
+def corrupt_fallback(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Commit steps 2 and 4, flip one byte of step 4: resume must pick step 2, and load it."""
+    import torch
+
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    root = Path(cfg.output_dir) / "ckpt"
+    ckpt = CheckpointManager(root, world, keep=3, run_info={})
+    run_steps(engine, batches, 2)
+    ckpt.save(engine, 2, {"train_state": {"step": 2}})
+    run_steps(engine, batches, 2)
+    ckpt.save(engine, 4, {"train_state": {"step": 4}})
+    if world.is_main:
+        victim = sorted((root / "step_00000004").rglob("*optim_states.pt"))[0]
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+    world.barrier()
+    fresh = CheckpointManager(root, world, keep=3, run_info={})
+    tag = fresh.resume_tag()
+    client = engine.load(str(root), tag)
+    if world.is_main:
+        Path(out).write_text(json.dumps({"tag": tag, "step": client["train_state"]["step"]}))
+    torch.distributed.destroy_process_group()

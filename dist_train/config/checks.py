@@ -21,9 +21,19 @@ def _abs(path: str | None) -> str | None:
 
 
 def _abs_if_local(name: str | None) -> str | None:
-    """Hub ids stay as they are; anything that exists locally, or looks like a path, becomes absolute."""
+    """Hub ids stay as they are; anything that exists locally, or looks like a path, becomes absolute.
+    `pkg:PACKAGE/sub/dir` names a directory shipped inside an installed Python package."""
     if name is None:
         return None
+    if name.startswith("pkg:"):
+        import importlib.util
+
+        package, _, sub = name[4:].partition("/")
+        spec = importlib.util.find_spec(package) if package.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{name!r}: Python package {package!r} is not installed: pip install "
+                              f"{package.replace('_', '-')}")
+        return str(Path(spec.submodule_search_locations[0], sub).resolve())
     p = Path(name).expanduser()
     return str(p.resolve()) if p.exists() or name.startswith((".", "/", "~")) else name
 
@@ -40,7 +50,8 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
               model=rep(cfg.model, name_or_path=_abs_if_local(cfg.model.name_or_path),
                         tokenizer=_abs_if_local(cfg.model.tokenizer)))
     if cfg.prepare is not None:
-        cfg = rep(cfg, prepare=rep(cfg.prepare, dir=_abs(cfg.prepare.dir)))
+        cfg = rep(cfg, prepare=rep(cfg.prepare, dir=_abs(cfg.prepare.dir),
+                                   tokenizer=_abs_if_local(cfg.prepare.tokenizer)))
     if cfg.pretrain is not None:
         from dist_train.data.sources import is_url
 

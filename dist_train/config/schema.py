@@ -124,7 +124,10 @@ class PretrainData:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    objective: Literal["clm"] = doc("Continued-pretraining objective (causal LM).", "clm")
+    objective: Literal["clm", "mlm"] = doc("Continued-pretraining objective: causal LM (decoders) or masked LM "
+                                           "(encoders, BERT's 80/10/10 dynamic masking).", "clm")
+    mlm_probability: float = doc("Share of tokens chosen for prediction (mlm).", 0.15, gt=0, le=0.9)
+    whole_word_masking: bool = doc("Choose whole words rather than sub-tokens (mlm).", False)
     data: PretrainData = doc("Token shards.", REQUIRED)
     deepspeed: DeepSpeedSection = doc("ZeRO and precision.", factory=DeepSpeedSection)
     optim: OptimConfig = doc("Optimizer and schedule.", factory=OptimConfig)
@@ -158,6 +161,8 @@ class FinetuneConfig:
 class PrepareConfig:
     builtin: Literal["python_docs"] = doc("Embedded dataset to materialize (no network).", "python_docs")
     dir: str = doc("Where to write it; skipped when already complete.", "data/quickstart")
+    tokenizer: str | None = doc("Tokenize with this tokenizer (e.g. a pretrained model's) instead of training a "
+                                "BPE one on the corpus.", None)
     seq_len: int = doc("Sample length of the built shards.", 128, ge=8)
     vocab_size: int = doc("Size of the BPE tokenizer trained on the corpus.", 4096, ge=300)
 

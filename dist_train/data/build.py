@@ -78,7 +78,12 @@ def tokenizer_fingerprint(tokenizer: Any, name: str) -> dict[str, Any]:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     digest = hashlib.sha256(repr(vocab).encode()).hexdigest()
     return {"name_or_path": name, "sha256": digest, "vocab_size": len(tokenizer),
-            "separator_id": separator_id(tokenizer)}
+            "separator_id": separator_id(tokenizer), "sample_prefix_id": sample_prefix_id(tokenizer)}
+
+
+def sample_prefix_id(tokenizer: Any) -> int | None:
+    """Encoders (no EOS, a CLS) get [CLS] at the start of every packed sample, as in BERT."""
+    return tokenizer.cls_token_id if tokenizer.eos_token_id is None else None
 
 
 def separator_id(tokenizer: Any) -> int:
@@ -153,7 +158,8 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
             os.replace(tmp, work / "progress.json")
 
         written = {split: packing.write_split(work, chunks, split, seq_len, dtype, samples_per_shard, state,
-                                              save_progress) for split in packing.SPLITS}
+                                              save_progress, sample_prefix_id(tokenizer))
+                   for split in packing.SPLITS}
         if not written["train"]:
             raise DataError(f"the corpus ({docs} documents) is shorter than one training sample of "
                             f"{seq_len} tokens: add text or lower --seq-len")

@@ -84,14 +84,19 @@ def tokenize_chunk(args: tuple[Path, int, list[str], int, int, float]) -> int:
     return int(lengths.sum())
 
 
-def samples(work: Path, chunks: int, split: str, seq_len: int, dtype: Any,
-            start: tuple[int, int, int]) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
+def samples(work: Path, chunks: int, split: str, seq_len: int, dtype: Any, start: tuple[int, int, int],
+            prefix: int | None = None) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
     """Full samples of one split from the token cache, from token position `start` on.
 
     A position is (chunk, document, token offset). Each sample comes with the position of the
     first token after it. The tail shorter than seq_len is dropped: no padding is ever trained on.
+    With `prefix` (an encoder's [CLS]) every sample starts with that token.
     """
-    cur, fill = np.empty(seq_len, dtype=dtype), 0
+    cur = np.empty(seq_len, dtype=dtype)
+    if prefix is not None:
+        cur[0] = prefix
+    first = 0 if prefix is None else 1
+    fill = first
     want_val = split == "validation"
     for c in range(start[0], chunks):
         z = np.load(chunk_path(work, c))
@@ -108,7 +113,7 @@ def samples(work: Path, chunks: int, split: str, seq_len: int, dtype: Any,
                 fill, o = fill + take, o + take
                 if fill == seq_len:
                     yield cur.copy(), (c, d, o)
-                    fill = 0
+                    fill = first
 
 
 def doc_length_histogram(work: Path, chunks: int) -> dict[str, int]:
@@ -152,11 +157,11 @@ class ShardWriter:
 
 
 def write_split(work: Path, chunks: int, split: str, seq_len: int, dtype: Any, per_shard: int,
-                progress: dict[str, Any], save_progress) -> list[ShardInfo]:
+                progress: dict[str, Any], save_progress, prefix: int | None = None) -> list[ShardInfo]:
     """Phase 2 for one split, resuming after the shards `progress[split]` records."""
     state = progress.setdefault(split, {"shards": [], "pos": [0, 0, 0]})
     shards = [ShardInfo(**s) for s in state["shards"]]
-    stream = samples(work, chunks, split, seq_len, dtype, tuple(state["pos"]))
+    stream = samples(work, chunks, split, seq_len, dtype, tuple(state["pos"]), prefix)
     while True:
         name = f"{SPLITS[split]}-{len(shards):06d}.tar"
         count, pos = 0, None

@@ -95,15 +95,16 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> None:
 
 
 def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed: int = 0,
-                        progress: bool = True) -> Path:
+                        progress: bool = True, tokenizer: str | None = None) -> Path:
     """Materialize the quickstart data under `root` (once; a READY marker makes it idempotent).
 
-    Layout: corpus.jsonl, tokenizer/, shards/ (with manifest.json), task/{train,validation,test}.jsonl.
+    Layout: corpus.jsonl, tokenizer/ (unless `tokenizer` names one to use instead), shards/
+    (with manifest.json), task/{train,validation,test}.jsonl.
     """
     from dist_train.data.build import build_shards
 
     root = Path(root)
-    stamp = {"version": VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed}
+    stamp = {"version": VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed, "tokenizer": tokenizer}
     ready = root / READY
     if ready.is_file() and json.loads(ready.read_text()) == stamp:
         return root
@@ -122,11 +123,12 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
                 for ex in examples:
                     if _split(ex["text"]) == split:
                         f.write(json.dumps(ex) + "\n")
-        train_tokenizer(corpus, vocab_size, tmp / "tokenizer")
+        if tokenizer is None:
+            train_tokenizer(corpus, vocab_size, tmp / "tokenizer")
         build_shards(input_spec=str(tmp / "corpus.jsonl"), output=tmp / "shards",
-                     tokenizer_name=str(tmp / "tokenizer"), seq_len=seq_len, samples_per_shard=256,
+                     tokenizer_name=tokenizer or str(tmp / "tokenizer"), seq_len=seq_len, samples_per_shard=256,
                      val_fraction=0.05, seed=seed, progress=progress,
-                     tokenizer_label=str(root / "tokenizer"))
+                     tokenizer_label=tokenizer or str(root / "tokenizer"))
         (tmp / READY).write_text(json.dumps(stamp))
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)

@@ -35,7 +35,7 @@ def prepare(cfg: RunConfig) -> None:
         from dist_train.data.quickstart import prepare_python_docs
 
         p = cfg.prepare
-        prepare_python_docs(p.dir, seq_len=p.seq_len, vocab_size=p.vocab_size, seed=cfg.seed)
+        prepare_python_docs(p.dir, seq_len=p.seq_len, vocab_size=p.vocab_size, seed=cfg.seed, tokenizer=p.tokenizer)
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:

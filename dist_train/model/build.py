@@ -78,18 +78,24 @@ def model_vocab_size(name_or_path: str | None, arch: TinyArch | None, tokenizer_
                          "give a local HF model directory") from None
 
 
-def build_causal_lm(*, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
-                    pad_token_id: int | None, eos_token_id: int | None, seed: int,
-                    gradient_checkpointing: bool) -> torch.nn.Module:
-    """A causal LM: pretrained weights from name_or_path, or random init (seeded) from arch."""
+def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
+             pad_token_id: int | None, eos_token_id: int | None, seed: int,
+             gradient_checkpointing: bool) -> torch.nn.Module:
+    """A causal ('clm') or masked ('mlm') LM: pretrained weights from name_or_path, or random
+    init (seeded, identical on every rank) from arch."""
     _offline()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    torch.manual_seed(seed)  # identical init on every rank and every run
-    if arch is not None:
-        model = AutoModelForCausalLM.from_config(arch_config(arch, vocab_size, pad_token_id, eos_token_id))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    auto = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
+    torch.manual_seed(seed)
+    try:
+        if arch is not None:
+            model = auto.from_config(arch_config(arch, vocab_size, pad_token_id, eos_token_id))
+        else:
+            model = auto.from_pretrained(name_or_path, dtype=torch.float32)
+    except ValueError as e:  # e.g. a BERT model asked for a causal LM
+        raise ModelError(f"the model cannot do pretrain.objective={objective} ({str(e).splitlines()[0][:100]}): "
+                         f"use {'mlm' if objective == 'clm' else 'clm'} for this architecture") from None
     return _finish(model, gradient_checkpointing)
 
 

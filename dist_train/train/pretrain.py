@@ -1,4 +1,4 @@
-"""Stage `pretrain`: causal-LM continued pretraining on token shards (the parts run_stage needs)."""
+"""Stage `pretrain`: causal- or masked-LM continued pretraining on token shards (the parts run_stage needs)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,38 @@ from dist_train.data.manifest import DataError, Manifest, read_manifest
 from dist_train.data.mixture import Mixture, shard_name
 from dist_train.data.plan import PlanSpec
 from dist_train.data.stream import pretrain_batches, validation_batches
-from dist_train.model.build import build_causal_lm, load_tokenizer
+from dist_train.model.build import build_lm, load_tokenizer
 from dist_train.train.loop import StepBatch
+from dist_train.train.masking import mask_batch, word_starts_table
 from dist_train.train.stage import StageParts
 from dist_train.world import World
+
+EVAL_SEED = 1 << 40  # a "step" no training step reaches: evaluation masks never repeat training ones
 
 
 def lm_micro(rows: np.ndarray) -> dict[str, torch.Tensor]:
     """A causal-LM micro batch: HF shifts labels inside the model."""
     ids = torch.from_numpy(rows.astype(np.int64))  # (B, T)
     return {"input_ids": ids, "labels": ids}
+
+
+def make_micro(cfg: RunConfig, tokenizer: Any):
+    """rows (B, T) and per-row mask seeds -> a model batch for the configured objective."""
+    sec = cfg.pretrain
+    if sec.objective == "clm":
+        return lambda rows, seeds: lm_micro(rows)
+    if tokenizer.mask_token_id is None:
+        raise DataError(f"pretrain.objective=mlm needs a tokenizer with a mask token; {tokenizer.name_or_path!r} "
+                        "has none: use clm or an encoder's tokenizer")
+    special = np.array(sorted(set(tokenizer.all_special_ids)))
+    starts = word_starts_table(tokenizer) if sec.whole_word_masking else None
+
+    def micro(rows: np.ndarray, seeds: list[tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        ids, labels = mask_batch(rows, seeds, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                                 special_ids=special, probability=sec.mlm_probability, word_starts=starts)
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}  # (B, T) each
+
+    return micro
 
 
 def read_sources(cfg: RunConfig) -> list[Manifest]:
@@ -51,20 +73,26 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     mans = read_sources(cfg)
     man = mans[0]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    model = build_causal_lm(name_or_path=cfg.model.name_or_path, arch=cfg.model.arch, vocab_size=len(tokenizer),
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
-                            gradient_checkpointing=sec.train.gradient_checkpointing)
+    model = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
+                     vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                     eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
+                     gradient_checkpointing=sec.train.gradient_checkpointing)
+    to_batch = make_micro(cfg, tokenizer)
+    first_row = world.rank * d.samples_per_rank  # this rank's offset in the global batch
 
     mix = plan_of(cfg, mans, d)
     mix.check(world.world_size)
     files = [[s.file for s in m.train] for m in mans]
 
     def batches(start_step: int) -> Iterator[StepBatch]:
-        for rows, ids, replaced in pretrain_batches(
+        for step, (rows, ids, replaced) in enumerate(pretrain_batches(
                 mans, mix, world_size=world.world_size, rank=world.rank, start_step=start_step,
                 loader_workers=sec.data.loader_workers, on_bad=sec.data.on_bad_sample,
-                verify=sec.data.verify_checksums):
-            micro = [lm_micro(rows[i:i + d.micro_batch_size]) for i in range(0, len(rows), d.micro_batch_size)]
+                verify=sec.data.verify_checksums), start=start_step):
+            # masks are seeded by the sample's place in the global batch: the same on any worker count
+            seeds = [(cfg.seed, step, first_row + j) for j in range(len(rows))]
+            m = d.micro_batch_size
+            micro = [to_batch(rows[i:i + m], seeds[i:i + m]) for i in range(0, len(rows), m)]
             named = [(shard_name(files, src, shard), k) for src, shard, k in ids]
             yield StepBatch(micro, tokens=int(rows.size), ids=named, replaced=replaced)
 
@@ -72,10 +100,15 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         engine.train(False)
         loss_tokens, tokens = 0.0, 0
         with torch.no_grad():
-            for rows in validation_batches(man, micro_batch=d.micro_batch_size, world_size=world.world_size,
-                                           rank=world.rank, max_batches=sec.train.eval_batches):
-                n = rows.shape[0] * (rows.shape[1] - 1)  # predicted tokens: every position but the first
-                loss_tokens += float(engine.forward(lm_micro(rows)).loss) * n
+            for b, rows in enumerate(validation_batches(man, micro_batch=d.micro_batch_size,
+                                                        world_size=world.world_size, rank=world.rank,
+                                                        max_batches=sec.train.eval_batches)):
+                # the same masks at every evaluation, so the losses compare
+                batch = to_batch(rows, [(cfg.seed, EVAL_SEED, world.rank, b, j) for j in range(len(rows))])
+                # predicted tokens: every position but the first (clm), the chosen ones (mlm)
+                n = int((batch["labels"][:, 1:] != -100).sum()) if sec.objective == "clm" else \
+                    int((batch["labels"] != -100).sum())
+                loss_tokens += float(engine.forward(batch).loss) * n
                 tokens += n
         total, count = world.all_reduce_sum([loss_tokens, tokens])
         if count == 0:

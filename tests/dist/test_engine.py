@@ -74,3 +74,16 @@ def test_a_damaged_checkpoint_is_never_loaded(tmp_path, shards_dir, tokenizer_di
     assert "step_00000004 is damaged" in capfd.readouterr().out
     meta = json.loads((tmp_path / "ckpt" / "step_00000002" / "meta.json").read_text())
     assert all(len(f["sha256"]) == 64 for f in meta["files"].values()) and len(meta["files"]) >= 4
+
+
+def test_masked_lm_resumes_exactly(tmp_path, encoder_shards, minilm_dir):
+    from transformers import AutoModelForMaskedLM
+
+    cfg = tiny_config(tmp_path, encoder_shards, minilm_dir, "pretrain.objective=mlm",
+                      "pretrain.whole_word_masking=true", "model.arch.family=bert")
+    out = tmp_path / "result.json"
+    mp.spawn(workers.checkpoint_roundtrip, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["resumed"] == res["after"] and res["same_params"]
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "export")
+    assert type(model).__name__ == "BertForMaskedLM"

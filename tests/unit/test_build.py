@@ -150,3 +150,12 @@ def test_damaged_manifest_and_missing_shard(tmp_path, shards_dir):
         read_manifest(copy)
     with pytest.raises(DataError, match="does not exist"):
         read_manifest(tmp_path / "nowhere")
+
+
+def test_encoder_samples_start_with_cls_and_documents_end_with_sep(encoder_shards, minilm_dir):
+    tok = load_tokenizer(str(minilm_dir))
+    man = read_manifest(encoder_shards)
+    assert man.tokenizer["sample_prefix_id"] == tok.cls_token_id and man.tokenizer["separator_id"] == tok.sep_token_id
+    rows = read_shard(man.path(man.train[0]), samples=man.train[0].samples)
+    assert all(r[0] == tok.cls_token_id for r in rows)
+    assert sum(int((r == tok.sep_token_id).sum()) for r in rows) > 0

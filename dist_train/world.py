@@ -24,6 +24,7 @@ class World:
     local_rank: int = 0
     local_world_size: int = 1
     node_rank: int = 0
+    device: str = "cpu"  # where collectives put their tensors: "cuda" under NCCL
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +36,7 @@ class World:
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks, in float64 so token counts stay exact."""
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(t)
         return t.tolist()

@@ -53,6 +53,8 @@ class ModelConfig:
                                    "Exactly one of name_or_path and arch.", None)
     arch: TinyArch | None = doc("Inline architecture for from-scratch training.", None)
     tokenizer: str | None = doc("Tokenizer id or directory; defaults to name_or_path.", None)
+    dropout: float | None = doc("Override every dropout probability of the model (hidden, attention, "
+                                "classifier); null keeps the model's own.", None, ge=0, le=1)
 
 
 @dataclass(frozen=True)

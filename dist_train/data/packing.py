@@ -58,6 +58,10 @@ def init_encoder(recipe: tuple[str, str]) -> None:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(value)
+        # A saved tokenizer.json may carry padding/truncation settings (sentence-transformers
+        # models do): whole documents must be encoded as they are.
+        tok.no_padding()
+        tok.no_truncation()
         _ENCODE = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
     else:
         from dist_train.model.build import load_tokenizer

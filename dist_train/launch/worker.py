@@ -15,12 +15,15 @@ from dist_train.config.loader import from_dict
 from dist_train.world import World
 
 
-def world_from_ray() -> World:
+def world_from_ray(use_gpu: bool) -> World:
     import ray.train
 
     ctx = ray.train.get_context()
+    device = "cpu"
+    if use_gpu and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.current_device()}"  # Ray Train has set this worker's GPU
     return World(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
-                 local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank())
+                 local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank(), device=device)
 
 
 def quiet_libraries() -> None:
@@ -48,7 +51,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     quiet_libraries()
     cfg = from_dict(payload["config"])
     stage = payload["stage"]
-    world = world_from_ray()
+    world = world_from_ray(cfg.ray.use_gpu)
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     d = derive_stage(cfg, stage, world.world_size)
     build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]

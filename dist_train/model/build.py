@@ -78,9 +78,24 @@ def model_vocab_size(name_or_path: str | None, arch: TinyArch | None, tokenizer_
                          "give a local HF model directory") from None
 
 
+def with_dropout(config: Any, dropout: float | None) -> Any:
+    """The config with every float `*dropout*` setting set to `dropout` (None: unchanged)."""
+    if dropout is not None:
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, dropout)
+    return config
+
+
+def _pretrained_config(name_or_path: str, dropout: float | None, **overrides: Any) -> Any:
+    from transformers import AutoConfig
+
+    return with_dropout(AutoConfig.from_pretrained(name_or_path, **overrides), dropout)
+
+
 def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
              pad_token_id: int | None, eos_token_id: int | None, seed: int,
-             gradient_checkpointing: bool) -> torch.nn.Module:
+             gradient_checkpointing: bool, dropout: float | None = None) -> torch.nn.Module:
     """A causal ('clm') or masked ('mlm') LM: pretrained weights from name_or_path, or random
     init (seeded, identical on every rank) from arch."""
     _offline()
@@ -90,9 +105,10 @@ def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None,
     torch.manual_seed(seed)
     try:
         if arch is not None:
-            model = auto.from_config(arch_config(arch, vocab_size, pad_token_id, eos_token_id))
+            model = auto.from_config(with_dropout(arch_config(arch, vocab_size, pad_token_id, eos_token_id), dropout))
         else:
-            model = auto.from_pretrained(name_or_path, dtype=torch.float32)
+            model = auto.from_pretrained(name_or_path, config=_pretrained_config(name_or_path, dropout),
+                                         dtype=torch.float32)
     except ValueError as e:  # e.g. a BERT model asked for a causal LM
         raise ModelError(f"the model cannot do pretrain.objective={objective} ({str(e).splitlines()[0][:100]}): "
                          f"use {'mlm' if objective == 'clm' else 'clm'} for this architecture") from None
@@ -100,15 +116,15 @@ def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None,
 
 
 def build_classifier(*, init_from: str, labels: list[str], pad_token_id: int | None, seed: int,
-                     gradient_checkpointing: bool) -> torch.nn.Module:
+                     gradient_checkpointing: bool, dropout: float | None = None) -> torch.nn.Module:
     """A sequence classifier from an HF directory (weights only), with a fresh seeded head."""
     _offline()
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        init_from, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)}, dtype=torch.float32)
+    config = _pretrained_config(init_from, dropout, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                label2id={lab: i for i, lab in enumerate(labels)})
+    model = AutoModelForSequenceClassification.from_pretrained(init_from, config=config, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return _finish(model, gradient_checkpointing)

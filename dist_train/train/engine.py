@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from dist_train.model.build import param_groups
+from dist_train.train.loss import LossFn
 
 
 class Engine:
@@ -24,11 +25,14 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward and backward one micro batch; returns the detached loss (no host sync)."""
-        out = self.ds(**self._to_device(batch))
-        self.ds.backward(out.loss)
-        return out.loss.detach()
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn, weight: float) -> torch.Tensor:
+        """Forward and backward one micro batch: the loss is `loss_fn(logits, labels)` (a sum over
+        its targets), scaled by `weight` for the gradient. Returns the detached sum (no host sync)."""
+        batch = self._to_device(batch)
+        labels = batch.pop("labels")
+        loss = loss_fn(self.ds(**batch).logits, labels)
+        self.ds.backward(loss * weight)
+        return loss.detach()
 
     def step(self) -> None:
         """Call once per micro batch; DeepSpeed steps the optimizer at the accumulation boundary."""

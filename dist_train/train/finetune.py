@@ -20,6 +20,7 @@ from dist_train.data.tasks import (
 )
 from dist_train.model.build import build_classifier, load_tokenizer
 from dist_train.train.loop import StepBatch
+from dist_train.train.loss import loss_for
 from dist_train.train.stage import StageParts
 from dist_train.world import World
 
@@ -43,7 +44,8 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     label_id = {lab: i for i, lab in enumerate(labels)}
     majority = majority_label(train)
     model = build_classifier(init_from=init_from, labels=labels, pad_token_id=tokenizer.pad_token_id,
-                             seed=cfg.seed, gradient_checkpointing=sec.train.gradient_checkpointing)
+                             seed=cfg.seed, gradient_checkpointing=sec.train.gradient_checkpointing,
+                             dropout=cfg.model.dropout)
 
     def encode(examples: list[Example]) -> dict[str, torch.Tensor]:
         enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=data.max_length,
@@ -57,7 +59,8 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             idx = step_indices(step, len(train), d.global_batch_size, cfg.seed, world.world_size, world.rank)
             micro = [encode([train[i] for i in idx[j:j + d.micro_batch_size]])
                      for j in range(0, len(idx), d.micro_batch_size)]
-            yield StepBatch(micro, tokens=int(sum(int(m["attention_mask"].sum()) for m in micro)))
+            yield StepBatch(micro, targets=[int((m["labels"] >= 0).sum()) for m in micro],
+                            tokens=int(sum(int(m["attention_mask"].sum()) for m in micro)))
             step += 1
 
     def evaluate_on(engine: Any, examples: list[Example]) -> dict[str, float]:
@@ -70,8 +73,8 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
                 exs = [examples[i] for i, _ in part]
                 w = torch.tensor([wt for _, wt in part], dtype=torch.float64)
                 batch = encode(exs)
+                lab = batch.pop("labels")
                 logits = engine.forward(batch).logits.float().cpu()  # (B, C)
-                lab = batch["labels"]
                 known = (lab >= 0).double() * w  # labels unseen in training count as errors
                 loss = torch.nn.functional.cross_entropy(logits, lab.clamp(min=0), reduction="none")
                 correct += float(((logits.argmax(-1) == lab).double() * w).sum())
@@ -95,4 +98,4 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         return out
 
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate, final=final,
-                      seq_len=data.max_length)
+                      loss_fn=loss_for("classification"), seq_len=data.max_length)

@@ -1,8 +1,10 @@
 """The training loop: the whole step sequence of both stages, readable top to bottom.
 
 forward/backward over the accumulation micro batches -> (DeepSpeed: clip, step, schedule)
--> log -> eval -> checkpoint. Everything it uses is built before and passed in. Host syncs
-(loss read-out, token all-reduce) happen only at log, eval and save steps.
+-> log -> eval -> checkpoint. Everything it uses is built before and passed in. The loss is
+token-weighted: every predicted token of the global batch counts once, however padding or
+masking falls across micro batches and ranks (one small all-reduce of target counts per step).
+The loss value itself is read from the device only at log, eval and save steps.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from dist_train.data.ledger import Ledger
 from dist_train.train.engine import Engine
+from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, Throughput, max_rss_mb
 from dist_train.world import World
 
@@ -24,6 +27,7 @@ class StepBatch:
     """One optimizer step's data on this rank: its micro batches and their (non-pad) token count."""
 
     micro: list[dict[str, torch.Tensor]]
+    targets: list[int]  # predicted positions (labels that count) in each micro batch
     tokens: int
     ids: list[tuple[str, int]] | None = None  # (shard file, sample) per row, for the ledger
     replaced: int = 0  # bad samples the loader replaced (on_bad_sample=skip)
@@ -60,21 +64,27 @@ class Cadence:
         return step == self.max_steps or (every > 0 and step % every == 0)
 
 
-def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainState, cadence: Cadence,
+def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn, state: TrainState,
+               cadence: Cadence,
                evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
                ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
                throughput: Throughput) -> TrainState:
     """Train until `cadence.max_steps`; every rank runs the same steps and the same collectives."""
     engine.train()
-    losses: list[torch.Tensor] = []
-    tokens, replaced, step_s, wait_s = 0, 0, 0.0, 0.0
+    losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
+    targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
     while state.step < cadence.max_steps:
         t0 = time.perf_counter()
         batch = next(batches)
         t_data = time.perf_counter() - t0
+        # DeepSpeed averages gradients over ranks and micro batches; this weight turns that average
+        # into sum(token losses) / (targets in the global batch).
+        (global_targets,) = world.all_reduce_sum([sum(batch.targets)])
+        weight = world.world_size * len(batch.micro) / max(global_targets, 1.0)
         for micro in batch.micro:  # gradient accumulation; DeepSpeed steps at the boundary
-            losses.append(engine.forward_backward(micro))
+            losses.append(engine.forward_backward(micro, loss_fn, weight))
             engine.step()
+        targets += sum(batch.targets)
         ledger.record(state.step, batch.ids)  # plan steps count from 0
         state.step += 1
         tokens += batch.tokens
@@ -85,7 +95,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainStat
         do_eval, do_save = cadence.due(state.step, cadence.eval_every), cadence.due(state.step, cadence.save_every)
         if do_eval or do_save or state.step % cadence.log_every == 0:
             loss_sum, n, global_tokens, global_replaced = world.all_reduce_sum(
-                [float(torch.stack(losses).sum()), len(losses), tokens, replaced])
+                [float(torch.stack(losses).sum()), targets, tokens, replaced])
             state.tokens += int(global_tokens)
             state.replaced_samples += int(global_replaced)
             state.last_loss = loss_sum / n
@@ -101,7 +111,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], state: TrainStat
                 engine.train()
                 row.update({f"eval_{k}": v for k, v in state.last_eval.items()})
             log.log(row)
-            losses, tokens, replaced, step_s, wait_s = [], 0, 0, 0.0, 0.0
+            losses, targets, tokens, replaced, step_s, wait_s = [], 0, 0, 0, 0.0, 0.0
         if do_save:
             save(state.step)
     return state

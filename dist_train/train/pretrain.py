@@ -17,6 +17,7 @@ from dist_train.data.plan import PlanSpec
 from dist_train.data.stream import pretrain_batches, validation_batches
 from dist_train.model.build import build_lm, load_tokenizer
 from dist_train.train.loop import StepBatch
+from dist_train.train.loss import loss_for
 from dist_train.train.masking import mask_batch, word_starts_table
 from dist_train.train.stage import StageParts
 from dist_train.world import World
@@ -28,6 +29,13 @@ def lm_micro(rows: np.ndarray) -> dict[str, torch.Tensor]:
     """A causal-LM micro batch: HF shifts labels inside the model."""
     ids = torch.from_numpy(rows.astype(np.int64))  # (B, T)
     return {"input_ids": ids, "labels": ids}
+
+
+def count_targets(batch: dict[str, torch.Tensor], objective: str) -> int:
+    """Predicted tokens of an LM batch: every position but the first (clm: HF shifts the labels
+    by one), the chosen positions (mlm)."""
+    labels = batch["labels"]
+    return int(labels[:, 1:].numel()) if objective == "clm" else int((labels != -100).sum())
 
 
 def make_micro(cfg: RunConfig, tokenizer: Any):
@@ -76,8 +84,9 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     model = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                      eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
-                     gradient_checkpointing=sec.train.gradient_checkpointing)
+                     gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout)
     to_batch = make_micro(cfg, tokenizer)
+    loss_fn = loss_for(sec.objective)
     first_row = world.rank * d.samples_per_rank  # this rank's offset in the global batch
 
     mix = plan_of(cfg, mans, d)
@@ -94,7 +103,8 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             m = d.micro_batch_size
             micro = [to_batch(rows[i:i + m], seeds[i:i + m]) for i in range(0, len(rows), m)]
             named = [(shard_name(files, src, shard), k) for src, shard, k in ids]
-            yield StepBatch(micro, tokens=int(rows.size), ids=named, replaced=replaced)
+            yield StepBatch(micro, targets=[count_targets(b, sec.objective) for b in micro], tokens=int(rows.size),
+                            ids=named, replaced=replaced)
 
     def evaluate(engine: Any) -> dict[str, float]:
         engine.train(False)
@@ -105,11 +115,9 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
                                                         max_batches=sec.train.eval_batches)):
                 # the same masks at every evaluation, so the losses compare
                 batch = to_batch(rows, [(cfg.seed, EVAL_SEED, world.rank, b, j) for j in range(len(rows))])
-                # predicted tokens: every position but the first (clm), the chosen ones (mlm)
-                n = int((batch["labels"][:, 1:] != -100).sum()) if sec.objective == "clm" else \
-                    int((batch["labels"] != -100).sum())
-                loss_tokens += float(engine.forward(batch).loss) * n
-                tokens += n
+                labels = batch.pop("labels")
+                loss_tokens += float(loss_fn(engine.forward(batch).logits, labels.to(engine.ds.device)))
+                tokens += count_targets({"labels": labels}, sec.objective)
         total, count = world.all_reduce_sum([loss_tokens, tokens])
         if count == 0:
             return {}
@@ -120,4 +128,4 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             "global_batch": mix.global_batch, "shards": sec.data.shards,
             "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix]}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
-                      final=lambda engine: {}, seq_len=man.seq_len, run_info={"plan": plan})
+                      final=lambda engine: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan})

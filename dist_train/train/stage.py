@@ -26,6 +26,7 @@ from dist_train.data.stream import Prefetcher
 from dist_train.model.build import flops_per_token
 from dist_train.train.engine import build_engine
 from dist_train.train.loop import Cadence, StepBatch, TrainState, train_loop
+from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, Throughput, device_peak_flops
 from dist_train.world import World
 
@@ -41,6 +42,7 @@ class StageParts:
     batches: Callable[[int], Iterator[StepBatch]]  # start step -> this rank's step batches
     evaluate: Callable[[Any], dict[str, float]]  # engine -> metrics (collective)
     final: Callable[[Any], dict[str, Any]]  # engine -> extra result entries (e.g. test metrics)
+    loss_fn: LossFn  # (logits, labels) -> loss summed over the targets
     seq_len: int  # for the attention term of FLOPs/token
     run_info: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint's meta.json
 
@@ -87,7 +89,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     def save(step: int) -> None:
         ckpt.save(engine, step, {"train_state": state.state_dict(), "data_state": {"next_step": step}})
 
-    train_loop(engine=engine, batches=batches, state=state,
+    train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
                cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
                                section.train.save_every),
                evaluate=lambda: parts.evaluate(engine), save=save, log=log, ledger=ledger, world=world,

@@ -32,8 +32,9 @@ def build(cfg_dict, world, start_step=0):
     return cfg, d, parts, engine, parts.batches(start_step)
 
 
-def run_steps(engine, batches, n, world=None):
-    """Train n steps; returns each step's loss, averaged over all ranks when `world` is given."""
+def run_steps(engine, loss_fn, batches, n, world=None):
+    """Train n steps (rank-local loss weighting); returns each step's mean loss per target,
+    over all ranks when `world` is given."""
     import torch
 
     losses = []
@@ -41,9 +42,9 @@ def run_steps(engine, batches, n, world=None):
         batch = next(batches)
         step_losses = []
         for micro in batch.micro:
-            step_losses.append(engine.forward_backward(micro))
+            step_losses.append(engine.forward_backward(micro, loss_fn, len(batch.micro) / sum(batch.targets)))
             engine.step()
-        total, count = float(torch.stack(step_losses).sum()), len(step_losses)
+        total, count = float(torch.stack(step_losses).sum()), sum(batch.targets)
         if world is not None:
             total, count = world.all_reduce_sum([total, count])
         losses.append(total / count)
@@ -64,10 +65,10 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     cfg, d, parts, engine, batches = build(cfg_dict, world)
     fpt_engine = flops_per_token(engine.module, 32)  # under ZeRO-3 the parameters are partitioned by now
     ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={"stage": "pretrain"})
-    first = run_steps(engine, batches, 3)
+    first = run_steps(engine, parts.loss_fn, batches, 3)
     tag = ckpt.save(engine, 3, {"train_state": {"step": 3}})
     rng_draw = torch.rand(3).tolist()  # what the RNG gives right after the save
-    after = run_steps(engine, batches, 2)
+    after = run_steps(engine, parts.loss_fn, batches, 2)
     final_params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
 
     cfg2, _, parts2, engine2, _ = build(cfg_dict, world)
@@ -76,7 +77,7 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
 
     assert restore_rng(ckpt.root / tag, rank)
     rng_same = torch.rand(3).tolist() == rng_draw
-    resumed = run_steps(engine2, parts2.batches(client["train_state"]["step"]), 2)
+    resumed = run_steps(engine2, parts2.loss_fn, parts2.batches(client["train_state"]["step"]), 2)
     same = all(torch.equal(final_params[n], p.detach().float()) for n, p in engine2.module.named_parameters())
     export_hf(engine2, ckpt_root=ckpt.root, tag=tag, zero_stage=d.deepspeed["zero_optimization"]["stage"],
               tokenizer=parts2.tokenizer, out_dir=Path(cfg.output_dir) / "export", world=world)
@@ -95,9 +96,9 @@ def elastic_save(rank: int, world_size: int, port: int, cfg_dict: dict, out: str
     world = init_process(rank, world_size, port)
     cfg, d, parts, engine, batches = build(cfg_dict, world)
     ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={})
-    run_steps(engine, batches, 3)
+    run_steps(engine, parts.loss_fn, batches, 3)
     ckpt.save(engine, 3, {"train_state": {"step": 3}})
-    after = run_steps(engine, batches, 2, world)
+    after = run_steps(engine, parts.loss_fn, batches, 2, world)
     if world.is_main:
         Path(out).write_text(json.dumps({"after": after}))
     torch.distributed.destroy_process_group()
@@ -123,7 +124,7 @@ def elastic_load(rank: int, world_size: int, port: int, cfg_dict: dict, out: str
     ds = {**d.deepspeed, "checkpoint": {"load_universal": universal}}
     engine = build_engine(parts.model, ds, cfg.pretrain.optim.weight_decay)
     client = engine.load(str(load_dir), tag)
-    resumed = run_steps(engine, parts.batches(client["train_state"]["step"]), 2, world)
+    resumed = run_steps(engine, parts.loss_fn, parts.batches(client["train_state"]["step"]), 2, world)
     if world.is_main:
         Path(out).write_text(json.dumps({"resumed": resumed, "universal": universal, "lr": engine.lr}))
     torch.distributed.destroy_process_group()
@@ -139,9 +140,9 @@ def corrupt_fallback(rank: int, world_size: int, port: int, cfg_dict: dict, out:
     cfg, d, parts, engine, batches = build(cfg_dict, world)
     root = Path(cfg.output_dir) / "ckpt"
     ckpt = CheckpointManager(root, world, keep=3, run_info={})
-    run_steps(engine, batches, 2)
+    run_steps(engine, parts.loss_fn, batches, 2)
     ckpt.save(engine, 2, {"train_state": {"step": 2}})
-    run_steps(engine, batches, 2)
+    run_steps(engine, parts.loss_fn, batches, 2)
     ckpt.save(engine, 4, {"train_state": {"step": 4}})
     if world.is_main:
         victim = sorted((root / "step_00000004").rglob("*optim_states.pt"))[0]
@@ -154,4 +155,30 @@ def corrupt_fallback(rank: int, world_size: int, port: int, cfg_dict: dict, out:
     client = engine.load(str(root), tag)
     if world.is_main:
         Path(out).write_text(json.dumps({"tag": tag, "step": client["train_state"]["step"]}))
+    torch.distributed.destroy_process_group()
+
+
+def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Run the real training loop for a few steps; rank 0 writes per-step losses and the weights."""
+    import torch
+
+    from dist_train.data.ledger import Ledger
+    from dist_train.model.build import flops_per_token
+    from dist_train.train.loop import Cadence, TrainState, train_loop
+    from dist_train.train.metrics import MetricsLog, Throughput
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    metrics = Path(out).with_suffix(".jsonl")
+    log = MetricsLog(metrics if world.is_main else None, "pretrain", 4, None)
+    train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=TrainState(), cadence=Cadence(4, 1, 0, 0),
+               evaluate=lambda: {}, save=lambda step: None, log=log, ledger=Ledger(rank, world_size, 0.0),
+               world=world, flops_per_token=flops_per_token(parts.model, 32), peak_flops=1e12,
+               throughput=Throughput())
+    log.close()
+    if world.is_main:
+        losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+        torch.save({n: p.detach().float() for n, p in engine.module.named_parameters()},
+                   Path(out).with_suffix(".pt"))
+        Path(out).write_text(json.dumps({"losses": losses}))
     torch.distributed.destroy_process_group()

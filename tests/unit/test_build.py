@@ -156,6 +156,9 @@ def test_encoder_samples_start_with_cls_and_documents_end_with_sep(encoder_shard
     tok = load_tokenizer(str(minilm_dir))
     man = read_manifest(encoder_shards)
     assert man.tokenizer["sample_prefix_id"] == tok.cls_token_id and man.tokenizer["separator_id"] == tok.sep_token_id
-    rows = read_shard(man.path(man.train[0]), samples=man.train[0].samples)
+    rows = [r for s in man.train for r in read_shard(man.path(s), samples=s.samples)]
     assert all(r[0] == tok.cls_token_id for r in rows)
     assert sum(int((r == tok.sep_token_id).sum()) for r in rows) > 0
+    # whole documents, never padded or truncated (its tokenizer.json asks for both)
+    assert not any((r == tok.pad_token_id).any() for r in rows)
+    assert sum(s.samples for s in man.train + man.validation) > 400

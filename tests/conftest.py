@@ -43,14 +43,18 @@ def tokenizer_dir(tmp_path_factory, corpus_docs) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def shards_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
+def small_shards(out: Path, corpus: Path, tokenizer: Path) -> Path:
+    """Shards of 40 samples of 32 tokens, 10% of documents held out."""
     from dist_train.data.build import build_shards
 
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    build_shards(input_spec=str(corpus_jsonl), output=out, tokenizer_name=str(tokenizer_dir), seq_len=32,
+    build_shards(input_spec=str(corpus), output=out, tokenizer_name=str(tokenizer), seq_len=32,
                  samples_per_shard=40, val_fraction=0.1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
+    return small_shards(tmp_path_factory.mktemp("shards") / "shards", corpus_jsonl, tokenizer_dir)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -69,9 +73,4 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def encoder_shards(tmp_path_factory, corpus_jsonl, minilm_dir) -> Path:
     """Shards tokenized for an encoder: samples start with [CLS], documents end with [SEP]."""
-    from dist_train.data.build import build_shards
-
-    out = tmp_path_factory.mktemp("enc") / "shards"
-    build_shards(input_spec=str(corpus_jsonl), output=out, tokenizer_name=str(minilm_dir), seq_len=32,
-                 samples_per_shard=40, val_fraction=0.1, progress=False)
-    return out
+    return small_shards(tmp_path_factory.mktemp("enc") / "shards", corpus_jsonl, minilm_dir)

@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--mix", action="append", default=[], metavar="DIR:WEIGHT",
                     help="a further corpus and its share, as pretrain.data.mix (repeatable)")
 
+    ex = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    ex.add_argument("checkpoint", help="<output_dir>/<stage>/checkpoints/step_N, or a checkpoints dir (latest)")
+    ex.add_argument("--output", required=True, help="directory to create")
+
     led = sub.add_parser("ledger", help="check what was trained on").add_subparsers(dest="ledger_cmd", required=True)
     lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
     lv.add_argument("output_dir")
@@ -130,6 +134,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "data":
         return _data(args)
+    if args.cmd == "export":
+        return _export(args.checkpoint, args.output)
     if args.cmd == "ledger":
         return _ledger_verify(args.output_dir, args.stage)
     raise AssertionError(args.cmd)
@@ -205,6 +211,35 @@ def _plan(man, args: argparse.Namespace) -> int:
                 print(json.dumps({"step": step, "epoch": step_epoch(specs[0], step), "rank": rank, "samples": ids}))
             else:
                 print(f"step {step} rank {rank}: {' '.join(ids)}")
+    return 0
+
+
+def _export(checkpoint: str, output: str) -> int:
+    from pathlib import Path
+
+    from dist_train.checkpoint.export import export_checkpoint
+    from dist_train.checkpoint.manager import latest_committed, verify_files
+    from dist_train.config.loader import ConfigError
+
+    path = Path(checkpoint)
+    if (path / "checkpoints").is_dir():  # a stage directory
+        path = path / "checkpoints"
+    if (path / "latest").is_file():  # a checkpoints directory: its latest committed checkpoint
+        tag = latest_committed(path)
+        if tag is None:
+            raise ConfigError(f"{path} holds no committed checkpoint")
+        path = path / tag
+    if not (path / "meta.json").is_file():
+        raise ConfigError(f"{checkpoint} is not a committed checkpoint (no meta.json): point at "
+                          "<output_dir>/<stage>/checkpoints/step_N")
+    problem = verify_files(path)
+    if problem is not None:
+        raise ConfigError(f"{path} is damaged ({problem}): export an earlier checkpoint")
+    try:
+        export_checkpoint(path, Path(output))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"exported {path} to {output}")
     return 0
 
 

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,9 @@ class CheckpointManager:
     """Saves and finds committed checkpoints of one stage. Every rank calls `save`."""
 
     def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any],
-                 ledger: Ledger | None = None) -> None:
+                 ledger: Ledger | None = None, describe: Callable[[Path], None] | None = None) -> None:
         self.root, self.world, self.keep, self.run_info, self.ledger = root, world, keep, run_info, ledger
+        self.describe = describe  # rank 0 writes the model's HF config and tokenizer into each checkpoint
         self.latest: str | None = None  # the newest checkpoint this run committed or resumed from
         if world.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -225,6 +227,8 @@ class CheckpointManager:
             self.ledger.flush(staging / tag)  # committed with the checkpoint, or not at all
         self.world.barrier()  # every rank's shard is on disk
         if self.world.is_main:
+            if self.describe is not None:
+                self.describe(staging / tag)
             fsync_tree(staging / tag)
             meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
                     "git_revision": git_revision(), "versions": library_versions(), **self.run_info,

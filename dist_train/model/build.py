@@ -7,7 +7,6 @@ later in train/engine.py, the one seam.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -169,16 +168,3 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 def _numel(p: torch.Tensor) -> int:
     # A parameter partitioned by ZeRO-3 is an empty placeholder that keeps its full size in ds_numel.
     return int(getattr(p, "ds_numel", p.numel()))
-
-
-def save_hf(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer: Any,
-            out_dir: str | Path) -> None:
-    """Write a plain HF directory (config, safetensors, tokenizer) from a consolidated state dict."""
-    import copy
-
-    # The live module may be a bf16 working copy; the weights written are the state dict's.
-    config = copy.deepcopy(model.config)
-    config.dtype = next(iter(state_dict.values())).dtype
-    model.save_pretrained(str(out_dir), state_dict=dict(state_dict), safe_serialization=True)
-    config.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))

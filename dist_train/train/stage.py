@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dist_train.checkpoint.export import export_hf
+from dist_train.checkpoint.export import describe_model, export_checkpoint
 from dist_train.checkpoint.manager import CheckpointManager, restore_rng, write_atomic
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
@@ -58,7 +58,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     out = Path(cfg.output_dir) / stage
     ledger = Ledger(world.rank, world.world_size, attempt=world.broadcast_object(time.time()))
     ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
-                             run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger)
+                             run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger,
+                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d))
     tag = ckpt.resume_tag()
     ds_config, load_dir = d.deepspeed, ckpt.root
     if tag is not None:
@@ -98,8 +99,10 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     log.close()
     t_export = time.time()
     export_dir = out / "export"
-    export_hf(engine, ckpt_root=ckpt.root, tag=ckpt.latest, zero_stage=section.deepspeed.zero_stage,
-              tokenizer=parts.tokenizer, out_dir=export_dir, world=world)
+    world.barrier()
+    if world.is_main:
+        export_checkpoint(ckpt.root / ckpt.latest, export_dir)
+    world.barrier()
     extra = parts.final(engine)
     tps = throughput.tokens_per_s
     result = {

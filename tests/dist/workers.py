@@ -56,7 +56,7 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     checkpoint must reproduce those 2 steps exactly. Then export and report."""
     import torch
 
-    from dist_train.checkpoint.export import export_hf
+    from dist_train.checkpoint.export import describe_model, export_checkpoint
     from dist_train.checkpoint.manager import CheckpointManager
 
     from dist_train.model.build import flops_per_token
@@ -64,7 +64,9 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
     world = init_process(rank, world_size, port)
     cfg, d, parts, engine, batches = build(cfg_dict, world)
     fpt_engine = flops_per_token(engine.module, 32)  # under ZeRO-3 the parameters are partitioned by now
-    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={"stage": "pretrain"})
+    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2,
+                             run_info={"stage": "pretrain", "config": cfg_dict},
+                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d))
     first = run_steps(engine, parts.loss_fn, batches, 3)
     tag = ckpt.save(engine, 3, {"train_state": {"step": 3}})
     rng_draw = torch.rand(3).tolist()  # what the RNG gives right after the save
@@ -77,11 +79,15 @@ def checkpoint_roundtrip(rank: int, world_size: int, port: int, cfg_dict: dict, 
 
     assert restore_rng(ckpt.root / tag, rank)
     rng_same = torch.rand(3).tolist() == rng_draw
+    engine2.train(False)
+    with torch.no_grad():  # what the engine computes at the checkpoint, for the export to match
+        logits = engine2.forward({"input_ids": torch.arange(1, 17).unsqueeze(0)}).logits.float()
+    engine2.train(True)
     resumed = run_steps(engine2, parts2.loss_fn, parts2.batches(client["train_state"]["step"]), 2)
     same = all(torch.equal(final_params[n], p.detach().float()) for n, p in engine2.module.named_parameters())
-    export_hf(engine2, ckpt_root=ckpt.root, tag=tag, zero_stage=d.deepspeed["zero_optimization"]["stage"],
-              tokenizer=parts2.tokenizer, out_dir=Path(cfg.output_dir) / "export", world=world)
     if world.is_main:
+        export_checkpoint(ckpt.root / tag, Path(cfg.output_dir) / "export")
+        torch.save(logits, Path(cfg.output_dir) / "engine_logits.pt")
         Path(out).write_text(json.dumps({"first": first, "after": after, "resumed": resumed, "same_params": same, "rng_same": rng_same, "fpt_engine": fpt_engine,
                                          "tag": tag, "client": client["train_state"]}))
     torch.distributed.destroy_process_group()

@@ -58,6 +58,19 @@ def test_exports_load_with_plain_transformers(quickstart):
     assert logits.shape == (1, 6)
 
 
+def test_export_command_reproduces_the_stage_export(quickstart, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _, _ = quickstart
+    res = run_cli("export", str(out / "pretrain"), "--output", str(tmp_path / "again"))
+    assert res.returncode == 0, res.stderr
+    a = load_file(tmp_path / "again" / "model.safetensors")
+    b = load_file(out / "pretrain" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    res = run_cli("export", str(tmp_path), "--output", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "not a committed checkpoint" in res.stderr
+
+
 def test_rerun_resumes_from_the_committed_checkpoint(quickstart):
     out, _, _ = quickstart
     cwd = out.parent

@@ -188,7 +188,7 @@ def _plan(man, args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError
     from dist_train.data.manifest import read_manifest
     from dist_train.data.mixture import Mixture, label, rank_step_ids
-    from dist_train.data.plan import PlanSpec, first_step_of_epoch, step_epoch
+    from dist_train.data.plan import first_step_of_epoch, step_epoch
 
     lanes = args.lanes or args.world_size
     if lanes % args.world_size or args.global_batch % lanes:
@@ -198,9 +198,9 @@ def _plan(man, args: argparse.Namespace) -> int:
     if any(not sep for _, sep, _ in mixed):
         raise ConfigError("--mix takes DIR:WEIGHT, e.g. --mix general/:0.1")
     mans = [man, *(read_manifest(src) for src, _, _ in mixed)]
-    specs = tuple(PlanSpec(tuple(s.samples for s in m.train), lanes, args.global_batch, args.seed + i,
-                           args.window_shards) for i, m in enumerate(mans))
-    mix = Mixture.weighted(specs, tuple(float(w) for _, _, w in mixed))
+    mix = Mixture.build(mans, lanes=lanes, global_batch=args.global_batch, seed=args.seed,
+                        window_shards=args.window_shards, mix_weights=tuple(float(w) for _, _, w in mixed))
+    specs = mix.sources
     mix.check(args.world_size)
     files = [[s.file for s in m.train] for m in mans]
     first = args.from_step + (first_step_of_epoch(specs[0], args.epoch) if args.epoch is not None else 0)
@@ -246,22 +246,20 @@ def _export(checkpoint: str, output: str) -> int:
 def _ledger_verify(output_dir: str, stage: str) -> int:
     from pathlib import Path
 
-    from dist_train.checkpoint.manager import META, latest_committed
+    from dist_train.checkpoint.manager import latest_meta
     from dist_train.data.ledger import verify
     from dist_train.data.manifest import DataError, read_manifest
     from dist_train.data.mixture import Mixture
-    from dist_train.data.plan import PlanSpec
 
     stage_dir = Path(output_dir) / stage
-    tag = latest_committed(stage_dir / "checkpoints")
-    if tag is None:
+    found = latest_meta(stage_dir / "checkpoints")
+    if found is None:
         raise DataError(f"{stage_dir} holds no committed checkpoint: nothing to verify (is it a run's output_dir?)")
-    plan = json.loads((stage_dir / "checkpoints" / tag / META).read_text())["plan"]
+    plan = found[1]["plan"]
     sources = [plan["shards"], *(m["shards"] for m in plan["mix"])]
     mans = [read_manifest(src, allow_pipe=True) for src in sources]  # the run itself was allowed to use them
-    mix = Mixture.weighted(tuple(PlanSpec(tuple(s.samples for s in man.train), plan["lanes"], plan["global_batch"],
-                                          plan["seed"] + i, plan["window_shards"]) for i, man in enumerate(mans)),
-                           tuple(m["weight"] for m in plan["mix"]))
+    mix = Mixture.build(mans, lanes=plan["lanes"], global_batch=plan["global_batch"], seed=plan["seed"],
+                        window_shards=plan["window_shards"], mix_weights=tuple(m["weight"] for m in plan["mix"]))
     v = verify(stage_dir, mix, [[s.file for s in man.train] for man in mans])
     print(f"{stage}: {v.steps} steps, {v.samples} samples, {v.complete_epochs} complete epochs, world sizes "
           f"{v.world_sizes}; duplicated {v.duplicated}, missing {v.missing}, off-plan steps {v.off_plan_steps}, "

@@ -104,6 +104,12 @@ def verify_files(ckpt_dir: Path) -> str | None:
     return None
 
 
+def latest_meta(root: Path) -> tuple[str, dict[str, Any]] | None:
+    """(tag, meta.json) of the checkpoint `latest` names in `root`, if it is committed."""
+    tag = latest_committed(root) if root.is_dir() else None
+    return None if tag is None else (tag, json.loads((root / tag / META).read_text()))
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -220,7 +226,6 @@ class CheckpointManager:
             shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a crashed save
             staging.mkdir(parents=True, exist_ok=True)
         self.world.barrier()
-        t0 = time.perf_counter()
         engine.save(str(staging), tag, client_state)
         save_rng(staging / tag, self.world.rank)
         if self.ledger is not None:
@@ -244,7 +249,6 @@ class CheckpointManager:
             gather(final, self.root.parent)
             self._retain(tag)
         self.world.barrier()
-        self.last_save_s = time.perf_counter() - t0
         self.latest = tag
         return tag
 

@@ -82,17 +82,12 @@ RESUME_IDENTITY = ("seed", "model", "{stage}.data.shards", "{stage}.data.seq_len
 def pin_resumed_lanes(cfg: RunConfig) -> RunConfig:
     """On resume, an unset pretrain.data.lanes takes the value the checkpoint was planned with
     (its default, the worker count, may have changed since): the plan must not change."""
-    import json
+    from dist_train.checkpoint.manager import latest_meta
 
-    from dist_train.checkpoint.manager import META, latest_committed
-
-    if cfg.pretrain is None:
+    found = latest_meta(Path(cfg.output_dir) / "pretrain" / "checkpoints") if cfg.pretrain is not None else None
+    if found is None:
         return cfg
-    root = Path(cfg.output_dir) / "pretrain" / "checkpoints"
-    tag = latest_committed(root) if root.is_dir() else None
-    if tag is None:
-        return cfg
-    meta = json.loads((root / tag / META).read_text())
+    tag, meta = found
     planned = meta.get("plan", {}).get("lanes")
     configured = cfg.pretrain.data.lanes
     if configured is not None and planned is not None and configured != planned:
@@ -118,14 +113,13 @@ def check_resume(cfg: RunConfig, stage: str) -> str | None:
     """
     import json
 
-    from dist_train.checkpoint.manager import META, latest_committed
+    from dist_train.checkpoint.manager import latest_meta
     from dist_train.config.loader import to_dict
 
-    root = Path(cfg.output_dir) / stage / "checkpoints"
-    tag = latest_committed(root) if root.is_dir() else None
-    if tag is None:
+    found = latest_meta(Path(cfg.output_dir) / stage / "checkpoints")
+    if found is None:
         return None
-    meta = json.loads((root / tag / META).read_text())
+    tag, meta = found
     old, new = meta.get("config", {}), to_dict(cfg)
     for key in (k.format(stage=stage) for k in RESUME_IDENTITY):
         if _lookup(old, key) != _lookup(new, key):

@@ -27,6 +27,14 @@ class Mixture:
         return Mixture((spec,), (Fraction(1),))
 
     @staticmethod
+    def build(mans: list, *, lanes: int, global_batch: int, seed: int, window_shards: int,
+              mix_weights: tuple[float, ...]) -> Mixture:
+        """The plan of a run over manifests (main corpus first): corpus i is shuffled with seed + i."""
+        specs = tuple(PlanSpec(tuple(s.samples for s in m.train), lanes, global_batch, seed + i, window_shards)
+                      for i, m in enumerate(mans))
+        return Mixture.weighted(specs, mix_weights)
+
+    @staticmethod
     def weighted(sources: tuple[PlanSpec, ...], mix_weights: tuple[float, ...]) -> Mixture:
         """The main corpus (sources[0]) gets 1 - sum(mix_weights)."""
         extra = tuple(Fraction(w).limit_denominator(10**6) for w in mix_weights)

@@ -96,7 +96,8 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     t0 = time.time()
     cfg = resolve(cfg)
     stages = stages_to_run(cfg, only_stage)
-    check_run(cfg, stages)  # raises before anything is written or started
+    if cfg.prepare is not None:  # fail before spending time on building the data
+        check_run(cfg, stages)
     prepare(cfg)
     cfg = resolve(cfg)  # paths into the prepared data exist now and become absolute
     for note in check_run(cfg, stages):

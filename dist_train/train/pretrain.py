@@ -13,7 +13,6 @@ from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
 from dist_train.data.manifest import DataError, Manifest, read_manifest
 from dist_train.data.mixture import Mixture, shard_name
-from dist_train.data.plan import PlanSpec
 from dist_train.data.stream import pretrain_batches, validation_batches
 from dist_train.model.build import build_lm, load_tokenizer
 from dist_train.train.loop import StepBatch
@@ -70,10 +69,9 @@ def read_sources(cfg: RunConfig) -> list[Manifest]:
 
 def plan_of(cfg: RunConfig, mans: list[Manifest], d: StageDerived) -> Mixture:
     """The data plan of this run: fixed by the manifests and a few config integers."""
-    specs = tuple(PlanSpec(sizes=tuple(s.samples for s in man.train), lanes=d.lanes, global_batch=d.global_batch_size,
-                           seed=cfg.seed + i, window_shards=cfg.pretrain.data.window_shards)
-                  for i, man in enumerate(mans))
-    return Mixture.weighted(specs, tuple(m.weight for m in cfg.pretrain.data.mix))
+    data = cfg.pretrain.data
+    return Mixture.build(mans, lanes=d.lanes, global_batch=d.global_batch_size, seed=cfg.seed,
+                         window_shards=data.window_shards, mix_weights=tuple(m.weight for m in data.mix))
 
 
 def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dist_train.config.derived import derive_stage, stage_section
 from dist_train.config.loader import ConfigError
-from dist_train.config.schema import RunConfig
+from dist_train.config.schema import DeepSpeedSection, RunConfig
 
 
 def _abs(path: str | None) -> str | None:
@@ -52,6 +52,10 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if cfg.prepare is not None:
         cfg = rep(cfg, prepare=rep(cfg.prepare, dir=_abs(cfg.prepare.dir),
                                    tokenizer=_abs_if_local(cfg.prepare.tokenizer)))
+    for stage in ("pretrain", "finetune"):
+        section = getattr(cfg, stage)
+        if section is not None and section.deepspeed.config_file:
+            cfg = rep(cfg, **{stage: rep(section, deepspeed=embed_deepspeed_file(section.deepspeed, stage))})
     if cfg.pretrain is not None:
         from dist_train.data.sources import is_url
 
@@ -68,6 +72,29 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
                                     data=rep(d, train=_abs(d.train), validation=_abs(d.validation),
                                              test=_abs(d.test))))
     return cfg
+
+
+def embed_deepspeed_file(ds: DeepSpeedSection, stage: str) -> DeepSpeedSection:
+    """The section with `config_file` made absolute and its JSON merged into `extra`, so workers
+    on other hosts receive its contents rather than a path they may not see."""
+    import json
+
+    path = Path(ds.config_file).expanduser().resolve()
+    key = f"{stage}.deepspeed.config_file"
+    if not path.is_file():
+        raise ConfigError(f"{key}={ds.config_file!r} not found: give the path of a DeepSpeed JSON file")
+    try:
+        user = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}={str(path)!r} is not valid JSON ({e}): fix the file") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{key}={str(path)!r} must hold a JSON object (a DeepSpeed config), "
+                          f"not {type(user).__name__}")
+    for k, v in ds.extra.items():  # the inline keys and the file must not disagree either
+        if k in user and user[k] != v:
+            raise ConfigError(f"{stage}.deepspeed.extra.{k}={json.dumps(v)} disagrees with {k}="
+                              f"{json.dumps(user[k])} in {path}: keep one of them")
+    return dataclasses.replace(ds, config_file=str(path), extra={**user, **ds.extra})
 
 
 # Keys a resumed run must share with the checkpoint it resumes: they decide the model's shape,

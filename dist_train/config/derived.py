@@ -7,6 +7,7 @@ Ray starts and every rank computes the same thing.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,8 @@ def derive_stage(cfg: RunConfig, stage: str, world_size: int | None = None) -> S
         micro_batch_size=train.micro_batch_size, grad_accum=grad_accum,
         samples_per_rank=train.global_batch_size // world, seq_len=seq_len,
         tokens_per_step=train.global_batch_size * seq_len, lanes=lanes,
-        deepspeed=deepspeed_json(section.deepspeed, section.optim, train, grad_accum, cfg.ray.use_gpu),
+        deepspeed=merge_user_json(deepspeed_json(section.deepspeed, section.optim, train, grad_accum,
+                                                 cfg.ray.use_gpu), section.deepspeed.extra, stage),
     )
 
 
@@ -124,6 +126,55 @@ def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopCon
     }
 
 
+# Where a rendered DeepSpeed key comes from in the typed config, to name both sides of a conflict.
+TYPED_SOURCE = {
+    "train_batch_size": "train.global_batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (micro_batch_size × workers)",
+    "gradient_clipping": "optim.grad_clip", "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "deepspeed.precision", "fp16.enabled": "deepspeed.precision",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_params", "optimizer.params.lr": "optim.lr",
+    "optimizer.params.weight_decay": "optim.weight_decay", "optimizer.params.eps": "optim.eps",
+    "optimizer.params.betas": "optim.beta1/beta2", "scheduler": "optim.schedule/warmup_steps",
+}
+
+
+def merge_user_json(rendered: dict[str, Any], user: dict[str, Any], stage: str, path: str = "") -> dict[str, Any]:
+    """`rendered` with the user's own DeepSpeed keys merged in.
+
+    A key that comes from a typed field (TYPED_SOURCE) must agree, or be "auto" (HF's convention
+    for "take it from the config"): anything else is a ConfigError naming both values, because the
+    typed config is what the rest of the run reads. Keys we only default (bucket sizes, loss-scale
+    window, overlap_comm...) are the user's to tune: their value wins.
+    """
+    out = dict(rendered)
+    for key, value in user.items():
+        dotted = f"{path}{key}"
+        ours = out.get(key)
+        typed = next((v for k, v in TYPED_SOURCE.items() if dotted == k or dotted.startswith(k + ".")), None)
+        if value == "auto" and key in out:
+            continue
+        if isinstance(value, dict) and isinstance(ours, dict):
+            out[key] = merge_user_json(ours, value, stage, dotted + ".")
+        elif typed is not None and key in out and value != ours and not _same_number(value, ours):
+            raise ConfigError(f"{stage}.deepspeed: your DeepSpeed JSON sets {dotted}={json.dumps(value)} but "
+                              f"the typed config gives {json.dumps(ours)} (from {stage}.{typed}): "
+                              f"set the typed key instead, or make the two agree")
+        elif typed is not None and key not in out:  # e.g. offload_optimizer, which we render only when on
+            raise ConfigError(f"{stage}.deepspeed: your DeepSpeed JSON sets {dotted}={json.dumps(value)}, which "
+                              f"the typed config leaves off ({stage}.{typed}): set the typed key instead")
+        else:
+            out[key] = value
+    return out
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    nums = (int, float)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(x == y or _same_number(x, y) for x, y in zip(a, b, strict=True))
+    return isinstance(a, nums) and isinstance(b, nums) and not isinstance(a, bool) and float(a) == float(b)
+
+
 def _scheduler(optim: OptimConfig, max_steps: int) -> dict[str, Any]:
     warmup = min(optim.warmup_steps, max_steps)
     if optim.schedule == "cosine":
@@ -150,4 +201,4 @@ def describe(cfg: RunConfig, stages: list[str]) -> str:
     return "\n".join(derive_stage(cfg, s).summary() for s in stages)
 
 
-__all__ = ["StageDerived", "deepspeed_json", "derive_stage", "describe", "stage_section"]
+__all__ = ["StageDerived", "deepspeed_json", "derive_stage", "describe", "merge_user_json", "stage_section"]

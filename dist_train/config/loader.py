@@ -146,6 +146,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} = {_show(value)} must be a list")
         return tuple(_coerce(inner, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin is dict:  # free-form JSON-like mapping (e.g. DeepSpeed keys we do not type)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path} = {_show(value)} must be a mapping of keys")
+        return value
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

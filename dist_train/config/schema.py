@@ -64,6 +64,11 @@ class DeepSpeedSection:
     precision: Literal["bf16", "fp16", "fp32"] = doc("Mixed-precision mode.", "bf16")
     offload_optimizer: bool = doc("Keep optimizer states in CPU memory (ZeRO >= 1).", False)
     offload_params: bool = doc("Keep parameters in CPU memory (ZeRO-3 only).", False)
+    config_file: str | None = doc("A DeepSpeed JSON of your own, merged into the rendered config: its keys "
+                                  "add to ours, a key we also set must agree (or be \"auto\").", None)
+    extra: dict[str, Any] = doc("Further DeepSpeed config keys written inline (as in its JSON), merged like "
+                                "config_file, e.g. {zero_optimization: {stage3_max_live_parameters: 1e8}}.",
+                                factory=dict)
 
 
 @dataclass(frozen=True)

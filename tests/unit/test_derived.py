@@ -53,3 +53,55 @@ def test_lanes_must_divide_by_workers():
 def test_missing_stage():
     with pytest.raises(ConfigError, match="stage 'pretrain' is not configured"):
         derive_stage(cfg("pretrain=null"), "pretrain")
+
+
+def test_users_deepspeed_json_adds_keys_and_auto_takes_the_typed_value(tmp_path):
+    import json
+
+    from dist_train.config.checks import resolve_paths
+
+    user = {"zero_optimization": {"stage": "auto", "reduce_bucket_size": 1000, "stage3_max_live_parameters": 5},
+            "bf16": {"enabled": True}, "train_batch_size": "auto", "fp16": {"loss_scale_window": 50}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    c = resolve_paths(cfg(f"pretrain.deepspeed.config_file={path}",
+                          "pretrain.deepspeed.extra={wall_clock_breakdown: true}"))
+    ds = derive_stage(c, "pretrain").deepspeed
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 16
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000  # ours was a default: the user's wins
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 5 and ds["wall_clock_breakdown"] is True
+    assert ds["fp16"]["loss_scale_window"] == 50 and ds["fp16"]["initial_scale_power"] == 16
+    assert c.pretrain.deepspeed.config_file == str(path)  # recorded, and its contents travel to the workers
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"zero_optimization": {"stage": 3}}, r"sets zero_optimization.stage=3 but the typed config gives 2 "
+                                          r"\(from pretrain.deepspeed.zero_stage\)"),
+    ({"train_batch_size": 64}, r"train_batch_size=64 but the typed config gives 16 \(from pretrain.train.global"),
+    ({"optimizer": {"params": {"lr": 0.1}}}, r"optimizer.params.lr=0.1 but the typed config gives 0.002"),
+    ({"fp16": {"enabled": True}}, r"fp16.enabled=true but the typed config gives false \(from pretrain.deepspeed.prec"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+     r"offload_optimizer=.* which the typed config leaves off \(pretrain.deepspeed.offload_optimizer\)"),
+])
+def test_a_conflict_with_the_typed_config_names_both_values(tmp_path, user, message):
+    import json
+
+    from dist_train.config.checks import resolve_paths
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError, match=message):
+        derive_stage(resolve_paths(cfg(f"pretrain.deepspeed.config_file={path}")), "pretrain")
+
+
+def test_a_missing_or_broken_deepspeed_file_is_named(tmp_path):
+    from dist_train.config.checks import resolve_paths
+
+    with pytest.raises(ConfigError, match=r"pretrain.deepspeed.config_file='nope.json' not found"):
+        resolve_paths(cfg("pretrain.deepspeed.config_file=nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 3")
+    with pytest.raises(ConfigError, match=r"is not valid JSON .*: fix the file"):
+        resolve_paths(cfg(f"finetune.deepspeed.config_file={bad}"))
+    with pytest.raises(ConfigError, match=r"extra = 3 \(int\) must be a mapping"):
+        cfg("pretrain.deepspeed.extra=3")

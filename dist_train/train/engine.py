@@ -7,6 +7,8 @@ model + optimizer + scheduler + client state.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,6 +76,27 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
         return client_state or {}
+
+
+@contextmanager
+def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Build the model inside this. Under ZeRO-3 it turns on DeepSpeed's partitioned init
+    (`zero.Init`, through transformers' DeepSpeed glue): each parameter is split over the ranks as
+    it is created and pretrained weights are loaded into the shards, so no rank ever holds the
+    whole model, and a model larger than one worker's memory can be built. Other stages: no-op."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed()  # adopts the process group Ray Train (or a test) has set up
+    hf_ds = HfDeepSpeedConfig(ds_config)  # registered by weak reference: keep it alive while building
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float) -> Engine:

@@ -19,6 +19,7 @@ from dist_train.data.tasks import (
     step_indices,
 )
 from dist_train.model.build import build_classifier, load_tokenizer
+from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
 from dist_train.train.loss import loss_for
 from dist_train.train.stage import StageParts
@@ -43,9 +44,10 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     labels = label_set(train)
     label_id = {lab: i for i, lab in enumerate(labels)}
     majority = majority_label(train)
-    model = build_classifier(init_from=init_from, labels=labels, pad_token_id=tokenizer.pad_token_id,
-                             seed=cfg.seed, gradient_checkpointing=sec.train.gradient_checkpointing,
-                             dropout=cfg.model.dropout)
+    with model_construction(d.deepspeed):
+        model = build_classifier(init_from=init_from, labels=labels, pad_token_id=tokenizer.pad_token_id,
+                                 seed=cfg.seed, gradient_checkpointing=sec.train.gradient_checkpointing,
+                                 dropout=cfg.model.dropout)
 
     def encode(examples: list[Example]) -> dict[str, torch.Tensor]:
         enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=data.max_length,

@@ -15,6 +15,7 @@ from dist_train.data.manifest import DataError, Manifest, read_manifest
 from dist_train.data.mixture import Mixture, shard_name
 from dist_train.data.stream import pretrain_batches, validation_batches
 from dist_train.model.build import build_lm, load_tokenizer
+from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
 from dist_train.train.loss import loss_for
 from dist_train.train.masking import mask_batch, word_starts_table
@@ -79,10 +80,11 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     mans = read_sources(cfg)
     man = mans[0]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    model = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
-                     vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                     eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
-                     gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout)
+    with model_construction(d.deepspeed):
+        model = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
+                         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
+                         gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout)
     to_batch = make_micro(cfg, tokenizer)
     loss_fn = loss_for(sec.objective)
     first_row = world.rank * d.samples_per_rank  # this rank's offset in the global batch

@@ -115,3 +115,21 @@ def test_one_process_and_two_ranks_train_the_same(tmp_path, encoder_shards, mini
     assert l1 == pytest.approx(l2, rel=1e-5)
     for name in p1:
         torch.testing.assert_close(p1[name], p2[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_zero3_builds_the_model_partitioned(tmp_path, shards_dir, tokenizer_dir, encoder_shards, minilm_dir,
+                                            pretrained):
+    """Under ZeRO-3 no rank ever holds the whole model: parameters are split as they are created
+    (random init) or loaded (pretrained MiniLM), before DeepSpeed wraps the model."""
+    extra = [f"model.name_or_path={minilm_dir}", "model.arch=null", "pretrain.objective=mlm"] if pretrained else []
+    cfg = tiny_config(tmp_path, encoder_shards if pretrained else shards_dir,
+                      minilm_dir if pretrained else tokenizer_dir, "pretrain.deepspeed.zero_stage=3", *extra)
+    out = tmp_path / "r.json"
+    mp.spawn(workers.partitioned_build, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["all_partitioned"]
+    assert res["held"] <= res["full"] / 2 + 2 * 64, "each of 2 ranks holds half the parameters (plus padding)"
+    assert res["loss"] == res["loss"] and res["loss"] < 20
+    if pretrained:
+        assert res["pretrained_equal"]

@@ -188,3 +188,38 @@ def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
                    Path(out).with_suffix(".pt"))
         Path(out).write_text(json.dumps({"losses": losses}))
     torch.distributed.destroy_process_group()
+
+
+def partitioned_build(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Build the stage's model under ZeRO-3 and report what this rank holds before DeepSpeed
+    wraps it; then check one gathered weight against the pretrained file and train one step."""
+    import deepspeed
+    import torch
+    from safetensors.torch import load_file
+
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import from_dict
+    from dist_train.train.engine import build_engine
+    from dist_train.train.pretrain import build_pretrain
+
+    world = init_process(rank, world_size, port)
+    cfg = from_dict(cfg_dict)
+    d = derive_stage(cfg, "pretrain", world.world_size)
+    parts = build_pretrain(cfg, d, world)
+    params = list(parts.model.named_parameters())
+    held = sum(p.ds_tensor.numel() for _, p in params if hasattr(p, "ds_tensor"))
+    report = {"all_partitioned": all(hasattr(p, "ds_tensor") and p.numel() == 0 for _, p in params),
+              "held": held, "full": sum(p.ds_numel for _, p in params)}
+    if cfg.model.name_or_path:  # pretrained weights went into the shards intact
+        ref = load_file(f"{cfg.model.name_or_path}/model.safetensors")
+        name, p = next((n, p) for n, p in params if n.endswith("encoder.layer.0.attention.self.query.weight"))
+        with deepspeed.zero.GatheredParameters([p]):
+            key = next(k for k in ref if k.endswith("encoder.layer.0.attention.self.query.weight"))
+            # partitioned init already holds parameters in the training precision (bf16), as
+            # DeepSpeed's ZeRO-1/2 engines do once initialised
+            report["pretrained_equal"] = bool(torch.equal(p.detach(), ref[key].to(p.dtype)))
+    engine = build_engine(parts.model, d.deepspeed, cfg.pretrain.optim.weight_decay)
+    report["loss"] = run_steps(engine, parts.loss_fn, parts.batches(0), 1, world)[0]
+    if world.is_main:
+        Path(out).write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()

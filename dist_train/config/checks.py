@@ -164,6 +164,16 @@ def _pending(cfg: RunConfig, path: str) -> bool:
     return Path(path).resolve().is_relative_to(root) and not (root / "READY.json").is_file()
 
 
+def cpu_has_fp16() -> bool:
+    """Whether DeepSpeed's CPU accelerator accepts fp16 here (oneDNN fp16: AVX512-FP16 or AMX-FP16)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # an older torch without the probe: DeepSpeed would refuse too
+        return False
+
+
 def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     """Raise ConfigError/DataError/ModelError for anything that would fail later; return notes."""
     from dist_train.data.manifest import read_manifest
@@ -183,6 +193,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     for stage in stages:
         stage_section(cfg, stage)
         derive_stage(cfg, stage)
+        if getattr(cfg, stage).deepspeed.precision == "fp16" and not cfg.ray.use_gpu and not cpu_has_fp16():
+            raise ConfigError(f"{stage}.deepspeed.precision=fp16 needs native fp16 kernels, which this CPU lacks "
+                              "(DeepSpeed refuses it): use bf16, or fp16 with ray.use_gpu=true")
         if (tag := check_resume(cfg, stage)) is not None:
             notes.append(f"{stage} will resume from {tag}")
 

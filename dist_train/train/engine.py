@@ -62,6 +62,13 @@ class Engine:
     def skipped_steps(self) -> int:
         return int(getattr(self.ds, "skipped_steps", 0))
 
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16's dynamic loss scale (halved on each overflow, which skips that step); None otherwise."""
+        if not self.ds.fp16_enabled():
+            return None
+        return float(getattr(self.ds.optimizer, "loss_scale", float("nan")))
+
     def save(self, save_dir: str, tag: str, client_state: dict[str, Any]) -> None:
         """Write this rank's part of a checkpoint into save_dir/tag (a collective: all ranks call it)."""
         # The empty universal_checkpoint_info lets ds_to_universal convert the checkpoint for a

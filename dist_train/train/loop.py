@@ -106,6 +106,8 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                    "mfu": flops_per_token * tps / (peak_flops * world.world_size),
                    "mem_mb": max_rss_mb(), "data_wait_frac": wait_s / step_s,
                    "skipped_steps": engine.skipped_steps, "replaced_samples": state.replaced_samples}
+            if engine.loss_scale is not None:
+                row["loss_scale"] = engine.loss_scale
             if do_eval:
                 state.last_eval = evaluate()
                 engine.train()

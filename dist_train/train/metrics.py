@@ -86,6 +86,7 @@ class MetricsLog:
         self.stage, self.max_steps, self.console = stage, max_steps, console
         self.file = open(path, "a") if path is not None else None
         self.start = time.time()
+        self.skipped = 0
 
     def log(self, row: dict[str, Any]) -> None:
         if self.file is None:
@@ -97,6 +98,10 @@ class MetricsLog:
             done = row["step"] / self.max_steps
             eta = elapsed / done * (1 - done) if done > 0 else 0.0
             extra = "".join(f" {k}={v:.4g}" for k, v in row.items() if k.startswith("eval_"))
+            if row.get("skipped_steps", 0) > self.skipped:  # fp16 overflow: say so, once per log line
+                extra += (f" overflow: {row['skipped_steps'] - self.skipped} step(s) skipped, "
+                          f"loss_scale={row.get('loss_scale', float('nan')):.0f}")
+                self.skipped = row["skipped_steps"]
             print(f"[{self.stage}] step {row['step']}/{self.max_steps} loss={row['loss']:.4f} "
                   f"lr={row['lr']:.2e} tok/s={row['tokens_per_s']:.0f} mfu={row['mfu']:.1%} "
                   f"eta={eta:.0f}s{extra}", file=self.console, flush=True)

@@ -112,6 +112,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         "tokens": state.tokens, "tokens_per_s": tps, "mfu": fpt * tps / (peak * world.world_size),
         "flops_per_token": fpt, "peak_flops_per_worker": peak, "peak_source": peak_source,
         "final_train_loss": state.last_loss, "replaced_samples": state.replaced_samples, "eval": state.last_eval,
+        "skipped_steps": engine.skipped_steps,
         "export_dir": str(export_dir),
         "resumed_from": resumed_from, "data_wait_frac": batches.wait_s / max(time.time() - t_loop, 1e-9),
         **extra,

@@ -26,10 +26,12 @@ def tiny_config(tmp_path, shards_dir, tokenizer_dir, *overrides):
     return to_dict(load_config("configs/quickstart.yaml", base + list(overrides)))
 
 
-@pytest.mark.parametrize("zero, precision", [(2, "bf16"), (1, "fp32"), (3, "bf16")])
-def test_checkpoint_resume_is_exact_and_export_loads(tmp_path, shards_dir, tokenizer_dir, zero, precision):
+@pytest.mark.parametrize("zero, precision, offload", [(2, "bf16", False), (1, "fp32", False), (3, "bf16", False),
+                                                     (2, "bf16", True), (3, "fp32", True)])
+def test_checkpoint_resume_is_exact_and_export_loads(tmp_path, shards_dir, tokenizer_dir, zero, precision, offload):
     cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir, f"pretrain.deepspeed.zero_stage={zero}",
-                      f"pretrain.deepspeed.precision={precision}")
+                      f"pretrain.deepspeed.precision={precision}", f"pretrain.deepspeed.offload_optimizer={offload}",
+                      f"pretrain.deepspeed.offload_params={offload and zero == 3}")
     out = tmp_path / "result.json"
     mp.spawn(workers.checkpoint_roundtrip, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
     res = json.loads(out.read_text())
@@ -133,3 +135,31 @@ def test_zero3_builds_the_model_partitioned(tmp_path, shards_dir, tokenizer_dir,
     assert res["loss"] == res["loss"] and res["loss"] < 20
     if pretrained:
         assert res["pretrained_equal"]
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, shards_dir, tokenizer_dir):
+    """fp16 with dynamic loss scaling, started at a scale too high for its gradients (2^30) through deepspeed.extra:
+    the first steps overflow, are skipped and counted, the scale halves each time, and training
+    then proceeds with finite losses."""
+    cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp16",
+                      "pretrain.deepspeed.extra={fp16: {initial_scale_power: 30, hysteresis: 1}}")
+    out = tmp_path / "fp16.json"
+    mp.spawn(workers.fp16_loop, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert rows[0]["skipped_steps"] >= 1 and rows[0]["loss_scale"] < 2.0**30
+    assert [r["skipped_steps"] for r in rows] == sorted(r["skipped_steps"] for r in rows)
+    assert rows[-1]["skipped_steps"] < len(rows), "training must get past the overflows"
+    assert all(r["loss"] == r["loss"] for r in rows)
+    # hysteresis 1: each overflow halves the scale; it grows again only after 1000 clean steps
+    assert rows[-1]["loss_scale"] == 2.0 ** (30 - rows[-1]["skipped_steps"])
+
+
+def test_fp16_on_a_cpu_without_fp16_is_refused_before_ray(tmp_path):
+    from dist_train.config.checks import check_run, cpu_has_fp16, resolve
+    from dist_train.config.loader import ConfigError
+
+    if cpu_has_fp16():
+        pytest.skip("this CPU has native fp16")
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "pretrain.deepspeed.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"precision=fp16 needs native fp16 kernels, which this CPU lacks"):
+        check_run(resolve(cfg), ["pretrain"])

@@ -164,7 +164,7 @@ def corrupt_fallback(rank: int, world_size: int, port: int, cfg_dict: dict, out:
     torch.distributed.destroy_process_group()
 
 
-def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: str, steps: int = 4):
     """Run the real training loop for a few steps; rank 0 writes per-step losses and the weights."""
     import torch
 
@@ -176,8 +176,8 @@ def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
     world = init_process(rank, world_size, port)
     cfg, d, parts, engine, batches = build(cfg_dict, world)
     metrics = Path(out).with_suffix(".jsonl")
-    log = MetricsLog(metrics if world.is_main else None, "pretrain", 4, None)
-    train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=TrainState(), cadence=Cadence(4, 1, 0, 0),
+    log = MetricsLog(metrics if world.is_main else None, "pretrain", steps, None)
+    train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=TrainState(), cadence=Cadence(steps, 1, 0, 0),
                evaluate=lambda: {}, save=lambda step: None, log=log, ledger=Ledger(rank, world_size, 0.0),
                world=world, flops_per_token=flops_per_token(parts.model, 32), peak_flops=1e12,
                throughput=Throughput())
@@ -223,3 +223,13 @@ def partitioned_build(rank: int, world_size: int, port: int, cfg_dict: dict, out
     if world.is_main:
         Path(out).write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
+
+
+def fp16_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """train_with_loop in fp16. This CPU has no native fp16 kernels, so DeepSpeed's CPU accelerator
+    refuses fp16; torch emulates fp16 on CPU correctly (slowly), so the test lets DeepSpeed use it
+    and exercises its real dynamic loss scaler."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().is_fp16_supported = lambda: True
+    train_with_loop(rank, world_size, port, cfg_dict, out, steps=20)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-BENCHES = {"data": "bench.data"}
+BENCHES = {"data": "bench.data", "memory": "bench.memory"}
 
 
 def machine() -> dict:

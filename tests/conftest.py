@@ -74,3 +74,23 @@ def minilm_dir() -> Path:
 def encoder_shards(tmp_path_factory, corpus_jsonl, minilm_dir) -> Path:
     """Shards tokenized for an encoder: samples start with [CLS], documents end with [SEP]."""
     return small_shards(tmp_path_factory.mktemp("enc") / "shards", corpus_jsonl, minilm_dir)
+
+
+def read_tensorboard(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TensorBoard event files in `directory`: tag -> [(step, value)]. Reads the
+    TFRecord framing (length, crc, payload, crc) with tensorboardX's Event protobuf."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars

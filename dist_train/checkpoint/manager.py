@@ -26,6 +26,7 @@ from dist_train.world import World
 META = "meta.json"
 RNG_DIR = "rng"  # one rng/rank_NNNNN.npy per rank: DeepSpeed keeps client state of rank 0 only
 LATEST = "latest"
+BEST = "best"  # the committed checkpoint with the best evaluation metric
 STAGING = ".staging"
 UNIVERSAL = ".universal"  # checkpoints converted for another worker count
 
@@ -156,12 +157,37 @@ def restore_rng(ckpt_dir: Path, rank: int) -> bool:
     return True
 
 
+def rank_checkpoints(metas: dict[str, dict[str, Any]], keep: int, metric: str | None,
+                     higher: bool) -> tuple[set[str], str | None]:
+    """Which committed checkpoints to keep: the `keep` newest plus the best by `metric` among those
+    evaluated at their own step. Returns (kept tags, best tag or None). Pure, for retention."""
+    tags = sorted(metas)
+    best = None
+    if metric is not None:
+        scored = [(metas[t]["eval"][metric], t) for t in tags
+                  if metric in (metas[t].get("eval") or {}) and metas[t]["eval"][metric] == metas[t]["eval"][metric]]
+        if scored:  # ties go to the earlier checkpoint: it reached the value first
+            best = (max(scored, key=lambda x: (x[0], -tags.index(x[1]))) if higher
+                    else min(scored, key=lambda x: (x[0], tags.index(x[1]))))[1]
+    kept = set(tags[-keep:]) | ({best} if best else set())
+    return kept, best
+
+
+def best_committed(root: Path) -> str | None:
+    """The tag `best` names, if it points at a committed checkpoint."""
+    pointer = root / BEST
+    tag = pointer.read_text().strip() if pointer.is_file() else ""
+    return tag if tag and (root / tag / META).is_file() else None
+
+
 class CheckpointManager:
     """Saves and finds committed checkpoints of one stage. Every rank calls `save`."""
 
     def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any],
-                 ledger: Ledger | None = None, describe: Callable[[Path], None] | None = None) -> None:
+                 ledger: Ledger | None = None, describe: Callable[[Path], None] | None = None,
+                 best_metric: str | None = None, higher_is_better: bool = False) -> None:
         self.root, self.world, self.keep, self.run_info, self.ledger = root, world, keep, run_info, ledger
+        self.best_metric, self.higher = best_metric, higher_is_better
         self.describe = describe  # rank 0 writes the model's HF config and tokenizer into each checkpoint
         self.latest: str | None = None  # the newest checkpoint this run committed or resumed from
         if world.is_main:
@@ -218,8 +244,10 @@ class CheckpointManager:
         self.world.barrier()
         return out, True
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
-        """Write, verify and commit a checkpoint for `step`; returns its tag once committed."""
+    def save(self, engine: Any, step: int, client_state: dict[str, Any],
+             evaluation: dict[str, float] | None = None) -> str:
+        """Write, verify and commit a checkpoint for `step`; returns its tag once committed.
+        `evaluation`: the metrics of an evaluation at this very step (ranks it for `best`)."""
         tag = tag_for(step)
         staging = self.root / STAGING
         if self.world.is_main:
@@ -237,6 +265,7 @@ class CheckpointManager:
             fsync_tree(staging / tag)
             meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
                     "git_revision": git_revision(), "versions": library_versions(), **self.run_info,
+                    "eval": evaluation or {},
                     "files": checksums(staging / tag)}
             (staging / tag / META).write_text(json.dumps(meta, indent=1))
             fsync_tree(staging / tag)
@@ -253,10 +282,12 @@ class CheckpointManager:
         return tag
 
     def _retain(self, newest: str) -> None:
-        tags = sorted(p.name for p in self.root.glob("step_*") if (p / META).is_file())
-        for old in tags[: -self.keep]:
-            if old != newest:
-                shutil.rmtree(self.root / old, ignore_errors=True)
+        metas = {t: self.meta(t) for t in committed_tags(self.root)}
+        kept, best = rank_checkpoints(metas, self.keep, self.best_metric, self.higher)
+        if best is not None:  # point at the survivor before anything is deleted
+            write_atomic(self.root / BEST, best + "\n")
+        for old in sorted(set(metas) - kept - {newest}):
+            shutil.rmtree(self.root / old, ignore_errors=True)
         for converted in (self.root / UNIVERSAL).glob("step_*"):
             if not (self.root / converted.name).is_dir():
                 shutil.rmtree(converted, ignore_errors=True)

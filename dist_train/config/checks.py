@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dist_train.config.derived import derive_stage, stage_section
 from dist_train.config.loader import ConfigError
-from dist_train.config.schema import DeepSpeedSection, RunConfig
+from dist_train.config.schema import EVAL_METRICS, DeepSpeedSection, RunConfig
 
 
 def _abs(path: str | None) -> str | None:
@@ -164,6 +164,20 @@ def _pending(cfg: RunConfig, path: str) -> bool:
     return Path(path).resolve().is_relative_to(root) and not (root / "READY.json").is_file()
 
 
+def _check_best_metric(cfg: RunConfig, stage: str) -> list[str]:
+    train = getattr(cfg, stage).train
+    metric = train.best_metric
+    if metric is None:
+        return []
+    if metric not in EVAL_METRICS[stage]:
+        raise ConfigError(f"{stage}.train.best_metric={metric!r} is not a metric the {stage} evaluation reports: "
+                          f"use one of {list(EVAL_METRICS[stage])}, or null")
+    if train.save_every and train.eval_every and train.save_every % train.eval_every:
+        return [f"{stage}: checkpoints at steps without an evaluation cannot be ranked by {metric}: make "
+                f"train.save_every ({train.save_every}) a multiple of train.eval_every ({train.eval_every})"]
+    return []
+
+
 def cpu_has_fp16() -> bool:
     """Whether DeepSpeed's CPU accelerator accepts fp16 here (oneDNN fp16: AVX512-FP16 or AMX-FP16)."""
     import torch
@@ -196,6 +210,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         if getattr(cfg, stage).deepspeed.precision == "fp16" and not cfg.ray.use_gpu and not cpu_has_fp16():
             raise ConfigError(f"{stage}.deepspeed.precision=fp16 needs native fp16 kernels, which this CPU lacks "
                               "(DeepSpeed refuses it): use bf16, or fp16 with ray.use_gpu=true")
+        notes += _check_best_metric(cfg, stage)
         if (tag := check_resume(cfg, stage)) is not None:
             notes.append(f"{stage} will resume from {tag}")
 

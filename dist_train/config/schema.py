@@ -96,7 +96,14 @@ class TrainLoopConfig:
     eval_every: int = doc("Steps between evaluations; 0 evaluates only at the end.", 50, ge=0)
     eval_batches: int = doc("Micro batches per worker per evaluation (pretrain); 0 = all.", 8, ge=0)
     save_every: int = doc("Steps between checkpoints; 0 saves only at the end.", 50, ge=0)
-    keep_checkpoints: int = doc("Committed checkpoints kept (the newest).", 2, ge=1)
+    keep_checkpoints: int = doc("Newest committed checkpoints kept (the best one by best_metric is kept too).",
+                                2, ge=1)
+    best_metric: str | None = doc("Evaluation metric that ranks checkpoints: the best is kept beside the newest "
+                                  "and named by checkpoints/best. pretrain: loss or perplexity; finetune: "
+                                  "accuracy or loss. null ranks none.", "loss")
+    best_mode: Literal["auto", "min", "max"] = doc("Whether a smaller (min) or larger (max) best_metric is "
+                                                   "better; auto: max for accuracy-like metrics, else min.",
+                                                   "auto")
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,7 @@ class FinetuneConfig:
     optim: OptimConfig = doc("Optimizer and schedule.",
                              factory=lambda: OptimConfig(lr=5.0e-5, weight_decay=0.01, warmup_steps=5))
     train: TrainLoopConfig = doc("Steps, batch and cadence.",
-                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True))
+                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True, best_metric="accuracy"))
 
 
 @dataclass(frozen=True)
@@ -186,3 +193,11 @@ class RunConfig:
 
 
 STAGES = ("pretrain", "finetune")
+# What each stage's evaluation reports, i.e. what train.best_metric may name.
+EVAL_METRICS = {"pretrain": ("loss", "perplexity"), "finetune": ("accuracy", "loss")}
+HIGHER_IS_BETTER = ("accuracy", "f1", "macro_f1", "precision", "recall", "pearson")
+
+
+def higher_is_better(metric: str, mode: str = "auto") -> bool:
+    """The direction of a best_metric: explicit mode, else by name (accuracy-like metrics grow)."""
+    return mode == "max" or (mode == "auto" and metric in HIGHER_IS_BETTER)

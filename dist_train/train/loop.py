@@ -42,15 +42,17 @@ class TrainState:
     replaced_samples: int = 0
     last_loss: float = float("nan")
     last_eval: dict[str, float] = field(default_factory=dict)
+    eval_step: int = -1  # the step last_eval was measured at
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
-                "last_loss": self.last_loss, "last_eval": dict(self.last_eval)}
+                "last_loss": self.last_loss, "last_eval": dict(self.last_eval), "eval_step": self.eval_step}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens, self.last_loss = int(d["step"]), int(d["tokens"]), float(d["last_loss"])
         self.replaced_samples = int(d.get("replaced_samples", 0))
         self.last_eval = dict(d.get("last_eval", {}))
+        self.eval_step = int(d.get("eval_step", -1))
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
             if engine.loss_scale is not None:
                 row["loss_scale"] = engine.loss_scale
             if do_eval:
-                state.last_eval = evaluate()
+                state.last_eval, state.eval_step = evaluate(), state.step
                 engine.train()
                 row.update({f"eval_{k}": v for k, v in state.last_eval.items()})
             log.log(row)

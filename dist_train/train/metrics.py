@@ -1,4 +1,4 @@
-"""Throughput, MFU and the metrics log (metrics.jsonl plus one console line per log step).
+"""Throughput, MFU, goodput and the metrics log (metrics.jsonl, TensorBoard, one console line per log step).
 
 MFU = FLOPs/token (PaLM: 6·N + 12·L·H·Q·T) × tokens/s ÷ (peak FLOP/s per worker × workers).
 The peak is a table value on known GPUs, and measured on CPU (a bf16 or fp32 matmul with the
@@ -79,12 +79,55 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class MetricsLog:
-    """Rank 0's metrics.jsonl writer and console printer; other ranks get a silent one."""
+class RunClock:
+    """Wall time of every attempt at a stage, restarts included: the denominator of goodput.
 
-    def __init__(self, path: Path | None, stage: str, max_steps: int, console: TextIO | None) -> None:
-        self.stage, self.max_steps, self.console = stage, max_steps, console
+    Each attempt appends {start, end} to a small JSON file and moves its `end` at every log step,
+    so an attempt that dies counts up to its last log line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.attempts: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
+        now = time.time()
+        self.attempts.append({"start": now, "end": now})
+        self.tick()
+
+    def tick(self) -> None:
+        self.attempts[-1]["end"] = time.time()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.attempts))
+        tmp.replace(self.path)
+
+    @property
+    def wall_s(self) -> float:
+        return sum(a["end"] - a["start"] for a in self.attempts)
+
+
+def goodput(tokens: int, steady_tokens_per_s: float, clock: RunClock) -> dict[str, float]:
+    """Useful tokens per second of wall time over all attempts, and the share of that wall time
+    that steady-state training would have needed (1.0 = no time lost to startup, restarts, evals,
+    checkpoints or redone steps)."""
+    wall = max(clock.wall_s, 1e-9)
+    ideal = tokens / steady_tokens_per_s if steady_tokens_per_s > 0 else 0.0
+    return {"goodput_tokens_per_s": tokens / wall, "goodput": min(ideal / wall, 1.0), "wall_s_all_attempts": wall,
+            "attempts": len(clock.attempts)}
+
+
+class MetricsLog:
+    """Rank 0's metrics writer: metrics.jsonl, TensorBoard events and the console line. Other
+    ranks get a silent one (path None)."""
+
+    def __init__(self, path: Path | None, stage: str, max_steps: int, console: TextIO | None,
+                 tensorboard: Path | None = None, clock: RunClock | None = None) -> None:
+        self.stage, self.max_steps, self.console, self.clock = stage, max_steps, console, clock
         self.file = open(path, "a") if path is not None else None
+        self.tb = None
+        if path is not None and tensorboard is not None:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard), flush_secs=10)
         self.start = time.time()
         self.skipped = 0
 
@@ -93,6 +136,13 @@ class MetricsLog:
             return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        if self.clock is not None:
+            self.clock.tick()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.tb.add_scalar(f"{self.stage}/{name}", value, row["step"])
         if self.console is not None:
             elapsed = time.time() - self.start
             done = row["step"] / self.max_steps
@@ -109,3 +159,5 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()

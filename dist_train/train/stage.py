@@ -20,17 +20,18 @@ from dist_train.checkpoint.export import describe_model, export_checkpoint
 from dist_train.checkpoint.manager import CheckpointManager, restore_rng, write_atomic
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
-from dist_train.config.schema import RunConfig
+from dist_train.config.schema import RunConfig, higher_is_better
 from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.model.build import flops_per_token
 from dist_train.train.engine import build_engine
 from dist_train.train.loop import Cadence, StepBatch, TrainState, train_loop
 from dist_train.train.loss import LossFn
-from dist_train.train.metrics import MetricsLog, Throughput, device_peak_flops
+from dist_train.train.metrics import MetricsLog, RunClock, Throughput, device_peak_flops, goodput
 from dist_train.world import World
 
 RESULT = "result.json"
+ATTEMPTS = "attempts.json"  # wall time of each attempt at the stage, for goodput
 
 
 @dataclass
@@ -56,10 +57,14 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     t_start = time.time()
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
+    clock = RunClock(out / ATTEMPTS) if world.is_main else None  # counts setup too
     ledger = Ledger(world.rank, world.world_size, attempt=world.broadcast_object(time.time()))
     ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
                              run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger,
-                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d))
+                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d),
+                             best_metric=section.train.best_metric,
+                             higher_is_better=higher_is_better(section.train.best_metric or "",
+                                                               section.train.best_mode))
     tag = ckpt.resume_tag()
     ds_config, load_dir = d.deepspeed, ckpt.root
     if tag is not None:
@@ -82,13 +87,14 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                                           cfg.ray.cpus_per_worker)
     fpt = flops_per_token(parts.model, parts.seq_len)
     log = MetricsLog(out / "metrics.jsonl" if world.is_main else None, stage, section.train.max_steps,
-                     sys.stdout if world.is_main else None)
+                     sys.stdout if world.is_main else None, tensorboard=out / "tensorboard", clock=clock)
     throughput = Throughput(skip=1)
     batches = Prefetcher(parts.batches(state.step))
     t_loop = time.time()
 
     def save(step: int) -> None:
-        ckpt.save(engine, step, {"train_state": state.state_dict(), "data_state": {"next_step": step}})
+        ckpt.save(engine, step, {"train_state": state.state_dict(), "data_state": {"next_step": step}},
+                  evaluation=state.last_eval if state.eval_step == step else None)
 
     train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
                cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
@@ -120,5 +126,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                     "export_s": time.time() - t_export},
     }
     if world.is_main:
+        clock.tick()
+        result.update(goodput(state.tokens, tps, clock))
         write_atomic(out / RESULT, json.dumps(result, indent=1))
     return result

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_tensorboard, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,17 @@ def test_report_matches_the_contract(quickstart):
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert rows and {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_mb",
                          "data_wait_frac"} <= rows[-1].keys()
+        tb = read_tensorboard(out / stage / "tensorboard")
+        assert [step for step, _ in tb[f"{stage}/train/loss"]] == [r["step"] for r in rows]
+        assert tb[f"{stage}/train/loss"][-1][1] == pytest.approx(rows[-1]["loss"], rel=1e-6)
+        assert f"{stage}/eval/loss" in tb and f"{stage}/train/mfu" in tb
+        assert s["attempts"] == 1 and 0 < s["goodput"] <= 1
+        assert s["goodput_tokens_per_s"] == pytest.approx(s["tokens"] / s["wall_s_all_attempts"])
+        # retention: the newest checkpoints, and `best` names the one with the best evaluation
+        ckpts = out / stage / "checkpoints"
+        best = (ckpts / "best").read_text().strip()
+        metric = report["config"][stage]["train"]["best_metric"]
+        assert metric in json.loads((ckpts / best / "meta.json").read_text())["eval"]
     pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
     assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is True
     assert pre["eval"]["loss"] < 7.5  # ln(4096) = 8.3 at random init: it learned the domain
@@ -82,3 +93,42 @@ def test_rerun_resumes_from_the_committed_checkpoint(quickstart):
     assert ft["resumed_from"].endswith("step_00000100") and ft["steps"] == 110
     assert "pretrain" in report["stages"]  # the other stage's entry is kept
     assert (out / "finetune" / "checkpoints" / "latest").read_text().strip() == "step_00000110"
+
+
+def test_init_from_takes_the_weights_only(quickstart):
+    """A fine-tune in a fresh output_dir, initialised from another run's pretrain export: it starts
+    at step 0 with a fresh optimizer (no resume), and its backbone starts from exactly those weights
+    (fp32 and a vanishing lr, so the export still holds them)."""
+    from safetensors.torch import load_file
+
+    out = quickstart[0]
+    source = out / "pretrain" / "export"
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=other", "--stage", "finetune",
+                  f"finetune.init_from={source}", "finetune.deepspeed.precision=fp32", "finetune.optim.lr=1e-30",
+                  "finetune.train.max_steps=2", "finetune.train.eval_every=2", "finetune.train.save_every=2",
+                  cwd=out.parent, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ft = json.loads((out.parent / "other" / "report.json").read_text())["stages"]["finetune"]
+    assert ft["resumed_from"] is None and ft["steps"] == 2 and ft["init_from"] == str(source)
+    before, after = load_file(source / "model.safetensors"), load_file(Path(ft["export_dir"]) / "model.safetensors")
+    shared = [k for k in after if k in before]
+    assert len(shared) >= 30 and "score.weight" in after  # the backbone, plus a new head
+    assert all((before[k] == after[k]).all() for k in shared)
+
+
+def test_zero3_with_optimizer_offload_runs_both_stages(quickstart):
+    """The quickstart under ZeRO-3 (partitioned construction) with the optimizer offloaded to CPU
+    in pretraining, shortened; the fine-tune starts from the ZeRO-3 pretrain export."""
+    out = quickstart[0]
+    short = [f"{s}.train.{k}=16" for s in ("pretrain", "finetune") for k in ("max_steps", "eval_every", "save_every")]
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=z3",
+                  "pretrain.deepspeed.zero_stage=3", "pretrain.deepspeed.offload_optimizer=true",
+                  "finetune.deepspeed.zero_stage=3", *short, cwd=out.parent, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out.parent / "z3" / "report.json").read_text())
+    pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
+    assert pre["zero_stage"] == ft["zero_stage"] == 3 and pre["steps"] == ft["steps"] == 16
+    assert pre["eval"]["loss"] < 8.3 and 0 <= ft["test"]["accuracy"] <= 1
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(ft["export_dir"]).config.num_labels == 6

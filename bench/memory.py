@@ -119,7 +119,7 @@ def activation_memory(repeats: int) -> list[dict]:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         ids = torch.randint(0, ARCH["vocab"], (MICRO, SEQ))
 
-        def step():
+        def step(model=model, ids=ids):
             model(input_ids=ids, labels=ids).loss.backward()
             model.zero_grad(set_to_none=True)
 

@@ -84,7 +84,8 @@ def derive_stage(cfg: RunConfig, stage: str, world_size: int | None = None) -> S
         samples_per_rank=train.global_batch_size // world, seq_len=seq_len,
         tokens_per_step=train.global_batch_size * seq_len, lanes=lanes,
         deepspeed=merge_user_json(deepspeed_json(section.deepspeed, section.optim, train, grad_accum,
-                                                 cfg.ray.use_gpu), section.deepspeed.extra, stage),
+                                                 cfg.ray.use_gpu, model_hidden_size(cfg)),
+                                  section.deepspeed.extra, stage),
     )
 
 
@@ -96,12 +97,26 @@ def _check_deepspeed(ds: DeepSpeedSection, stage: str) -> None:
         raise ConfigError(f"{stage}.deepspeed.offload_optimizer needs zero_stage >= 1: raise zero_stage")
 
 
+def model_hidden_size(cfg: RunConfig) -> int:
+    """Width of the model's residual stream: the inline arch's, or read from the model's HF config."""
+    if cfg.model.arch is not None:
+        return cfg.model.arch.hidden_size
+    from dist_train.model.build import model_config_value
+
+    return int(model_config_value(cfg.model.name_or_path, "hidden_size"))
+
+
 def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopConfig, grad_accum: int,
-                   use_gpu: bool) -> dict[str, Any]:
+                   use_gpu: bool, hidden_size: int) -> dict[str, Any]:
     """Render the DeepSpeed config dict that `deepspeed.initialize` receives, complete and explicit."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
-        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+        # Bucket sizes follow the model's width (hidden²), as HF Trainer's "auto" does: DeepSpeed's
+        # fixed defaults allocate a 5e8-element buffer even for a model a thousand times smaller.
+        zero.update(overlap_comm=use_gpu, contiguous_gradients=True, reduce_bucket_size=hidden_size**2)
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
+                    stage3_param_persistence_threshold=10 * hidden_size)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:

@@ -67,12 +67,17 @@ def model_vocab_size(name_or_path: str | None, arch: TinyArch | None, tokenizer_
     """Embedding rows the model will have (reads only the config, not the weights)."""
     if arch is not None:
         return arch.vocab_size or tokenizer_size
+    return int(model_config_value(name_or_path, "vocab_size"))
+
+
+def model_config_value(name_or_path: str | None, key: str) -> Any:
+    """One value of a pretrained model's HF config (reads only config.json, not the weights)."""
     _offline()
     from transformers import AutoConfig
 
     try:
-        return int(AutoConfig.from_pretrained(name_or_path).vocab_size)
-    except (OSError, ValueError) as e:
+        return getattr(AutoConfig.from_pretrained(name_or_path), key)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise ModelError(f"cannot read model config {name_or_path!r} ({str(e).splitlines()[0][:120]}): "
                          "give a local HF model directory") from None
 

@@ -35,9 +35,9 @@ def llama(arch: dict):
 def live_tensor_bytes() -> int:
     """Bytes of every storage a live Python-visible tensor uses, each storage counted once
     (parameters are views into DeepSpeed's flat buffers: the buffer counts, not each view)."""
-    import torch
-
     import warnings
+
+    import torch
 
     gc.collect()
     seen: dict[int, int] = {}

@@ -18,7 +18,7 @@ import torch
 from dist_train.data.ledger import Ledger
 from dist_train.train.engine import Engine
 from dist_train.train.loss import LossFn
-from dist_train.train.metrics import MetricsLog, Throughput, max_rss_mb
+from dist_train.train.metrics import MetricsLog, Throughput, memory_mb
 from dist_train.world import World
 
 
@@ -106,7 +106,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
             row = {"step": state.step, "loss": state.last_loss, "lr": engine.lr, "grad_norm": engine.grad_norm,
                    "tokens": state.tokens, "tokens_per_s": tps,
                    "mfu": flops_per_token * tps / (peak_flops * world.world_size),
-                   "mem_mb": max_rss_mb(), "data_wait_frac": wait_s / step_s,
+                   **memory_mb(), "data_wait_frac": wait_s / step_s,
                    "skipped_steps": engine.skipped_steps, "replaced_samples": state.replaced_samples}
             if engine.loss_scale is not None:
                 row["loss_scale"] = engine.loss_scale

@@ -52,11 +52,14 @@ def measure_matmul_peak(dtype: torch.dtype, threads: int, device: str = "cpu", n
         torch.set_num_threads(prev)
 
 
-def max_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (the CPU analogue of max GPU memory)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def memory_mb() -> dict[str, float]:
+    """This process's memory in MiB: peak allocated and reserved on a GPU (and host peak RSS), or
+    host peak RSS on CPU, where it is the analogue of GPU memory."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"mem_mb": torch.cuda.max_memory_allocated() / 2**20,
+                "mem_reserved_mb": torch.cuda.max_memory_reserved() / 2**20, "host_rss_mb": rss}
+    return {"mem_mb": rss}
 
 
 class Throughput:

@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     ex.add_argument("checkpoint", help="<output_dir>/<stage>/checkpoints/step_N, or a checkpoints dir (latest)")
     ex.add_argument("--output", required=True, help="directory to create")
+    ex.add_argument("--adapter", action="store_true", help="LoRA checkpoints: save the adapter alone (peft) "
+                                                            "instead of merging it into the model")
+
+    pr = sub.add_parser("predict", help="batch inference with a fine-tune export: one JSON line per input")
+    pr.add_argument("export_dir", help="<output_dir>/finetune/export")
+    pr.add_argument("--input", required=True, help="records to predict (.jsonl/.csv/.parquet), fields as in training")
+    pr.add_argument("--output", help="write here instead of stdout")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--max-new-tokens", type=int, default=64, help="sft: length of generated responses")
 
     led = sub.add_parser("ledger", help="check what was trained on").add_subparsers(dest="ledger_cmd", required=True)
     lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
@@ -135,7 +144,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "data":
         return _data(args)
     if args.cmd == "export":
-        return _export(args.checkpoint, args.output)
+        return _export(args.checkpoint, args.output, args.adapter)
+    if args.cmd == "predict":
+        from dist_train.tasks.predict import predict_file
+
+        n = predict_file(args.export_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
+        if args.output:
+            print(f"wrote {n} predictions to {args.output}")
+        return 0
     if args.cmd == "ledger":
         return _ledger_verify(args.output_dir, args.stage)
     raise AssertionError(args.cmd)
@@ -214,7 +230,7 @@ def _plan(man, args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(checkpoint: str, output: str) -> int:
+def _export(checkpoint: str, output: str, adapter_only: bool = False) -> int:
     from pathlib import Path
 
     from dist_train.checkpoint.export import export_checkpoint
@@ -236,7 +252,7 @@ def _export(checkpoint: str, output: str) -> int:
     if problem is not None:
         raise ConfigError(f"{path} is damaged ({problem}): export an earlier checkpoint")
     try:
-        export_checkpoint(path, Path(output))
+        export_checkpoint(path, Path(output), adapter_only=adapter_only)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {path} to {output}")

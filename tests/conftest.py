@@ -94,3 +94,14 @@ def read_tensorboard(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for v in event.summary.value:
                 scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
     return scalars
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    """The quickstart's labeled tasks (classification, SFT, tagging), built offline, cut small."""
+    from dist_train.data.quickstart import collect, write_tasks
+
+    _, examples = collect()
+    out = tmp_path_factory.mktemp("task")
+    write_tasks(out, examples[::8])  # every 8th example: ~250, split ~80/10/10
+    return out

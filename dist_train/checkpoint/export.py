@@ -21,15 +21,26 @@ import torch
 HF_DIR = "hf"
 
 
-def describe_model(module: torch.nn.Module, tokenizer: Any, ckpt_dir: Path) -> None:
-    """Write the model's HF config (with its class) and tokenizer into a checkpoint being staged."""
+def describe_model(module: torch.nn.Module, tokenizer: Any, ckpt_dir: Path, task: dict | None = None) -> None:
+    """Write into a checkpoint being staged what it takes to rebuild the model without the run: the
+    HF config (with its class), the tokenizer, the LoRA adapter config (when adapters are trained)
+    and the fine-tuning task (labels and fields, for `predict`)."""
     import copy
 
-    config = copy.deepcopy(module.config)
-    config.architectures = [type(module).__name__]
+    hf = ckpt_dir / HF_DIR
+    base = module
+    if hasattr(module, "peft_config"):  # a peft model: describe the base model and the adapter apart
+        base = module.get_base_model()
+        module.peft_config["default"].save_pretrained(str(hf))
+    config = copy.deepcopy(base.config)
+    config.architectures = [type(base).__name__]
     config.dtype = torch.float32
-    config.save_pretrained(str(ckpt_dir / HF_DIR))
-    tokenizer.save_pretrained(str(ckpt_dir / HF_DIR))
+    config.save_pretrained(str(hf))
+    tokenizer.save_pretrained(str(hf))
+    if task is not None:
+        from dist_train.tasks import TASK_FILE
+
+        (hf / TASK_FILE).write_text(json.dumps(task, indent=1))
 
 
 def checkpoint_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +59,43 @@ def checkpoint_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         return {name: t.contiguous() for name, t in lazy.items()}  # one parameter at a time
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
-    """Write `out_dir` from a committed checkpoint directory; returns it."""
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _with_task_head(model: Any, model_cls: Any, config: Any, hf: Path) -> Any:
+    """A peft model of the fine-tune's task type (whose head peft saves with the adapter), holding
+    the weights of `model` (trained with the head in place, see model/build.py's with_lora)."""
+    import warnings
+
+    from peft import PeftConfig, get_peft_model
+
+    from dist_train.model.build import HEAD_MODULES
+    from dist_train.tasks import TASK_FILE
+
+    task_type = json.loads((hf / TASK_FILE).read_text()).get("peft_task_type") if (hf / TASK_FILE).is_file() else None
+    if task_type in (None, "CAUSAL_LM"):
+        return model
+    cfg = PeftConfig.from_pretrained(str(hf))
+    cfg.task_type = task_type
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        typed = get_peft_model(model_cls(config), cfg)
+    state = {}
+    for key, value in model.state_dict().items():
+        head = next((h for h in HEAD_MODULES if f".{h}." in f".{key}"), None)
+        if head is None:
+            state[key] = value
+        else:  # peft keeps the trained head copy and the original side by side
+            for slot in ("modules_to_save.default", "original_module"):
+                state[key.replace(f"{head}.", f"{head}.{slot}.", 1)] = value
+    typed.load_state_dict(state, strict=False, assign=True)
+    return typed
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:
+    """Write `out_dir` from a committed checkpoint directory; returns it. A LoRA checkpoint is
+    exported with its adapters merged into a plain HF model, or (`adapter_only`) as a peft adapter
+    directory (adapter and task head weights) for the base model it names."""
     import transformers
 
     hf = ckpt_dir / HF_DIR
@@ -60,6 +106,14 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
     model_cls = getattr(transformers, config.architectures[0])
     with torch.device("meta"):  # no memory for random weights that are overwritten anyway
         model = model_cls(config)
+        if (hf / ADAPTER_CONFIG).is_file():
+            import warnings
+
+            from peft import PeftConfig, get_peft_model
+
+            with warnings.catch_warnings():  # peft notes it would record this dir as the base: we restore it
+                warnings.simplefilter("ignore")
+                model = get_peft_model(model, PeftConfig.from_pretrained(str(hf)))
     model.load_state_dict(checkpoint_state_dict(ckpt_dir), strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -67,8 +121,20 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path) -> Path:
         raise ValueError(f"{ckpt_dir} lacks weights for {missing[:3]}: the checkpoint is incomplete")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "peft_config") and not adapter_only:
+        model = model.merge_and_unload()  # W + (alpha/r)·B·A folded in: a plain model
+    elif hasattr(model, "peft_config"):
+        model = _with_task_head(model, model_cls, config, hf)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    if hasattr(model, "peft_config"):  # name the base model the adapter was trained on, not this export
+        saved = json.loads((tmp / ADAPTER_CONFIG).read_text())
+        saved["base_model_name_or_path"] = json.loads((hf / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2))
     transformers.AutoTokenizer.from_pretrained(str(hf)).save_pretrained(str(tmp))
+    from dist_train.tasks import TASK_FILE
+
+    if (hf / TASK_FILE).is_file():
+        shutil.copy(hf / TASK_FILE, tmp / TASK_FILE)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dist_train.config.derived import derive_stage, stage_section
 from dist_train.config.loader import ConfigError
-from dist_train.config.schema import EVAL_METRICS, DeepSpeedSection, RunConfig
+from dist_train.config.schema import DeepSpeedSection, RunConfig, best_metric, stage_metrics
 
 
 def _abs(path: str | None) -> str | None:
@@ -166,12 +166,19 @@ def _pending(cfg: RunConfig, path: str) -> bool:
 
 def _check_best_metric(cfg: RunConfig, stage: str) -> list[str]:
     train = getattr(cfg, stage).train
-    metric = train.best_metric
+    metric = best_metric(cfg, stage)
     if metric is None:
+        if train.export == "best" or train.early_stopping_patience:
+            raise ConfigError(f"{stage}.train.export=best and early stopping need {stage}.train.best_metric: "
+                              "set it (or auto)")
         return []
-    if metric not in EVAL_METRICS[stage]:
-        raise ConfigError(f"{stage}.train.best_metric={metric!r} is not a metric the {stage} evaluation reports: "
-                          f"use one of {list(EVAL_METRICS[stage])}, or null")
+    known = stage_metrics(cfg, stage)
+    if metric not in known:
+        what = f"the {cfg.finetune.task} task" if stage == "finetune" else "the pretrain evaluation"
+        raise ConfigError(f"{stage}.train.best_metric={metric!r} is not a metric {what} reports: "
+                          f"use one of {list(known)}, auto, or null")
+    if train.early_stopping_patience:  # then every evaluation saves: the best is always rankable
+        return []
     if train.save_every and train.eval_every and train.save_every % train.eval_every:
         return [f"{stage}: checkpoints at steps without an evaluation cannot be ranked by {metric}: make "
                 f"train.save_every ({train.save_every}) a multiple of train.eval_every ({train.eval_every})"]
@@ -250,10 +257,12 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
 
     if "finetune" in stages:
         ft = cfg.finetune
+        import glob
+
         for name in ("train", "validation", "test"):
             path = getattr(ft.data, name)
-            if path and not _pending(cfg, path) and not Path(path).is_file():
-                raise ConfigError(f"finetune.data.{name} file {path!r} not found: fix the path")
+            if path and not _pending(cfg, path) and not Path(path).exists() and not glob.glob(path):
+                raise ConfigError(f"finetune.data.{name} {path!r} not found: fix the path")
         init = ft.init_from
         if init == "pretrain":
             export = Path(cfg.output_dir) / "pretrain" / "export"
@@ -269,4 +278,40 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         if max_pos is not None and ft.data.max_length > max_pos:
             raise ConfigError(f"finetune.data.max_length={ft.data.max_length} exceeds "
                               f"model.arch.max_position_embeddings={max_pos}: lower it")
+        notes += _check_finetune_task(cfg, tokenizer)
+    return notes
+
+
+def _check_finetune_task(cfg: RunConfig, tokenizer) -> list[str]:
+    """Read the labeled data and check task, model and LoRA fit together (what the workers will
+    build), so a wrong field name or target module costs no cluster time."""
+    import torch
+    import transformers
+
+    from dist_train.model.build import check_lora_targets, check_model_fits, lora_config
+    from dist_train.tasks import build_task
+    from dist_train.tasks.records import read_splits, task_spec
+
+    ft = cfg.finetune
+    if any(p and _pending(cfg, p) for p in (ft.data.train, ft.data.validation, ft.data.test)):
+        return []
+    train, val, test = read_splits(cfg)
+    init = ft.init_from
+    source = None if init == "pretrain" else init or cfg.model.name_or_path
+    if init == "pretrain" and (Path(cfg.output_dir) / "pretrain" / "export" / "config.json").is_file():
+        source = str(Path(cfg.output_dir) / "pretrain" / "export")
+    if tokenizer is not None:
+        task = build_task(ft.task, task_spec(cfg), tokenizer, train)
+        if source is not None:
+            config = transformers.AutoConfig.from_pretrained(source, **task.model_kwargs())
+            check_model_fits(task.auto_class, config, source)
+            if ft.lora.enabled:
+                with torch.device("meta"):  # the module tree only, no memory
+                    skeleton = getattr(transformers, task.auto_class).from_config(config)
+                check_lora_targets(skeleton, list(lora_config(ft.lora, task.peft_task_type,
+                                                              config.model_type).target_modules))
+    notes = [f"finetune: {len(train)} train, {len(val or [])} validation, {len(test or [])} test examples"]
+    if ft.train.early_stopping_patience and not val:
+        notes.append("finetune: early stopping needs validation data (finetune.data.validation or "
+                     "validation_fraction): it will not trigger")
     return notes

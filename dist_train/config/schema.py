@@ -99,11 +99,18 @@ class TrainLoopConfig:
     keep_checkpoints: int = doc("Newest committed checkpoints kept (the best one by best_metric is kept too).",
                                 2, ge=1)
     best_metric: str | None = doc("Evaluation metric that ranks checkpoints: the best is kept beside the newest "
-                                  "and named by checkpoints/best. pretrain: loss or perplexity; finetune: "
-                                  "accuracy or loss. null ranks none.", "loss")
+                                  "and named by checkpoints/best. pretrain: loss or perplexity; finetune: one "
+                                  "its task reports (accuracy, macro_f1, f1, mse, pearson, loss...); auto: loss for "
+                                  "pretrain, the task's main metric for finetune; null ranks none.", "auto")
     best_mode: Literal["auto", "min", "max"] = doc("Whether a smaller (min) or larger (max) best_metric is "
                                                    "better; auto: max for accuracy-like metrics, else min.",
                                                    "auto")
+    early_stopping_patience: int = doc("Stop when best_metric has not improved for this many evaluations "
+                                       "(0: never stop early). Every evaluation then saves a checkpoint.", 0, ge=0)
+    early_stopping_min_delta: float = doc("Smallest change of best_metric that counts as an improvement.", 0.0,
+                                          ge=0)
+    export: Literal["last", "best"] = doc("Which checkpoint becomes <stage>/export: the last one, or the best by "
+                                          "best_metric (the last when none was evaluated).", "last")
 
 
 @dataclass(frozen=True)
@@ -150,25 +157,60 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneData:
-    train: str = doc("Labeled training file (jsonl).", REQUIRED)
-    validation: str | None = doc("Labeled validation file (jsonl), evaluated every eval_every.", None)
-    test: str | None = doc("Labeled test file (jsonl), evaluated once at the end.", None)
-    text_field: str = doc("Field holding the input text.", "text")
-    label_field: str = doc("Field holding the class label (string or int).", "label")
+    train: str = doc("Labeled training data: a .jsonl, .csv or .parquet file (or glob), or a saved HF datasets "
+                     "directory.", REQUIRED)
+    validation: str | None = doc("Labeled validation data, evaluated every eval_every; null: split "
+                                 "validation_fraction off train.", None)
+    test: str | None = doc("Labeled test data, evaluated once on the exported model; null: split test_fraction "
+                           "off train.", None)
+    validation_fraction: float = doc("Share of train held out for validation when `validation` is null "
+                                     "(a deterministic split by seed).", 0.0, ge=0, le=0.5)
+    test_fraction: float = doc("Share of train held out for testing when `test` is null.", 0.0, ge=0, le=0.5)
+    text_field: str = doc("Field holding the input text (sequence tasks).", "text")
+    text_pair_field: str | None = doc("Field holding a second text, for pair tasks (entailment, similarity).",
+                                      None)
+    label_field: str = doc("Field holding the label: a class (string or int), a list of classes "
+                           "(multi-label), or a number (regression).", "label")
+    tokens_field: str = doc("Field holding the list of words (token_classification).", "tokens")
+    tags_field: str = doc("Field holding one tag per word, BIO scheme (token_classification).", "tags")
+    prompt_field: str = doc("Field holding the prompt (sft).", "prompt")
+    response_field: str = doc("Field holding the response the model learns to produce (sft).", "response")
     max_length: int = doc("Truncate inputs to this many tokens.", 128, ge=8)
 
 
 @dataclass(frozen=True)
+class LoraSection:
+    enabled: bool = doc("Train low-rank adapters (peft LoRA) instead of all weights; the task head is "
+                        "trained fully.", False)
+    r: int = doc("Adapter rank.", 8, ge=1)
+    alpha: float = doc("Scaling numerator: the adapter's update is scaled by alpha / r.", 16.0, gt=0)
+    dropout: float = doc("Dropout on the adapter's input.", 0.05, ge=0, le=1)
+    target_modules: tuple[str, ...] = doc("Module names to adapt, e.g. [q_proj, v_proj]; empty: peft's default "
+                                          "for the architecture (attention projections).", ())
+    export: Literal["merged", "adapter"] = doc("merged: fold the adapters into a plain HF model; adapter: save "
+                                               "the adapter (and head) alone, for peft.", "merged")
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
-    task: Literal["sequence_classification"] = doc("Task head to add.", "sequence_classification")
+    task: Literal["sequence_classification", "multi_label_classification", "regression", "token_classification",
+                  "sft"] = doc("What to fine-tune for: a class per text (binary or multi-class), several "
+                               "classes per text, a number per text, a tag per word, or a response per prompt "
+                               "(causal LMs).", "sequence_classification")
     init_from: str | None = doc("Weights to start from: 'pretrain' (this run's pretrain export), an HF "
                                 "directory, or null for model.name_or_path.", "pretrain")
     data: FinetuneData = doc("Labeled data.", REQUIRED)
+    label_smoothing: float = doc("Label smoothing of the classification loss.", 0.0, ge=0, le=0.5)
+    class_weights: Literal["none", "balanced"] = doc("balanced: weight each class's loss by n / (classes × "
+                                                     "its count), against imbalance.", "none")
+    lora: LoraSection = doc("Low-rank adapters.", factory=LoraSection)
+    quantize_int8: bool = doc("Also write export-int8/: a dynamically int8-quantized copy for CPU inference, "
+                              "with its test-set metric delta in the report.", False)
     deepspeed: DeepSpeedSection = doc("ZeRO and precision.", factory=DeepSpeedSection)
     optim: OptimConfig = doc("Optimizer and schedule.",
                              factory=lambda: OptimConfig(lr=5.0e-5, weight_decay=0.01, warmup_steps=5))
     train: TrainLoopConfig = doc("Steps, batch and cadence.",
-                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True, best_metric="accuracy"))
+                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True, export="best"))
 
 
 @dataclass(frozen=True)
@@ -193,9 +235,24 @@ class RunConfig:
 
 
 STAGES = ("pretrain", "finetune")
-# What each stage's evaluation reports, i.e. what train.best_metric may name.
-EVAL_METRICS = {"pretrain": ("loss", "perplexity"), "finetune": ("accuracy", "loss")}
-HIGHER_IS_BETTER = ("accuracy", "f1", "macro_f1", "precision", "recall", "pearson")
+PRETRAIN_METRICS = ("loss", "perplexity")  # what the pretrain evaluation reports
+HIGHER_IS_BETTER = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall", "pearson",
+                    "tag_accuracy")
+
+
+def stage_metrics(cfg: Any, stage: str) -> tuple[str, ...]:
+    """The scalar metrics a stage's evaluation reports (the first is its main one)."""
+    if stage == "pretrain":
+        return PRETRAIN_METRICS
+    from dist_train.tasks import TASK_METRICS
+
+    return TASK_METRICS[cfg.finetune.task]
+
+
+def best_metric(cfg: Any, stage: str) -> str | None:
+    """train.best_metric with "auto" resolved."""
+    metric = getattr(cfg, stage).train.best_metric
+    return stage_metrics(cfg, stage)[0] if metric == "auto" else metric
 
 
 def higher_is_better(metric: str, mode: str = "auto") -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 
 from dist_train.data.manifest import DataError, Manifest, write_manifest
 
-TEXT_SUFFIXES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+TEXT_SUFFIXES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 
 def expand_inputs(spec: str) -> tuple[str, list[str]]:
@@ -41,7 +41,7 @@ def expand_inputs(spec: str) -> tuple[str, list[str]]:
     kinds = {TEXT_SUFFIXES.get(Path(f).suffix) for f in files}
     if None in kinds:
         bad = next(f for f in files if Path(f).suffix not in TEXT_SUFFIXES)
-        raise DataError(f"input {bad!r} has an unsupported suffix: use .jsonl, .json, .txt or .parquet")
+        raise DataError(f"input {bad!r} has an unsupported suffix: use .jsonl, .json, .txt, .csv or .parquet")
     if len(kinds) > 1:
         raise DataError(f"--input {spec!r} mixes file kinds {sorted(kinds)}: build one kind at a time")
     empty = [f for f in files if os.path.getsize(f) == 0]

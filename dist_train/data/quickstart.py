@@ -32,7 +32,11 @@ FAMILIES: dict[str, list[str]] = {
                 "sqlite3", "zlib"],
 }
 READY = "READY.json"
-VERSION = 1
+VERSION = 2
+SFT_PROMPT = "Which part of the Python standard library does this describe?\n{text}\nAnswer:"
+ENTITY_LITERALS = {"True", "False", "None"}
+# Module names that are also everyday words in docstrings ("a string", "a random number") are not tagged.
+COMMON_WORDS = {"string", "re", "random", "numbers", "stat", "io", "glob", "queue", "signal", "locale", "math"}
 
 
 def _docs(module_name: str) -> list[tuple[str, str]]:
@@ -74,6 +78,32 @@ def collect() -> tuple[list[str], list[dict[str, str]]]:
     return list(dict.fromkeys(corpus)), examples
 
 
+def _word_tags(text: str, modules: set[str]) -> dict[str, list[str]]:
+    """Words of a docstring paragraph tagged BIO: standard-library module names (MODULE, e.g.
+    `os.path`, `socket`) and the literals True/False/None (LITERAL); everything else O."""
+    words = text.split()
+    tags = []
+    for w in words:
+        core = w.strip(".,;:()[]'\"`")
+        tags.append("B-MODULE" if core in modules else "B-LITERAL" if core in ENTITY_LITERALS else "O")
+    return {"tokens": words, "tags": tags}
+
+
+def write_tasks(out: Path, examples: list[dict[str, str]]) -> None:
+    """The labeled quickstart tasks: classification (task/), SFT prompt/response pairs asking for
+    the family (task/sft_*.jsonl) and tagging of module names and literals (task/ner_*.jsonl)."""
+    modules = {m for mods in FAMILIES.values() for m in mods} - COMMON_WORDS
+    for split in ("train", "validation", "test"):
+        rows = [ex for ex in examples if _split(ex["text"]) == split]
+        with open(out / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(ex) + "\n" for ex in rows)
+        with open(out / f"sft_{split}.jsonl", "w") as f:
+            f.writelines(json.dumps({"prompt": SFT_PROMPT.format(text=ex["text"]), "response": " " + ex["label"]})
+                         + "\n" for ex in rows)
+        with open(out / f"ner_{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(_word_tags(ex["text"], modules)) + "\n" for ex in rows)
+
+
 def _split(text: str) -> str:
     bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 10
     return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
@@ -99,7 +129,7 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
     """Materialize the quickstart data under `root` (once; a READY marker makes it idempotent).
 
     Layout: corpus.jsonl, tokenizer/ (unless `tokenizer` names one to use instead), shards/
-    (with manifest.json), task/{train,validation,test}.jsonl.
+    (with manifest.json), task/{,sft_,ner_}{train,validation,test}.jsonl.
     """
     from dist_train.data.build import build_shards
 
@@ -118,11 +148,7 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
         with open(tmp / "corpus.jsonl", "w") as f:
             for doc in corpus:
                 f.write(json.dumps({"text": doc}) + "\n")
-        for split in ("train", "validation", "test"):
-            with open(tmp / "task" / f"{split}.jsonl", "w") as f:
-                for ex in examples:
-                    if _split(ex["text"]) == split:
-                        f.write(json.dumps(ex) + "\n")
+        write_tasks(tmp / "task", examples)
         if tokenizer is None:
             train_tokenizer(corpus, vocab_size, tmp / "tokenizer")
         build_shards(input_spec=str(tmp / "corpus.jsonl"), output=tmp / "shards",

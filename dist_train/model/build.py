@@ -119,19 +119,84 @@ def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None,
     return _finish(model, gradient_checkpointing)
 
 
-def build_classifier(*, init_from: str, labels: list[str], pad_token_id: int | None, seed: int,
-                     gradient_checkpointing: bool, dropout: float | None = None) -> torch.nn.Module:
-    """A sequence classifier from an HF directory (weights only), with a fresh seeded head."""
+def build_task_model(auto_class: str, *, init_from: str, model_kwargs: dict[str, Any], pad_token_id: int | None,
+                     seed: int, gradient_checkpointing: bool, dropout: float | None = None, lora: Any = None,
+                     peft_task_type: str = "SEQ_CLS") -> torch.nn.Module:
+    """A fine-tuning model from an HF directory (weights only): `auto_class` (e.g.
+    AutoModelForSequenceClassification) with a fresh seeded head, optionally wrapped in LoRA
+    adapters (`lora`: a LoraSection) with the head trained fully."""
     _offline()
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     torch.manual_seed(seed)
-    config = _pretrained_config(init_from, dropout, num_labels=len(labels), id2label=dict(enumerate(labels)),
-                                label2id={lab: i for i, lab in enumerate(labels)})
-    model = AutoModelForSequenceClassification.from_pretrained(init_from, config=config, dtype=torch.float32)
+    auto = getattr(transformers, auto_class)
+    config = _pretrained_config(init_from, dropout, **model_kwargs)
+    check_model_fits(auto_class, config, init_from)
+    model = auto.from_pretrained(init_from, config=config, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    if lora is not None:
+        model = with_lora(model, lora, peft_task_type)
     return _finish(model, gradient_checkpointing)
+
+
+def check_model_fits(auto_class: str, config: Any, name: str) -> None:
+    """A ModelError when the architecture has no head of this kind (e.g. SFT on an encoder)."""
+    import transformers
+
+    mapping = getattr(transformers, auto_class)._model_mapping
+    if type(config) not in mapping:
+        raise ModelError(f"{name!r} ({config.model_type}) has no {auto_class[len('AutoModelFor'):]} head: pick a "
+                         "task this architecture supports (sft needs a decoder such as Llama/GPT/Qwen)")
+
+
+def lora_config(lora: Any, peft_task_type: str, model_type: str) -> Any:
+    """peft's LoraConfig for a LoraSection; empty target_modules take peft's default for the
+    architecture (its attention projections)."""
+    from peft import LoraConfig, TaskType
+
+    targets = list(lora.target_modules) or None
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        if model_type not in DEFAULTS:
+            raise ModelError(f"peft has no default LoRA targets for {model_type!r}: set finetune.lora.target_modules "
+                             "(e.g. [q_proj, v_proj])")
+        targets = list(DEFAULTS[model_type])
+    return LoraConfig(task_type=getattr(TaskType, peft_task_type), r=lora.r, lora_alpha=lora.alpha,
+                      lora_dropout=lora.dropout, target_modules=targets)
+
+
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """A ModelError naming a target module that matches no module of the model, with examples."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ModelError(f"finetune.lora.target_modules: {unknown[0]!r} is not a linear layer of this model: use "
+                         f"some of {sorted(names)[:12]}")
+
+
+HEAD_MODULES = ("classifier", "score")  # task heads of HF sequence/token classifiers: trained fully under LoRA
+
+
+def with_lora(model: torch.nn.Module, lora: Any, peft_task_type: str) -> torch.nn.Module:
+    """The model with LoRA adapters on the target modules; the task head (if any) stays trainable
+    in place. The adapter config keeps the peft task type for the record (and the adapter export);
+    the model is wrapped without peft's head copies, which would duplicate ZeRO-3's partitioned
+    parameters."""
+    import copy
+
+    from peft import get_peft_model
+
+    cfg = lora_config(lora, peft_task_type, model.config.model_type)
+    check_lora_targets(model, list(cfg.target_modules))
+    plain = copy.deepcopy(cfg)
+    plain.task_type = None
+    peft_model = get_peft_model(model, plain)
+    for name, p in peft_model.named_parameters():
+        if any(f".{head}." in f".{name}" for head in HEAD_MODULES):
+            p.requires_grad = True
+    return peft_model
 
 
 def _finish(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Module:

@@ -110,6 +110,14 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay
     """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py)."""
     import deepspeed
 
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # Parameters created after partitioned construction (LoRA adapters) are still full fp32
+        # tensors: give them the training dtype, which ZeRO-3 requires of every trainable one.
+        dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float16 if ds_config["fp16"]["enabled"] \
+            else None
+        for p in model.parameters():
+            if dtype is not None and not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                               config=ds_config)
     return Engine(ds_engine)

@@ -1,27 +1,28 @@
-"""Stage `finetune`: sequence classification from an adapted model (the parts run_stage needs)."""
+"""Stage `finetune`: a task head (or SFT) on the adapted model, full or LoRA (the parts run_stage needs).
+
+The task (dist_train/tasks) says how records become batches, losses, statistics and metrics;
+this module reads the data, builds the model, and wires evaluation: every rank evaluates an
+equal share, the statistics are summed over ranks, and the test set is evaluated once on the
+exported model (loaded back with plain transformers), so the report describes what ships.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
-from dist_train.data.tasks import (
-    Example,
-    eval_shard,
-    label_set,
-    majority_label,
-    read_labeled,
-    step_indices,
-)
-from dist_train.model.build import build_classifier, load_tokenizer
+from dist_train.data.tasks import eval_shard, step_indices
+from dist_train.model.build import build_task_model, load_tokenizer
+from dist_train.tasks import Task, build_task
+from dist_train.tasks.records import read_splits, task_spec
 from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
-from dist_train.train.loss import loss_for
 from dist_train.train.stage import StageParts
 from dist_train.world import World
 
@@ -34,70 +35,67 @@ def resolve_init_from(cfg: RunConfig) -> str:
     return init or cfg.model.name_or_path
 
 
+def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], Any], records: list[dict],
+                     world: World, micro_batch: int) -> dict[str, Any]:
+    """Metrics of `forward` on `records`: each rank takes an equal share (padding rows weigh 0), and
+    the task's statistics are summed over ranks, so the result is exact on any worker count."""
+    shard = eval_shard(len(records), world.world_size, world.rank)
+    total: np.ndarray | None = None
+    with torch.no_grad():
+        for j in range(0, len(shard), micro_batch):
+            part = shard[j:j + micro_batch]
+            batch = task.encode([records[i] for i, _ in part])
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            s = task.stats(forward(inputs).logits, batch, np.array([w for _, w in part], dtype=np.float64))
+            total = s if total is None else total + s
+    summed = np.array(world.all_reduce_sum(total.tolist()))
+    return task.metrics(summed)
+
+
 def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.finetune
-    data = sec.data
     init_from = resolve_init_from(cfg)
     tokenizer = load_tokenizer(init_from if (Path(init_from) / "tokenizer_config.json").exists()
                                else cfg.model.tokenizer or cfg.model.name_or_path)
-    train = read_labeled(data.train, data.text_field, data.label_field)
-    labels = label_set(train)
-    label_id = {lab: i for i, lab in enumerate(labels)}
-    majority = majority_label(train)
+    train, validation, test = read_splits(cfg)
+    spec = task_spec(cfg)
+    task = build_task(sec.task, spec, tokenizer, train)
     with model_construction(d.deepspeed):
-        model = build_classifier(init_from=init_from, labels=labels, pad_token_id=tokenizer.pad_token_id,
-                                 seed=cfg.seed, gradient_checkpointing=sec.train.gradient_checkpointing,
-                                 dropout=cfg.model.dropout)
-
-    def encode(examples: list[Example]) -> dict[str, torch.Tensor]:
-        enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=data.max_length,
-                        padding=True, return_tensors="pt")  # (B, T) padded to the longest in the batch
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": torch.tensor([label_id.get(ex.label, -100) for ex in examples])}
+        model = build_task_model(task.auto_class, init_from=init_from, model_kwargs=task.model_kwargs(),
+                                 pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
+                                 gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout,
+                                 lora=sec.lora if sec.lora.enabled else None, peft_task_type=task.peft_task_type)
 
     def batches(start_step: int) -> Iterator[StepBatch]:
         step = start_step
         while True:
             idx = step_indices(step, len(train), d.global_batch_size, cfg.seed, world.world_size, world.rank)
-            micro = [encode([train[i] for i in idx[j:j + d.micro_batch_size]])
+            micro = [task.encode([train[i] for i in idx[j:j + d.micro_batch_size]])
                      for j in range(0, len(idx), d.micro_batch_size)]
-            yield StepBatch(micro, targets=[int((m["labels"] >= 0).sum()) for m in micro],
+            yield StepBatch(micro, targets=[task.targets(m) for m in micro],
                             tokens=int(sum(int(m["attention_mask"].sum()) for m in micro)))
             step += 1
 
-    def evaluate_on(engine: Any, examples: list[Example]) -> dict[str, float]:
+    def evaluate(engine: Any) -> dict[str, Any]:
+        if not validation:
+            return {}
         engine.train(False)
-        shard = eval_shard(len(examples), world.world_size, world.rank)
-        correct = loss_sum = count = majority_hits = 0.0
-        with torch.no_grad():
-            for j in range(0, len(shard), d.micro_batch_size):
-                part = shard[j:j + d.micro_batch_size]
-                exs = [examples[i] for i, _ in part]
-                w = torch.tensor([wt for _, wt in part], dtype=torch.float64)
-                batch = encode(exs)
-                lab = batch.pop("labels")
-                logits = engine.forward(batch).logits.float().cpu()  # (B, C)
-                known = (lab >= 0).double() * w  # labels unseen in training count as errors
-                loss = torch.nn.functional.cross_entropy(logits, lab.clamp(min=0), reduction="none")
-                correct += float(((logits.argmax(-1) == lab).double() * w).sum())
-                loss_sum += float((loss.double() * known).sum())
-                count += float(w.sum())
-                majority_hits += sum(wt for (i, wt) in part if examples[i].label == majority)
-        correct, loss_sum, count, majority_hits = world.all_reduce_sum([correct, loss_sum, count, majority_hits])
-        return {"accuracy": correct / count, "loss": loss_sum / count, "majority_rate": majority_hits / count,
-                "examples": count}
+        return evaluate_records(task, engine.forward, validation, world, d.micro_batch_size)
 
-    validation = read_labeled(data.validation, data.text_field, data.label_field) if data.validation else None
-    test = read_labeled(data.test, data.text_field, data.label_field) if data.test else None
-
-    def evaluate(engine: Any) -> dict[str, float]:
-        return evaluate_on(engine, validation) if validation else {}
-
-    def final(engine: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"labels": labels, "init_from": init_from}
+    def final(export_dir: Path) -> dict[str, Any]:
+        """After export: the test metrics of the exported model, loaded with plain transformers."""
+        out: dict[str, Any] = {"task": sec.task, "init_from": init_from, **task.describe(),
+                               "examples": {"train": len(train), "validation": len(validation or []),
+                                            "test": len(test or [])}}
         if test:
-            out["test"] = evaluate_on(engine, test)
+            from dist_train.tasks.predict import load_export
+
+            model, _, _ = load_export(export_dir, device=world.device)
+            out["test"] = evaluate_records(task, lambda b: model(**{k: v.to(model.device) for k, v in b.items()}),
+                                           test, world, d.micro_batch_size)
         return out
 
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate, final=final,
-                      loss_fn=loss_for("classification"), seq_len=data.max_length)
+                      loss_fn=task.loss, seq_len=sec.data.max_length,
+                      run_info={"task": {"name": sec.task, "peft_task_type": task.peft_task_type, **spec,
+                                         **task.describe()}})

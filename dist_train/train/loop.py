@@ -43,16 +43,22 @@ class TrainState:
     last_loss: float = float("nan")
     last_eval: dict[str, float] = field(default_factory=dict)
     eval_step: int = -1  # the step last_eval was measured at
+    best: float | None = None  # early stopping: the best value of its metric so far
+    bad_evals: int = 0  # evaluations since it last improved
+    stopped_early: bool = False
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
-                "last_loss": self.last_loss, "last_eval": dict(self.last_eval), "eval_step": self.eval_step}
+                "last_loss": self.last_loss, "last_eval": dict(self.last_eval), "eval_step": self.eval_step,
+                "best": self.best, "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens, self.last_loss = int(d["step"]), int(d["tokens"]), float(d["last_loss"])
         self.replaced_samples = int(d.get("replaced_samples", 0))
         self.last_eval = dict(d.get("last_eval", {}))
         self.eval_step = int(d.get("eval_step", -1))
+        self.best, self.bad_evals = d.get("best"), int(d.get("bad_evals", 0))
+        self.stopped_early = bool(d.get("stopped_early", False))
 
 
 @dataclass(frozen=True)
@@ -66,16 +72,37 @@ class Cadence:
         return step == self.max_steps or (every > 0 and step % every == 0)
 
 
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when `metric` has not improved by more than `min_delta` for `patience` evaluations.
+    Evaluations are all-reduced, so every rank takes the same decision at the same step."""
+
+    metric: str
+    higher_is_better: bool
+    patience: int
+    min_delta: float = 0.0
+
+    def should_stop(self, state: TrainState, evaluation: dict[str, float]) -> bool:
+        value = evaluation.get(self.metric)
+        if value is None or value != value:  # no validation data, or NaN: nothing to judge by
+            return False
+        better = state.best is None or (value > state.best + self.min_delta if self.higher_is_better
+                                        else value < state.best - self.min_delta)
+        state.best, state.bad_evals = (value, 0) if better else (state.best, state.bad_evals + 1)
+        return state.bad_evals >= self.patience
+
+
 def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn, state: TrainState,
                cadence: Cadence,
                evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
                ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
-               throughput: Throughput) -> TrainState:
-    """Train until `cadence.max_steps`; every rank runs the same steps and the same collectives."""
+               throughput: Throughput, early_stopping: EarlyStopping | None = None) -> TrainState:
+    """Train until `cadence.max_steps` (or early stopping); every rank runs the same steps and the
+    same collectives. With early stopping, every evaluation also saves a checkpoint."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
     targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
-    while state.step < cadence.max_steps:
+    while state.step < cadence.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
         batch = next(batches)
         t_data = time.perf_counter() - t0
@@ -113,7 +140,10 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
             if do_eval:
                 state.last_eval, state.eval_step = evaluate(), state.step
                 engine.train()
-                row.update({f"eval_{k}": v for k, v in state.last_eval.items()})
+                if early_stopping is not None:
+                    do_save = True
+                    state.stopped_early = early_stopping.should_stop(state, state.last_eval)
+                row.update({f"eval_{k}": v for k, v in state.last_eval.items() if isinstance(v, (int, float))})
             log.log(row)
             losses, targets, tokens, replaced, step_s, wait_s = [], 0, 0, 0, 0.0, 0.0
         if do_save:

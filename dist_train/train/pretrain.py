@@ -128,4 +128,4 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             "global_batch": mix.global_batch, "shards": sec.data.shards,
             "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix]}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
-                      final=lambda engine: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan})
+                      final=lambda export_dir: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan})

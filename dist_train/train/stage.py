@@ -17,15 +17,15 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.export import describe_model, export_checkpoint
-from dist_train.checkpoint.manager import CheckpointManager, restore_rng, write_atomic
+from dist_train.checkpoint.manager import CheckpointManager, best_committed, restore_rng, write_atomic
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
-from dist_train.config.schema import RunConfig, higher_is_better
+from dist_train.config.schema import RunConfig, best_metric, higher_is_better
 from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.model.build import flops_per_token
 from dist_train.train.engine import build_engine
-from dist_train.train.loop import Cadence, StepBatch, TrainState, train_loop
+from dist_train.train.loop import Cadence, EarlyStopping, StepBatch, TrainState, train_loop
 from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, RunClock, Throughput, device_peak_flops, goodput
 from dist_train.world import World
@@ -42,7 +42,7 @@ class StageParts:
     tokenizer: Any
     batches: Callable[[int], Iterator[StepBatch]]  # start step -> this rank's step batches
     evaluate: Callable[[Any], dict[str, float]]  # engine -> metrics (collective)
-    final: Callable[[Any], dict[str, Any]]  # engine -> extra result entries (e.g. test metrics)
+    final: Callable[[Path], dict[str, Any]]  # export dir -> extra result entries (e.g. test metrics)
     loss_fn: LossFn  # (logits, labels) -> loss summed over the targets
     seq_len: int  # for the attention term of FLOPs/token
     run_info: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint's meta.json
@@ -57,14 +57,15 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     t_start = time.time()
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
+    metric = best_metric(cfg, stage)
+    higher = higher_is_better(metric or "", section.train.best_mode)
     clock = RunClock(out / ATTEMPTS) if world.is_main else None  # counts setup too
     ledger = Ledger(world.rank, world.world_size, attempt=world.broadcast_object(time.time()))
     ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
                              run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger,
-                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d),
-                             best_metric=section.train.best_metric,
-                             higher_is_better=higher_is_better(section.train.best_metric or "",
-                                                               section.train.best_mode))
+                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d,
+                                                               parts.run_info.get("task")),
+                             best_metric=metric, higher_is_better=higher)
     tag = ckpt.resume_tag()
     ds_config, load_dir = d.deepspeed, ckpt.root
     if tag is not None:
@@ -101,15 +102,23 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                                section.train.save_every),
                evaluate=lambda: parts.evaluate(engine), save=save, log=log, ledger=ledger, world=world,
                flops_per_token=fpt,
-               peak_flops=peak, throughput=throughput)
+               peak_flops=peak, throughput=throughput,
+               early_stopping=EarlyStopping(metric, higher, section.train.early_stopping_patience,
+                                            section.train.early_stopping_min_delta)
+               if section.train.early_stopping_patience and metric else None)
     log.close()
     t_export = time.time()
     export_dir = out / "export"
+    exported = ckpt.latest
+    if section.train.export == "best":
+        exported = world.broadcast_object(best_committed(ckpt.root)) or ckpt.latest
     world.barrier()
     if world.is_main:
-        export_checkpoint(ckpt.root / ckpt.latest, export_dir)
+        lora = getattr(section, "lora", None)
+        export_checkpoint(ckpt.root / exported, export_dir,
+                          adapter_only=bool(lora and lora.enabled and lora.export == "adapter"))
     world.barrier()
-    extra = parts.final(engine)
+    extra = parts.final(export_dir)
     tps = throughput.tokens_per_s
     result = {
         "world_size": world.world_size, "zero_stage": section.deepspeed.zero_stage,
@@ -119,7 +128,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         "flops_per_token": fpt, "peak_flops_per_worker": peak, "peak_source": peak_source,
         "final_train_loss": state.last_loss, "replaced_samples": state.replaced_samples, "eval": state.last_eval,
         "skipped_steps": engine.skipped_steps,
-        "export_dir": str(export_dir),
+        "export_dir": str(export_dir), "exported_checkpoint": exported,
+        "stopped_early": state.stopped_early, "best_metric": metric,
         "resumed_from": resumed_from, "data_wait_frac": batches.wait_s / max(time.time() - t_loop, 1e-9),
         **extra,
         "timings": {"setup_s": t_loop - t_start, "train_s": t_export - t_loop,

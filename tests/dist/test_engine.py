@@ -163,3 +163,25 @@ def test_fp16_on_a_cpu_without_fp16_is_refused_before_ray(tmp_path):
     cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "pretrain.deepspeed.precision=fp16"])
     with pytest.raises(ConfigError, match=r"precision=fp16 needs native fp16 kernels, which this CPU lacks"):
         check_run(resolve(cfg), ["pretrain"])
+
+
+@pytest.mark.parametrize("zero", [3, 2])
+def test_lora_finetune_exports_reproduce_the_engine(tmp_path, task_dir, minilm_dir, zero):
+    """LoRA on the real MiniLM under ZeRO-3 (and 2): only adapters and the head train; the merged
+    export, loaded with plain transformers, scores the test file exactly as the engine did, and
+    the adapter-only export (peft) gives the merged export's logits."""
+    cfg = to_dict(load_config(None, [
+        f"output_dir={tmp_path}", f"model.name_or_path={minilm_dir}", "finetune.init_from=null",
+        f"finetune.data.train={task_dir}/train.jsonl", f"finetune.data.validation={task_dir}/test.jsonl",
+        f"finetune.data.test={task_dir}/test.jsonl", "finetune.data.max_length=48", "finetune.lora.enabled=true",
+        f"finetune.deepspeed.zero_stage={zero}", "finetune.deepspeed.precision=fp32", "finetune.optim.lr=1e-3",
+        "finetune.train.global_batch_size=8", "finetune.train.micro_batch_size=2", "finetune.train.max_steps=4"]))
+    out = tmp_path / "r.json"
+    mp.spawn(workers.finetune_export, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["trainable"] < 0.05 * res["total"], "LoRA trains adapters and the head only"
+    assert res["engine"]["accuracy"] == res["export"]["accuracy"]
+    assert res["engine"]["loss"] == pytest.approx(res["export"]["loss"], rel=1e-4)
+    assert res["adapter_vs_merged"] < 1e-4
+    assert "adapter_model.safetensors" in res["adapter_files"] and "model.safetensors" in res["merged_files"]
+    assert "adapter_config.json" not in res["merged_files"]

@@ -233,3 +233,50 @@ def fp16_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
 
     get_accelerator().is_fp16_supported = lambda: True
     train_with_loop(rank, world_size, port, cfg_dict, out, steps=20)
+
+
+def finetune_export(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Fine-tune a few steps (LoRA, ZeRO-3, fp32), commit, export merged and adapter-only; the
+    engine's metrics on a file must equal those of the merged export (loaded with plain
+    transformers), and the adapter export must give the merged export's logits."""
+    import torch
+
+    from dist_train.checkpoint.export import describe_model, export_checkpoint
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import from_dict
+    from dist_train.tasks.predict import load_export
+    from dist_train.train.engine import build_engine
+    from dist_train.train.finetune import build_finetune
+
+    world = init_process(rank, world_size, port)
+    cfg = from_dict(cfg_dict)
+    d = derive_stage(cfg, "finetune", world.world_size)
+    parts = build_finetune(cfg, d, world)
+    trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    engine = build_engine(parts.model, d.deepspeed, cfg.finetune.optim.weight_decay)
+    root = Path(cfg.output_dir) / "ckpt"
+    ckpt = CheckpointManager(root, world, keep=2, run_info={"stage": "finetune", "config": cfg_dict, **parts.run_info},
+                             describe=lambda p: describe_model(parts.model, parts.tokenizer, p, parts.run_info["task"]))
+    losses = run_steps(engine, parts.loss_fn, parts.batches(0), 4, world)
+    tag = ckpt.save(engine, 4, {"train_state": {"step": 4}})
+    engine_eval = parts.evaluate(engine)  # validation = the test file here
+    merged, adapter = Path(cfg.output_dir) / "merged", Path(cfg.output_dir) / "adapter"
+    if world.is_main:
+        export_checkpoint(root / tag, merged)
+        export_checkpoint(root / tag, adapter, adapter_only=True)
+    world.barrier()
+    export_eval = parts.final(merged)["test"]
+    if world.is_main:
+        m, tok, task = load_export(merged)
+        a, _, _ = load_export(adapter)
+        batch = task.encode([{"text": "Return the cosine of x.", "label": "math"}], with_labels=False)
+        with torch.no_grad():
+            lm, la = m(**batch).logits, a(**batch).logits
+        Path(out).write_text(json.dumps({
+            "losses": losses, "trainable": trainable, "total": sum(p.numel() for p in m.parameters()),
+            "engine": {k: v for k, v in engine_eval.items() if k != "per_class"},
+            "export": {k: v for k, v in export_eval.items() if k != "per_class"},
+            "adapter_vs_merged": float((lm - la).abs().max()), "adapter_files": sorted(p.name for p in adapter.iterdir()),
+            "merged_files": sorted(p.name for p in merged.iterdir())}))
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Inference with an exported model: `dist-train predict EXPORT_DIR --input FILE.jsonl`.
+
+An export carries its task (dist_train_task.json: task name, fields, labels), so inputs are read
+the way the fine-tune read them and outputs say what the task means: label and probabilities,
+labels, a value, tags per word, or generated text. Plain transformers (and peft for adapter
+exports); safetensors only, no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_train.data.manifest import DataError
+from dist_train.tasks import TASK_FILE, Task, build_task
+
+
+def load_export(export_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any, Task]:
+    """(model in eval mode on `device`, tokenizer, task) of an export directory."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    export_dir = Path(export_dir)
+    info_file = export_dir / TASK_FILE
+    if not info_file.is_file():
+        raise DataError(f"{export_dir} is not a fine-tune export (no {TASK_FILE}): point at "
+                        "<output_dir>/finetune/export")
+    info = json.loads(info_file.read_text())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(export_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
+    task = build_task(info["name"], info, tokenizer, train=None)
+    auto = getattr(transformers, task.auto_class)
+    if (export_dir / "adapter_config.json").is_file():  # an adapter export: base model + adapter
+        from peft import PeftConfig, PeftModel
+
+        base_dir = PeftConfig.from_pretrained(str(export_dir)).base_model_name_or_path
+        base = auto.from_pretrained(base_dir, dtype=torch.float32, **task.model_kwargs())
+        model = PeftModel.from_pretrained(base, str(export_dir))
+    else:
+        model = auto.from_pretrained(str(export_dir), dtype=torch.float32, use_safetensors=True)
+    return model.to(device).eval(), tokenizer, task
+
+
+def predict_file(export_dir: str, input_path: str, output: str | None, batch_size: int = 16,
+                 max_new_tokens: int = 64) -> int:
+    """Write one JSON line per input record (to `output`, or stdout); returns the record count."""
+    import sys
+
+    from dist_train.tasks import task_fields
+    from dist_train.tasks.records import read_records
+
+    model, tokenizer, task = load_export(export_dir)
+    info = json.loads((Path(export_dir) / TASK_FILE).read_text())
+    fields = task_fields(task.name, info)[:1 if task.name in ("sft", "token_classification") else -1]
+    records = read_records(input_path, fields)
+    sink = open(output, "w") if output else sys.stdout
+    try:
+        for i in range(0, len(records), batch_size):
+            chunk = records[i:i + batch_size]
+            batch = task.encode(chunk, with_labels=False)
+            inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            with torch.no_grad():
+                if task.name == "sft":
+                    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                    rows = [{"response": t} for t in texts]
+                else:
+                    rows = task.predict(model(**inputs).logits, batch)
+            for rec, row in zip(chunk, rows, strict=True):
+                sink.write(json.dumps({**rec, **row}) + "\n")
+    finally:
+        if output:
+            sink.close()
+    return len(records)

@@ -1,0 +1,94 @@
+"""Supervised fine-tuning of a causal LM on prompt/response pairs.
+
+The prompt is rendered with the tokenizer's chat template when it has one (a user turn plus the
+generation prompt), else used as is; the response follows, ended by EOS. Only response tokens
+are targets: every prompt and padding position has label -100, so the prompt contributes zero
+loss. Metrics: loss and perplexity per response token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from dist_train.data.manifest import DataError
+
+IGNORE = -100
+
+
+class SFT:
+    name = "sft"
+    auto_class = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
+        self.spec, self.tok = spec, tokenizer
+        self.prompt, self.response = spec["prompt_field"], spec["response_field"]
+        if tokenizer.eos_token_id is None:
+            raise DataError("sft needs a tokenizer with an EOS token (responses end with it): "
+                            "use a decoder's tokenizer")
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+            return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(prompt)["input_ids"]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
+        limit = self.spec["max_length"]
+        rows, labels = [], []
+        for r in records:
+            p = self.prompt_ids(str(r[self.prompt]))
+            a = self.tok(str(r[self.response]), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            if not with_labels:
+                a = []
+            if len(p) + len(a) > limit:  # keep the response; cut the prompt's start
+                p = p[max(0, len(p) + len(a) - limit):]
+                a = a[:limit - len(p)]
+            rows.append(p + a)
+            labels.append([IGNORE] * len(p) + a)
+        width = max(len(x) for x in rows)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        left = not with_labels  # generation continues from the end: pad prompts on the left
+        ids = torch.tensor([([pad] * (width - len(x)) if left else []) + x + ([] if left else [pad] * (width - len(x)))
+                            for x in rows])
+        mask = torch.tensor([([0] * (width - len(x)) if left else []) + [1] * len(x) + ([] if left else
+                             [0] * (width - len(x))) for x in rows])
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if with_labels:
+            batch["labels"] = torch.tensor([y + [IGNORE] * (width - len(y)) for y in labels])
+        return batch
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())  # the first position predicts nothing
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+
+    def stats(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], weight: np.ndarray) -> np.ndarray:
+        labels = batch["labels"][:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().cpu().transpose(1, 2), labels,
+                                               ignore_index=IGNORE, reduction="none")  # (B, T-1)
+        tokens = (labels != IGNORE).sum(1).double().numpy()
+        return np.array([float((ce.sum(1).double().numpy() * weight).sum()), float((tokens * weight).sum()),
+                         float(weight.sum())])
+
+    def metrics(self, stats: np.ndarray) -> dict[str, Any]:
+        loss = stats[0] / stats[1] if stats[1] else float("nan")
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "response_tokens": float(stats[1]),
+                "examples": float(stats[2])}
+
+    def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        raise NotImplementedError("sft predictions are generated: see dist_train.tasks.predict")
+
+    def describe(self) -> dict[str, Any]:
+        return {}

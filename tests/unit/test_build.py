@@ -132,7 +132,7 @@ def test_expand_inputs_rejects_mixed_and_unknown(tmp_path):
     (tmp_path / "b.txt").write_text("x")
     with pytest.raises(DataError, match="mixes file kinds"):
         expand_inputs(str(tmp_path / "*"))
-    (tmp_path / "c.csv").write_text("x")
+    (tmp_path / "c.xlsx").write_text("x")
     with pytest.raises(DataError, match="unsupported suffix"):
         expand_inputs(str(tmp_path / "c.csv"))
 

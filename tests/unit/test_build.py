@@ -134,7 +134,7 @@ def test_expand_inputs_rejects_mixed_and_unknown(tmp_path):
         expand_inputs(str(tmp_path / "*"))
     (tmp_path / "c.xlsx").write_text("x")
     with pytest.raises(DataError, match="unsupported suffix"):
-        expand_inputs(str(tmp_path / "c.csv"))
+        expand_inputs(str(tmp_path / "c.xlsx"))
 
 
 def test_damaged_manifest_and_missing_shard(tmp_path, shards_dir):

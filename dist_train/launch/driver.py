@@ -130,6 +130,6 @@ def summary_line(result: dict[str, Any]) -> str:
     parts = [f"steps={result['steps']}", f"loss={result['final_train_loss']:.4f}",
              f"tokens/s={result['tokens_per_s']:.0f}", f"mfu={result['mfu']:.1%}"]
     parts += [f"eval_{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)]
-    if "test" in result:
-        parts.append(f"test_accuracy={result['test']['accuracy']:.3f}")
+    parts += [f"test_{k}={v:.4g}" for k, v in (result.get("test") or {}).items()
+              if isinstance(v, float) and k != "examples"]
     return " ".join(parts) + f" export={result['export_dir']}"

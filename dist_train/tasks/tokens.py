@@ -56,6 +56,7 @@ class TokenClassification:
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if not with_labels:
             batch["word_index"] = first  # for predict(): where each word's first sub-token is
+            batch["word_count"] = torch.tensor([len(w) for w in words])
         else:
             labels = torch.full(first.shape, IGNORE, dtype=torch.long)
             for b, r in enumerate(records):
@@ -97,7 +98,9 @@ class TokenClassification:
         out = []
         for b in range(len(pred)):
             keep = batch["word_index"][b] >= 0
-            out.append({"tags": [self.labels[int(i)] for i in pred[b][keep]]})
+            tags = [self.labels[int(i)] for i in pred[b][keep]]
+            missing = int(batch["word_count"][b]) - len(tags)  # words cut off by max_length
+            out.append({"tags": tags + ["O"] * missing, **({"truncated_words": missing} if missing else {})})
         return out
 
     def describe(self) -> dict[str, Any]:

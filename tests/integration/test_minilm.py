@@ -26,3 +26,21 @@ def test_minilm_mlm_then_classification(tmp_path, minilm_dir):
 
     assert type(AutoModelForMaskedLM.from_pretrained(pre["export_dir"])).__name__ == "BertForMaskedLM"
     assert AutoModelForSequenceClassification.from_pretrained(ft["export_dir"]).config.num_labels == 6
+
+
+def test_minilm_token_classification_and_predict(tmp_path, minilm_dir):
+    res = run_cli("run", str(REPO / "configs" / "minilm_ner.yaml"), "output_dir=run", "finetune.train.max_steps=12",
+                  "finetune.train.eval_every=12", "finetune.train.save_every=12", "finetune.data.max_length=64",
+                  cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ft = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]["finetune"]
+    assert ft["task"] == "token_classification" and ft["labels"] == ["B-LITERAL", "B-MODULE", "O"]
+    assert {"f1", "precision", "recall", "tag_accuracy"} <= ft["test"].keys()
+    assert ft["test"]["tag_accuracy"] > 0.9  # "O" dominates: the head learned at least that
+    rows = [json.loads(line) for line in
+            (tmp_path / "data" / "python_docs_minilm" / "task" / "ner_test.jsonl").read_text().splitlines()[:4]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": r["tokens"]}) + "\n" for r in rows))
+    res = run_cli("predict", ft["export_dir"], "--input", str(tmp_path / "in.jsonl"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [len(p["tags"]) for p in preds] == [len(r["tokens"]) for r in rows]

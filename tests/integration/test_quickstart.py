@@ -116,19 +116,57 @@ def test_init_from_takes_the_weights_only(quickstart):
     assert all((before[k] == after[k]).all() for k in shared)
 
 
-def test_zero3_with_optimizer_offload_runs_both_stages(quickstart):
+def test_zero3_with_optimizer_offload_and_lora_runs_both_stages(quickstart):
     """The quickstart under ZeRO-3 (partitioned construction) with the optimizer offloaded to CPU
-    in pretraining, shortened; the fine-tune starts from the ZeRO-3 pretrain export."""
+    in pretraining, shortened; the fine-tune starts from the ZeRO-3 pretrain export, with LoRA."""
     out = quickstart[0]
     short = [f"{s}.train.{k}=16" for s in ("pretrain", "finetune") for k in ("max_steps", "eval_every", "save_every")]
     res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=z3",
                   "pretrain.deepspeed.zero_stage=3", "pretrain.deepspeed.offload_optimizer=true",
-                  "finetune.deepspeed.zero_stage=3", *short, cwd=out.parent, timeout=900)
+                  "finetune.deepspeed.zero_stage=3", "finetune.lora.enabled=true", *short, cwd=out.parent,
+                  timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out.parent / "z3" / "report.json").read_text())
     pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
     assert pre["zero_stage"] == ft["zero_stage"] == 3 and pre["steps"] == ft["steps"] == 16
-    assert pre["eval"]["loss"] < 8.3 and 0 <= ft["test"]["accuracy"] <= 1
+    assert pre["eval"]["loss"] < 8.3 and 0 <= ft["test"]["accuracy"] <= 1 and 0 <= ft["test"]["macro_f1"] <= 1
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(ft["export_dir"]).config.num_labels == 6
+
+
+def test_early_stopping_triggers_and_the_best_checkpoint_is_exported(quickstart):
+    """A vanishing lr: the validation accuracy cannot improve after the first evaluation, so with
+    patience 2 the run stops at the third evaluation and exports the first (the best, earliest)."""
+    out = quickstart[0]
+    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=es", "--stage", "finetune",
+                  f"finetune.init_from={out / 'pretrain' / 'export'}", "finetune.optim.lr=1e-12",
+                  "finetune.train.max_steps=50", "finetune.train.eval_every=2", "finetune.train.save_every=0",
+                  "finetune.train.early_stopping_patience=2", cwd=out.parent, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ft = json.loads((out.parent / "es" / "report.json").read_text())["stages"]["finetune"]
+    assert ft["stopped_early"] is True and ft["steps"] == 6
+    assert ft["exported_checkpoint"] == "step_00000002" and ft["best_metric"] == "accuracy"
+    assert {"accuracy", "macro_f1", "per_class"} <= ft["test"].keys()
+    ckpts = out.parent / "es" / "finetune" / "checkpoints"
+    assert (ckpts / "best").read_text().strip() == "step_00000002"
+
+
+def test_sft_trains_on_responses_and_generates(quickstart, tmp_path):
+    out = quickstart[0]
+    res = run_cli("run", str(REPO / "configs" / "quickstart_sft.yaml"), "output_dir=sft", "--stage", "finetune",
+                  f"finetune.init_from={out / 'pretrain' / 'export'}", "finetune.train.max_steps=12",
+                  "finetune.train.eval_every=6", "finetune.train.save_every=6", cwd=out.parent, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ft = json.loads((out.parent / "sft" / "report.json").read_text())["stages"]["finetune"]
+    assert ft["task"] == "sft" and ft["test"]["loss"] < 8.3 and ft["test"]["perplexity"] > 1
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(ft["export_dir"])).__name__ == "LlamaForCausalLM"
+    task = out.parent / "data" / "quickstart" / "task" / "sft_test.jsonl"
+    lines = task.read_text().splitlines()[:3]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    res = run_cli("predict", ft["export_dir"], "--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(rows) == 3 and all(isinstance(r["response"], str) and "prompt" in r for r in rows)

@@ -28,3 +28,18 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_every_example_config_is_valid():
+    from dist_train.config.checks import resolve_paths
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import load_config
+    from dist_train.config.schema import STAGES
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    for path in configs:
+        cfg = resolve_paths(load_config(path))
+        for stage in STAGES:
+            if getattr(cfg, stage) is not None:
+                derive_stage(cfg, stage)

@@ -35,6 +35,10 @@ def load_export(export_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.M
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
     task = build_task(info["name"], info, tokenizer, train=None)
     auto = getattr(transformers, task.auto_class)
+    from dist_train.tasks.quantize import QUANT_FILE, load_int8
+
+    if (export_dir / QUANT_FILE).is_file():  # the int8 copy (CPU only)
+        return load_int8(export_dir, task.auto_class), tokenizer, task
     if (export_dir / "adapter_config.json").is_file():  # an adapter export: base model + adapter
         from peft import PeftConfig, PeftModel
 

@@ -93,7 +93,27 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             model, _, _ = load_export(export_dir, device=world.device)
             out["test"] = evaluate_records(task, lambda b: model(**{k: v.to(model.device) for k, v in b.items()}),
                                            test, world, d.micro_batch_size)
+        if sec.quantize_int8:
+            out.update(int8_copy(export_dir, test))
+            if test:  # what quantization costs, metric by metric
+                out["int8_delta"] = {k: v - out["test"][k] for k, v in out["test_int8"].items()
+                                     if isinstance(v, float) and k != "examples"}
         return out
+
+    def int8_copy(export_dir: Path, test: list[dict] | None) -> dict[str, Any]:
+        """export-int8/ beside the export, and its test metrics and their change (CPU inference)."""
+        from dist_train.tasks.predict import load_export
+        from dist_train.tasks.quantize import load_int8, quantize_dynamic, save_int8
+
+        int8_dir = export_dir.with_name("export-int8")
+        if world.is_main:
+            save_int8(quantize_dynamic(load_export(export_dir)[0]), export_dir, int8_dir)
+        world.barrier()
+        result: dict[str, Any] = {"int8_export_dir": str(int8_dir)}
+        if test:
+            qmodel = load_int8(int8_dir, task.auto_class)
+            result["test_int8"] = evaluate_records(task, lambda b: qmodel(**b), test, world, d.micro_batch_size)
+        return result
 
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate, final=final,
                       loss_fn=task.loss, seq_len=sec.data.max_length,

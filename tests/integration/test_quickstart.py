@@ -44,7 +44,7 @@ def test_report_matches_the_contract(quickstart):
         # retention: the newest checkpoints, and `best` names the one with the best evaluation
         ckpts = out / stage / "checkpoints"
         best = (ckpts / "best").read_text().strip()
-        metric = report["config"][stage]["train"]["best_metric"]
+        metric = s["best_metric"]
         assert metric in json.loads((ckpts / best / "meta.json").read_text())["eval"]
     pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
     assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is True
@@ -142,7 +142,8 @@ def test_early_stopping_triggers_and_the_best_checkpoint_is_exported(quickstart)
     res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=es", "--stage", "finetune",
                   f"finetune.init_from={out / 'pretrain' / 'export'}", "finetune.optim.lr=1e-12",
                   "finetune.train.max_steps=50", "finetune.train.eval_every=2", "finetune.train.save_every=0",
-                  "finetune.train.early_stopping_patience=2", cwd=out.parent, timeout=600)
+                  "finetune.train.early_stopping_patience=2", "finetune.quantize_int8=true", cwd=out.parent,
+                  timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ft = json.loads((out.parent / "es" / "report.json").read_text())["stages"]["finetune"]
     assert ft["stopped_early"] is True and ft["steps"] == 6
@@ -150,6 +151,9 @@ def test_early_stopping_triggers_and_the_best_checkpoint_is_exported(quickstart)
     assert {"accuracy", "macro_f1", "per_class"} <= ft["test"].keys()
     ckpts = out.parent / "es" / "finetune" / "checkpoints"
     assert (ckpts / "best").read_text().strip() == "step_00000002"
+    # the int8 copy for CPU inference, and what quantization costs on the test set
+    assert Path(ft["int8_export_dir"], "quantization.json").is_file()
+    assert abs(ft["int8_delta"]["accuracy"]) < 0.1 and ft["test_int8"]["examples"] == ft["test"]["examples"]
 
 
 def test_sft_trains_on_responses_and_generates(quickstart, tmp_path):

@@ -1,0 +1,83 @@
+"""A dynamically int8-quantized copy of an export, for CPU inference.
+
+Every nn.Linear gets int8 weights (per output channel, symmetric) and computes with int8 matmuls
+on dynamically quantized activations (torch's dynamic quantization); everything else stays fp32.
+The copy is stored without pickles: `model.safetensors` holds the fp32 tensors that are not
+quantized plus, per linear layer, its int8 weight and its scales; `quantization.json` names the
+layers. `load_int8` rebuilds it from the fp32 architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+QUANT_FILE = "quantization.json"
+
+
+def quantize_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """int8 dynamic quantization of every nn.Linear (a copy; `model` is unchanged)."""
+    import copy
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                            dtype=torch.qint8)
+
+
+def _quantized_linears(model: torch.nn.Module) -> dict[str, Any]:
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def save_int8(qmodel: torch.nn.Module, export_dir: Path, out_dir: Path) -> Path:
+    """Write the quantized copy of `export_dir` (config, tokenizer, task file) into `out_dir`."""
+    from safetensors.torch import save_file
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(export_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    tensors: dict[str, torch.Tensor] = {}
+    linears = _quantized_linears(qmodel)
+    for name, m in linears.items():
+        w, b = m.weight(), m.bias()
+        tensors[f"{name}.weight_int8"] = w.int_repr().contiguous()
+        tensors[f"{name}.weight_scales"] = w.q_per_channel_scales().float().contiguous()
+        if b is not None:
+            tensors[f"{name}.bias"] = b.detach().contiguous()
+    for key, value in qmodel.state_dict().items():
+        if isinstance(value, torch.Tensor) and not value.is_quantized and key.rsplit(".", 1)[0] not in linears \
+                and key.rsplit(".", 2)[0] not in linears:
+            tensors.setdefault(key, value.detach().contiguous())
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))  # clone: no shared storage
+    (tmp / QUANT_FILE).write_text(json.dumps({"scheme": "dynamic int8, per-channel symmetric weights",
+                                              "linears": sorted(linears)}, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_int8(int8_dir: Path, auto_class: str) -> torch.nn.Module:
+    """The quantized model written by save_int8 (safetensors only)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(str(int8_dir))
+    model = getattr(transformers, auto_class).from_config(config)  # computed buffers (rotary) need real init
+    tensors = load_file(str(int8_dir / "model.safetensors"))
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.endswith(("_int8", "_scales"))}, strict=False)
+    model.tie_weights()
+    qmodel = quantize_dynamic(model)  # the linear layers' weights are replaced below
+    for name, m in _quantized_linears(qmodel).items():
+        scales = tensors[f"{name}.weight_scales"].double()
+        q = torch._make_per_channel_quantized_tensor(tensors[f"{name}.weight_int8"], scales,
+                                                     torch.zeros_like(scales, dtype=torch.long), 0)
+        m.set_weight_bias(q, tensors.get(f"{name}.bias"))
+    return qmodel.eval()

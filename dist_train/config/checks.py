@@ -289,27 +289,27 @@ def _check_finetune_task(cfg: RunConfig, tokenizer) -> list[str]:
     import transformers
 
     from dist_train.model.build import check_lora_targets, check_model_fits, lora_config
-    from dist_train.tasks import build_task
+    from dist_train.tasks import build_task, task_class
     from dist_train.tasks.records import read_splits, task_spec
 
     ft = cfg.finetune
     if any(p and _pending(cfg, p) for p in (ft.data.train, ft.data.validation, ft.data.test)):
         return []
-    train, val, test = read_splits(cfg)
     init = ft.init_from
     source = None if init == "pretrain" else init or cfg.model.name_or_path
     if init == "pretrain" and (Path(cfg.output_dir) / "pretrain" / "export" / "config.json").is_file():
         source = str(Path(cfg.output_dir) / "pretrain" / "export")
+    if source is not None:  # the architecture first: no point reading data for a model that cannot do the task
+        check_model_fits(task_class(ft.task).auto_class, transformers.AutoConfig.from_pretrained(source), source)
+    train, val, test = read_splits(cfg)
     if tokenizer is not None:
         task = build_task(ft.task, task_spec(cfg), tokenizer, train)
-        if source is not None:
+        if source is not None and ft.lora.enabled:
             config = transformers.AutoConfig.from_pretrained(source, **task.model_kwargs())
-            check_model_fits(task.auto_class, config, source)
-            if ft.lora.enabled:
-                with torch.device("meta"):  # the module tree only, no memory
-                    skeleton = getattr(transformers, task.auto_class).from_config(config)
-                check_lora_targets(skeleton, list(lora_config(ft.lora, task.peft_task_type,
-                                                              config.model_type).target_modules))
+            with torch.device("meta"):  # the module tree only, no memory
+                skeleton = getattr(transformers, task.auto_class).from_config(config)
+            check_lora_targets(skeleton, list(lora_config(ft.lora, task.peft_task_type,
+                                                          config.model_type).target_modules))
     notes = [f"finetune: {len(train)} train, {len(val or [])} validation, {len(test or [])} test examples"]
     if ft.train.early_stopping_patience and not val:
         notes.append("finetune: early stopping needs validation data (finetune.data.validation or "

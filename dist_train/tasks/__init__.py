@@ -38,16 +38,19 @@ class Task(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def build_task(name: str, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> Task:
-    """The task `name` for these data fields (`spec`, see FinetuneData) and tokenizer. Label sets are
-    read from `train`; when `train` is None they come from `spec` (a described export)."""
+def task_class(name: str) -> type:
     from dist_train.tasks.heads import Classification, MultiLabel, Regression
     from dist_train.tasks.sft import SFT
     from dist_train.tasks.tokens import TokenClassification
 
-    cls = {"sequence_classification": Classification, "multi_label_classification": MultiLabel,
-           "regression": Regression, "token_classification": TokenClassification, "sft": SFT}[name]
-    return cls(spec, tokenizer, train)
+    return {"sequence_classification": Classification, "multi_label_classification": MultiLabel,
+            "regression": Regression, "token_classification": TokenClassification, "sft": SFT}[name]
+
+
+def build_task(name: str, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> Task:
+    """The task `name` for these data fields (`spec`, see FinetuneData) and tokenizer. Label sets are
+    read from `train`; when `train` is None they come from `spec` (a described export)."""
+    return task_class(name)(spec, tokenizer, train)
 
 
 def task_fields(name: str, spec: dict[str, Any]) -> list[str]:

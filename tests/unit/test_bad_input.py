@@ -101,3 +101,28 @@ def test_resume_with_a_changed_identity_key_is_refused(config, capsys, tmp_path)
     assert "made with seed=5, but this config has 0" in err and "use a new output_dir" in err
     assert main(["validate", str(config), "seed=5", "pretrain.train.max_steps=9"]) == 0
     assert "pretrain will resume from step_00000002" in capsys.readouterr().out
+
+
+@pytest.fixture
+def finetune_config(config, minilm_dir):
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(pretrain=None, model={"name_or_path": str(minilm_dir)})
+    cfg["finetune"]["init_from"] = None
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune.lora.enabled=true", "finetune.lora.target_modules=[qkv]"],
+     "finetune.lora.target_modules: 'qkv' is not a linear layer of this model: use some of"),
+    (["finetune.task=sft", "finetune.data.prompt_field=text", "finetune.data.response_field=label"],
+     "sft needs a tokenizer with an EOS token (responses end with it): use a decoder's tokenizer"),
+    (["finetune.task=sft"], "has no field 'prompt'"),
+    (["finetune.data.label_field=y"], "has no field 'y' (fields: ['text', 'label']): set the finetune.data field"),
+    (["finetune.train.best_metric=f1"], "'f1' is not a metric the sequence_classification task reports"),
+    (["finetune.data.validation_fraction=0.6"], "must be <= 0.5"),
+    (["finetune.task=regression"], "is not a number: use numeric labels, or task sequence_classification"),
+])
+def test_finetune_mistakes_are_caught_before_ray(finetune_config, capsys, overrides, message):
+    out_dir = yaml.safe_load(finetune_config.read_text())["output_dir"]
+    check_user_error(capsys, ["run", str(finetune_config), *overrides], message, out_dir)

@@ -124,13 +124,27 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for f in dataclasses.fields(cls):
         path = prefix + f.name
         if f.name in raw:
-            value = _coerce(hints[f.name], raw[f.name], path)
+            given = raw[f.name]
+            if isinstance(given, dict) and f.default_factory is not dataclasses.MISSING:
+                # a section whose default differs by place (finetune.train vs pretrain.train): the
+                # keys given override that default, not the bare class defaults
+                base = to_dict(f.default_factory())
+                if isinstance(base, dict):
+                    given = _merged(base, given)
+            value = _coerce(hints[f.name], given, path)
             _check_range(f, value, path)
             kwargs[f.name] = value
         elif f.default is REQUIRED:
             raise ConfigError(f"missing required config key {path!r}: set it in the YAML or as "
                               f"{path}=VALUE")
     return cls(**kwargs)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

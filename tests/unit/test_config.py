@@ -77,3 +77,12 @@ def test_round_trip_through_plain_dict():
     cfg = load_config(QUICKSTART)
     assert from_dict(to_dict(cfg)) == cfg
     assert to_dict(RunConfig())["ray"]["num_workers"] == 2
+
+
+def test_a_partial_section_overrides_its_place_specific_defaults():
+    from dist_train.config.loader import load_config
+
+    cfg = load_config(None, ["finetune.data.train=x.jsonl", "finetune.train.max_steps=7", "finetune.optim.lr=1e-3"])
+    assert cfg.finetune.train.export == "best" and cfg.finetune.train.gradient_checkpointing is True
+    assert cfg.finetune.train.max_steps == 7 and cfg.finetune.optim.lr == 1e-3
+    assert cfg.finetune.optim.weight_decay == 0.01  # the finetune default, not the pretrain one (0.1)

@@ -46,9 +46,8 @@ class SFT:
         rows, labels = [], []
         for r in records:
             p = self.prompt_ids(str(r[self.prompt]))
-            a = self.tok(str(r[self.response]), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            if not with_labels:
-                a = []
+            a = self.tok(str(r[self.response]), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] \
+                if with_labels else []
             if len(p) + len(a) > limit:  # keep the response; cut the prompt's start
                 p = p[max(0, len(p) + len(a) - limit):]
                 a = a[:limit - len(p)]

@@ -13,7 +13,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-TASKS = ("sequence_classification", "multi_label_classification", "regression", "token_classification", "sft")
 # The scalar metrics each task's evaluation reports; the first is its main one (best_metric: auto).
 TASK_METRICS = {"sequence_classification": ("accuracy", "macro_f1", "loss"),
                 "multi_label_classification": ("macro_f1", "micro_f1", "exact_match", "loss"),

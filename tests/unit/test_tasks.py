@@ -137,3 +137,16 @@ def test_multilabel_and_regression_encode(tok):
     with pytest.raises(DataError, match="is not a number"):
         build_task("regression", SPEC, tok, [{"text": "a", "label": "high"}])
     assert task_fields("sequence_classification", {**SPEC, "text_pair_field": "b"}) == ["text", "b", "label"]
+
+
+def test_sft_uses_the_chat_template_when_the_tokenizer_has_one(tokenizer_dir):
+    from dist_train.model.build import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    task = build_task("sft", SPEC, tok, None)
+    ids = task.prompt_ids("hello")
+    assert tok.decode(ids) == "<|user|>hello\n<|assistant|>"
+    batch = task.encode([{"prompt": "hello", "response": " hi"}])
+    assert (batch["labels"][0, :len(ids)] == -100).all() and (batch["labels"][0, len(ids):] != -100).all()

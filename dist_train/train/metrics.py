@@ -39,9 +39,11 @@ def measure_matmul_peak(dtype: torch.dtype, threads: int, device: str = "cpu", n
     try:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        best = 0.0
+        torch.mm(a, b)  # untimed: the first call pays for kernel selection (oneDNN JIT)
+        best, runs = 0.0, 0
         deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < deadline or runs < 3:  # a slow first run must not be the only one
+            runs += 1
             t0 = time.perf_counter()
             torch.mm(a, b)
             if device == "cuda":
@@ -63,23 +65,28 @@ def memory_mb() -> dict[str, float]:
 
 
 class Throughput:
-    """Steady-state tokens/s: the first `skip` steps (compilation, warm caches) are not timed."""
+    """Steady-state tokens/s: the first `skip` log intervals (compilation, warm caches) are not
+    counted, unless nothing else was measured (a run too short for a steady state)."""
 
     def __init__(self, skip: int = 2) -> None:
         self.skip = skip
         self.steps = 0
-        self.tokens = 0
-        self.seconds = 0.0
+        self.tokens = self.all_tokens = 0
+        self.seconds = self.all_seconds = 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
         self.steps += 1
+        self.all_tokens += tokens
+        self.all_seconds += seconds
         if self.steps > self.skip:
             self.tokens += tokens
             self.seconds += seconds
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        if self.seconds > 0:
+            return self.tokens / self.seconds
+        return self.all_tokens / self.all_seconds if self.all_seconds > 0 else 0.0
 
 
 class RunClock:

@@ -33,8 +33,7 @@ class _Sequence:
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
-        labels = batch["labels"]
-        return int((labels[:, 0] > IGNORE).sum()) if labels.dim() == 2 else int((labels != IGNORE).sum())
+        return int((batch["labels"] != IGNORE).sum())
 
 
 class Classification(_Sequence):
@@ -94,9 +93,9 @@ class Classification(_Sequence):
         m = stats[:-1].reshape(n + 1, n + 1)  # the last row: gold labels never seen in training
         out = M.classification_metrics(m[:n, :n], self.labels)
         total = m.sum()
-        base = M._safe(m[self.id[self.majority]].sum(), total) if self.majority in self.id else float("nan")
-        return {"accuracy": M._safe(np.trace(m), total), "macro_f1": out["macro_f1"],
-                "loss": M._safe(stats[-1], total), "majority_rate": base, "examples": float(total),
+        base = M.ratio(m[self.id[self.majority]].sum(), total) if self.majority in self.id else float("nan")
+        return {"accuracy": M.ratio(np.trace(m), total), "macro_f1": out["macro_f1"],
+                "loss": M.ratio(stats[-1], total), "majority_rate": base, "examples": float(total),
                 "per_class": out["per_class"]}
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -164,7 +163,7 @@ class MultiLabel(_Sequence):
 
     def metrics(self, stats: np.ndarray) -> dict[str, Any]:
         out = M.multilabel_metrics(stats[:-1], self.labels)
-        return {**out, "loss": M._safe(stats[-1], stats[-2]), "examples": float(stats[-2])}
+        return {**out, "loss": M.ratio(stats[-1], stats[-2]), "examples": float(stats[-2])}
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         probs = torch.sigmoid(logits.float()).cpu()

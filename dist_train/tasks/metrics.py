@@ -20,7 +20,8 @@ def confusion(pred: np.ndarray, gold: np.ndarray, n: int, weight: np.ndarray) ->
     return m
 
 
-def _safe(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
+    """a / b, and 0 for an empty denominator (a class never predicted has precision 0)."""
     return a / b if b > 0 else 0.0
 
 
@@ -30,12 +31,12 @@ def classification_metrics(m: np.ndarray, labels: list[str]) -> dict:
     per = {}
     f1s = []
     for i, lab in enumerate(labels):
-        p, r = _safe(tp[i], m[:, i].sum()), _safe(tp[i], m[i].sum())
-        f1 = _safe(2 * p * r, p + r)
+        p, r = ratio(tp[i], m[:, i].sum()), ratio(tp[i], m[i].sum())
+        f1 = ratio(2 * p * r, p + r)
         per[lab] = {"precision": p, "recall": r, "f1": f1, "support": float(m[i].sum())}
         if m[i].sum() > 0 or m[:, i].sum() > 0:  # a class absent from gold and predictions has no F1
             f1s.append(f1)
-    return {"accuracy": _safe(tp.sum(), m.sum()), "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
+    return {"accuracy": ratio(tp.sum(), m.sum()), "macro_f1": float(np.mean(f1s)) if f1s else 0.0,
             "per_class": per}
 
 
@@ -52,9 +53,9 @@ def multilabel_counts(pred: np.ndarray, gold: np.ndarray, weight: np.ndarray) ->
 def multilabel_metrics(stats: np.ndarray, labels: list[str]) -> dict:
     counts = stats[:-2].reshape(len(labels), 3)
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-    f1 = [_safe(2 * t, 2 * t + a + b) for t, a, b in zip(tp, fp, fn, strict=True)]
-    return {"exact_match": _safe(stats[-2], stats[-1]), "macro_f1": float(np.mean(f1)),
-            "micro_f1": _safe(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum()),
+    f1 = [ratio(2 * t, 2 * t + a + b) for t, a, b in zip(tp, fp, fn, strict=True)]
+    return {"exact_match": ratio(stats[-2], stats[-1]), "macro_f1": float(np.mean(f1)),
+            "micro_f1": ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum()),
             "per_class": {lab: {"f1": f, "support": float(t + b)} for lab, f, t, b in zip(labels, f1, tp, fn,
                                                                                            strict=True)}}
 
@@ -70,7 +71,7 @@ def regression_metrics(s: np.ndarray) -> dict:
     n, sx, sy, sxx, syy, sxy, se = s
     cov = sxy - sx * sy / n if n else 0.0
     vx, vy = (sxx - sx * sx / n, syy - sy * sy / n) if n else (0.0, 0.0)
-    return {"mse": _safe(se, n), "pearson": cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else 0.0}
+    return {"mse": ratio(se, n), "pearson": cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else 0.0}
 
 
 def entities(tags: list[str]) -> set[tuple[str, int, int]]:
@@ -97,5 +98,5 @@ def entity_counts(pred: list[list[str]], gold: list[list[str]], weight: list[flo
 
 
 def entity_metrics(s: np.ndarray) -> dict:
-    p, r = _safe(s[0], s[1]), _safe(s[0], s[2])
-    return {"f1": _safe(2 * p * r, p + r), "precision": p, "recall": r, "tag_accuracy": _safe(s[3], s[4])}
+    p, r = ratio(s[0], s[1]), ratio(s[0], s[2])
+    return {"f1": ratio(2 * p * r, p + r), "precision": p, "recall": r, "tag_accuracy": ratio(s[3], s[4])}

@@ -91,7 +91,7 @@ class TokenClassification:
         return np.concatenate([M.entity_counts(p, g, list(weight)), [loss]])
 
     def metrics(self, stats: np.ndarray) -> dict[str, Any]:
-        return {**M.entity_metrics(stats[:5]), "loss": M._safe(stats[5], stats[4]), "words": float(stats[4])}
+        return {**M.entity_metrics(stats[:5]), "loss": M.ratio(stats[5], stats[4]), "words": float(stats[4])}
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         pred = logits.float().argmax(-1).cpu()

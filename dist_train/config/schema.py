@@ -244,9 +244,9 @@ def stage_metrics(cfg: Any, stage: str) -> tuple[str, ...]:
     """The scalar metrics a stage's evaluation reports (the first is its main one)."""
     if stage == "pretrain":
         return PRETRAIN_METRICS
-    from dist_train.tasks import TASK_METRICS
+    from dist_train.tasks import task_class
 
-    return TASK_METRICS[cfg.finetune.task]
+    return task_class(cfg.finetune.task).metrics_names
 
 
 def best_metric(cfg: Any, stage: str) -> str | None:

@@ -13,12 +13,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-# The scalar metrics each task's evaluation reports; the first is its main one (best_metric: auto).
-TASK_METRICS = {"sequence_classification": ("accuracy", "macro_f1", "loss"),
-                "multi_label_classification": ("macro_f1", "micro_f1", "exact_match", "loss"),
-                "regression": ("pearson", "mse", "loss"), "token_classification": ("f1", "precision", "recall",
-                                                                                  "tag_accuracy", "loss"),
-                "sft": ("loss", "perplexity")}
 TASK_FILE = "dist_train_task.json"  # written into every export: how to read inputs and outputs
 
 
@@ -26,6 +20,7 @@ class Task(Protocol):
     name: str
     auto_class: str  # the transformers Auto class of the model
     peft_task_type: str  # peft's TaskType name (decides which head modules LoRA trains fully)
+    metrics_names: tuple[str, ...]  # scalar metrics of metrics(); the first is the main one (best_metric: auto)
 
     def model_kwargs(self) -> dict[str, Any]: ...
     def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]: ...

@@ -41,6 +41,7 @@ class Classification(_Sequence):
     data (sorted) and stored in the export as id2label/label2id."""
 
     name = "sequence_classification"
+    metrics_names = ("accuracy", "macro_f1", "loss")
 
     def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
         super().__init__(spec, tokenizer, train)
@@ -113,6 +114,7 @@ class MultiLabel(_Sequence):
     string). Independent sigmoids, a 0.5 threshold."""
 
     name = "multi_label_classification"
+    metrics_names = ("macro_f1", "micro_f1", "exact_match", "loss")
 
     def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
         super().__init__(spec, tokenizer, train)
@@ -179,6 +181,7 @@ class Regression(_Sequence):
     """One real value per example; mean squared error loss."""
 
     name = "regression"
+    metrics_names = ("pearson", "mse", "loss")
 
     def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
         super().__init__(spec, tokenizer, train)

@@ -51,10 +51,10 @@ def save_int8(qmodel: torch.nn.Module, export_dir: Path, out_dir: Path) -> Path:
         tensors[f"{name}.weight_scales"] = w.q_per_channel_scales().float().contiguous()
         if b is not None:
             tensors[f"{name}.bias"] = b.detach().contiguous()
-    for key, value in qmodel.state_dict().items():
-        if isinstance(value, torch.Tensor) and not value.is_quantized and key.rsplit(".", 1)[0] not in linears \
-                and key.rsplit(".", 2)[0] not in linears:
-            tensors.setdefault(key, value.detach().contiguous())
+    for key, value in qmodel.state_dict().items():  # the rest (embeddings, norms) stays fp32
+        owned = any(key.startswith(f"{name}.") for name in linears)  # packed params, stored above
+        if not owned and isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().contiguous()
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))  # clone: no shared storage
     (tmp / QUANT_FILE).write_text(json.dumps({"scheme": "dynamic int8, per-channel symmetric weights",
                                               "linears": sorted(linears)}, indent=1))

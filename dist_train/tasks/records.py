@@ -11,6 +11,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from dist_train.data.manifest import DataError
+from dist_train.tasks import task_fields
 
 if TYPE_CHECKING:
     from dist_train.config.schema import RunConfig
@@ -79,8 +80,6 @@ def task_spec(cfg: RunConfig) -> dict[str, Any]:
 def read_splits(cfg: RunConfig) -> tuple[list[dict], list[dict] | None, list[dict] | None]:
     """(train, validation, test) records: the given files, or deterministic splits of train."""
     data = cfg.finetune.data
-    from dist_train.tasks import task_fields
-
     fields = task_fields(cfg.finetune.task, task_spec(cfg))
     train = read_records(data.train, fields)
     val = read_records(data.validation, fields) if data.validation else None

@@ -23,6 +23,7 @@ class SFT:
     name = "sft"
     auto_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
+    metrics_names = ("loss", "perplexity")
 
     def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
         self.spec, self.tok = spec, tokenizer

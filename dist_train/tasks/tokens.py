@@ -22,6 +22,7 @@ class TokenClassification:
     name = "token_classification"
     auto_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
+    metrics_names = ("f1", "precision", "recall", "tag_accuracy", "loss")
 
     def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
         self.spec, self.tok = spec, tokenizer

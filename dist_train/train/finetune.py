@@ -117,5 +117,6 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
 
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate, final=final,
                       loss_fn=task.loss, seq_len=sec.data.max_length,
+                      export_adapter_only=sec.lora.enabled and sec.lora.export == "adapter",
                       run_info={"task": {"name": sec.task, "peft_task_type": task.peft_task_type, **spec,
                                          **task.describe()}})

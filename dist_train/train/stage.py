@@ -46,6 +46,7 @@ class StageParts:
     loss_fn: LossFn  # (logits, labels) -> loss summed over the targets
     seq_len: int  # for the attention term of FLOPs/token
     run_info: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint's meta.json
+    export_adapter_only: bool = False  # LoRA: export the adapter alone instead of merging it
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -111,12 +112,10 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     export_dir = out / "export"
     exported = ckpt.latest
     if section.train.export == "best":
-        exported = world.broadcast_object(best_committed(ckpt.root)) or ckpt.latest
+        exported = world.broadcast_object(best_committed(ckpt.root) if world.is_main else None) or ckpt.latest
     world.barrier()
     if world.is_main:
-        lora = getattr(section, "lora", None)
-        export_checkpoint(ckpt.root / exported, export_dir,
-                          adapter_only=bool(lora and lora.enabled and lora.export == "adapter"))
+        export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only)
     world.barrier()
     extra = parts.final(export_dir)
     tps = throughput.tokens_per_s

@@ -133,13 +133,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"config OK: {args.config}")
         return 0
     if args.cmd == "run":
-        from dist_train.launch.driver import RunFailed, run
+        from dist_train.control import REQUEUE_EXIT
+        from dist_train.launch.driver import Preempted, RunFailed, run
 
         try:
             run(load_config(args.config, args.overrides), args.stage)
         except RunFailed as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr)
+            return REQUEUE_EXIT
         return 0
     if args.cmd == "data":
         return _data(args)

@@ -47,3 +47,11 @@ class World:
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.safe_load import weights_only_loading
+
 HF_DIR = "hf"
 
 
@@ -49,12 +51,13 @@ def checkpoint_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     zero = meta["config"][meta["stage"]]["deepspeed"]["zero_stage"]
     if zero == 0:  # no ZeRO partitions: the module's own weights (the working precision)
         model_file = next(ckpt_dir.glob("mp_rank_00_model_states.pt"))
-        states = torch.load(model_file, map_location="cpu", weights_only=False)
+        with weights_only_loading():
+            states = torch.load(model_file, map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # It narrates every shard it reads, with progress bars: keep the console for our own lines.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loading():
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, lazy_mode=True)
         return {name: t.contiguous() for name, t in lazy.items()}  # one parameter at a time
 

@@ -10,6 +10,7 @@ this module only does the former.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.data.ledger import Ledger, gather
+from dist_train.faults import Faults
 from dist_train.world import World
 
 META = "meta.json"
@@ -29,6 +31,17 @@ LATEST = "latest"
 BEST = "best"  # the committed checkpoint with the best evaluation metric
 STAGING = ".staging"
 UNIVERSAL = ".universal"  # checkpoints converted for another worker count
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message names the cause and the intact previous one."""
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device (ENOSPC) at PATH': the words and the code people search for."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    where = f" at {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{f' ({code})' if code else ''}{where}"
 
 
 def tag_for(step: int) -> str:
@@ -185,8 +198,9 @@ class CheckpointManager:
 
     def __init__(self, root: Path, world: World, keep: int, run_info: dict[str, Any],
                  ledger: Ledger | None = None, describe: Callable[[Path], None] | None = None,
-                 best_metric: str | None = None, higher_is_better: bool = False) -> None:
+                 best_metric: str | None = None, higher_is_better: bool = False, faults: Faults | None = None) -> None:
         self.root, self.world, self.keep, self.run_info, self.ledger = root, world, keep, run_info, ledger
+        self.faults = faults
         self.best_metric, self.higher = best_metric, higher_is_better
         self.describe = describe  # rank 0 writes the model's HF config and tokenizer into each checkpoint
         self.latest: str | None = None  # the newest checkpoint this run committed or resumed from
@@ -226,7 +240,7 @@ class CheckpointManager:
         done = out / tag / "converted.json"
         if self.world.is_main and not done.is_file():
             shutil.rmtree(out / tag, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+            cmd = [sys.executable, "-m", "dist_train.checkpoint.safe_load", "--input_folder",
                    str(self.root / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
             res = subprocess.run(cmd, capture_output=True, text=True)
@@ -247,39 +261,84 @@ class CheckpointManager:
     def save(self, engine: Any, step: int, client_state: dict[str, Any],
              evaluation: dict[str, float] | None = None) -> str:
         """Write, verify and commit a checkpoint for `step`; returns its tag once committed.
-        `evaluation`: the metrics of an evaluation at this very step (ranks it for `best`)."""
+        `evaluation`: the metrics of an evaluation at this very step (ranks it for `best`).
+
+        Every rank returns or every rank raises `CheckpointWriteError`: a failed write on any rank
+        (disk full, read-only, I/O error, vanished directory) stops training on all of them, the
+        partial files are removed and the previous committed checkpoint stays `latest`.
+        """
         tag = tag_for(step)
         staging = self.root / STAGING
-        if self.world.is_main:
-            shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a crashed save
-            staging.mkdir(parents=True, exist_ok=True)
-        self.world.barrier()
-        engine.save(str(staging), tag, client_state)
-        save_rng(staging / tag, self.world.rank)
-        if self.ledger is not None:
-            self.ledger.flush(staging / tag)  # committed with the checkpoint, or not at all
-        self.world.barrier()  # every rank's shard is on disk
-        if self.world.is_main:
-            if self.describe is not None:
-                self.describe(staging / tag)
-            fsync_tree(staging / tag)
-            meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
-                    "git_revision": git_revision(), "versions": library_versions(), **self.run_info,
-                    "eval": evaluation or {},
-                    "files": checksums(staging / tag)}
-            (staging / tag / META).write_text(json.dumps(meta, indent=1))
-            fsync_tree(staging / tag)
-            final = self.root / tag
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                shutil.rmtree(final)
-            os.replace(staging / tag, final)
-            _fsync_dir(self.root)
-            write_atomic(self.root / LATEST, tag + "\n")
-            gather(final, self.root.parent)
-            self._retain(tag)
-        self.world.barrier()
+        self._phase(tag, self.world.is_main, lambda: self._prepare(staging / tag, step))
+        self._phase(tag, True, lambda: self._write_shards(engine, staging / tag, step, client_state))
+        self._phase(tag, self.world.is_main, lambda: self._commit(staging / tag, step, evaluation))
         self.latest = tag
         return tag
+
+    def _fault(self, phase: str, step: int) -> None:
+        if self.faults is not None:
+            self.faults.in_save(phase, step, self.root)
+
+    def _phase(self, tag: str, act: bool, work: Callable[[], None]) -> None:
+        """Run `work` where `act`, then agree over all ranks (a collective) that it succeeded."""
+        problem = None
+        if act:
+            try:
+                work()
+            except Exception as e:
+                problem = f"{e.__class__.__name__}: {e}" if not isinstance(e, OSError) else describe_os_error(e)
+        problems = self.world.all_gather_object(problem)
+        failed = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+        if not failed:
+            return
+        if self.world.is_main:
+            shutil.rmtree(self.root / STAGING / tag, ignore_errors=True)  # nothing half-written stays
+        rank, problem = failed[0]
+        previous = self.latest  # known without touching the (maybe vanished) directory
+        raise CheckpointWriteError(
+            f"checkpoint {tag} could not be written to {self.root} (rank {rank}: {problem}); training stopped "
+            f"rather than continue unsaved. The previous checkpoint ({previous or 'none'}) is intact: fix the "
+            "storage (free space, permissions, mount) and rerun the same command to resume from it")
+
+    def _prepare(self, staging_tag: Path, step: int) -> None:
+        self._fault("start", step)
+        if not self.root.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "the checkpoint directory vanished (unmounted or deleted?)",
+                                    str(self.root))
+        shutil.rmtree(staging_tag, ignore_errors=True)  # leftovers of a crashed save
+        staging_tag.parent.mkdir(exist_ok=True)  # never parents: a vanished share must not be recreated
+
+    def _write_shards(self, engine: Any, staging_tag: Path, step: int, client_state: dict[str, Any]) -> None:
+        engine.save(str(staging_tag.parent), staging_tag.name, client_state)
+        save_rng(staging_tag, self.world.rank)
+        if self.ledger is not None:
+            self.ledger.flush(staging_tag)  # committed with the checkpoint, or not at all
+        self._fault("engine_saved", step)
+
+    def _commit(self, staging_tag: Path, step: int, evaluation: dict[str, float] | None) -> None:
+        """Rank 0, once every rank's files are in staging: meta.json with checksums, rename, `latest`."""
+        if self.describe is not None:
+            self.describe(staging_tag)
+        fsync_tree(staging_tag)
+        tag = staging_tag.name
+        meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
+                "git_revision": git_revision(), "versions": library_versions(), **self.run_info,
+                "eval": evaluation or {}, "files": checksums(staging_tag)}
+        (staging_tag / META).write_text(json.dumps(meta, indent=1))
+        fsync_tree(staging_tag)
+        self._fault("staged", step)
+        final = self.root / tag
+        if final.exists():  # a checkpoint of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(staging_tag, final)  # the commit point: a step_* directory with meta.json
+        _fsync_dir(self.root)
+        self._fault("renamed", step)
+        write_atomic(self.root / LATEST, tag + "\n")
+        self._fault("committed", step)
+        gather(final, self.root.parent)
+        self._retain(tag)
+        if self.faults is not None:
+            self.faults.after_commit(step, final)
 
     def _retain(self, newest: str) -> None:
         metas = {t: self.meta(t) for t in committed_tags(self.root)}

@@ -185,6 +185,23 @@ def _check_best_metric(cfg: RunConfig, stage: str) -> list[str]:
     return []
 
 
+def _check_faults(cfg: RunConfig) -> None:
+    from dist_train.faults import ALLOW_ENV, allowed
+
+    f = cfg.faults
+    if not f.active():
+        return
+    if not allowed():
+        raise ConfigError(f"faults.* injects failures on purpose (it is for tests): remove the faults section, or set "
+                          f"{ALLOW_ENV}=1 if you really mean to break this run")
+    for rank, what in [(f.rank, "faults.rank"), *((s.rank, f"faults.save (step {s.step})") for s in f.save)]:
+        if rank >= cfg.ray.num_workers:
+            raise ConfigError(f"{what}={rank} but the run has {cfg.ray.num_workers} workers: pick a rank below that")
+    for s in f.save:
+        if s.rank != 0 and s.phase in ("staged", "renamed", "committed"):
+            raise ConfigError(f"faults.save phase {s.phase} happens on rank 0 only: set rank: 0")
+
+
 def cpu_has_fp16() -> bool:
     """Whether DeepSpeed's CPU accelerator accepts fp16 here (oneDNN fp16: AVX512-FP16 or AMX-FP16)."""
     import torch
@@ -198,7 +215,7 @@ def cpu_has_fp16() -> bool:
 def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     """Raise ConfigError/DataError/ModelError for anything that would fail later; return notes."""
     from dist_train.data.manifest import read_manifest
-    from dist_train.model.build import load_tokenizer, model_vocab_size
+    from dist_train.model.build import check_remote_code, load_tokenizer, model_vocab_size
 
     notes: list[str] = []
     out = Path(cfg.output_dir)
@@ -211,6 +228,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.arch (from scratch)")
     if not stages:
         raise ConfigError("no stage to run: add a `pretrain:` or `finetune:` section")
+    _check_faults(cfg)
+    for name in (model.name_or_path, model.tokenizer):
+        check_remote_code(name, model.trust_remote_code)
     for stage in stages:
         stage_section(cfg, stage)
         derive_stage(cfg, stage)
@@ -226,7 +246,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         raise ConfigError("model.tokenizer is not set: name a tokenizer directory (model.arch has none)")
     tokenizer = None
     if not _pending(cfg, tokenizer_name):
-        tokenizer = load_tokenizer(tokenizer_name)
+        tokenizer = load_tokenizer(tokenizer_name, model.trust_remote_code)
         vocab = model_vocab_size(model.name_or_path, model.arch, len(tokenizer))
         if len(tokenizer) > vocab:
             raise ConfigError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model embeds "
@@ -275,6 +295,8 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         elif init is not None and not (Path(init) / "config.json").is_file():
             raise ConfigError(f"finetune.init_from {init!r} is not an HF model directory (no config.json): "
                               "point it at an export directory")
+        elif init is not None:
+            check_remote_code(init, model.trust_remote_code)
         if max_pos is not None and ft.data.max_length > max_pos:
             raise ConfigError(f"finetune.data.max_length={ft.data.max_length} exceeds "
                               f"model.arch.max_position_embeddings={max_pos}: lower it")

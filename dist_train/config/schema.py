@@ -30,7 +30,18 @@ class RayConfig:
     cpus_per_worker: int = doc("CPU cores reserved per worker; also its torch thread count.", 1, ge=1)
     address: str | None = doc("Ray cluster to join ('auto', 'ray://host:10001', host:port). "
                               "null starts a local Ray instance.", None)
-    max_failures: int = doc("Worker-group restarts Ray Train may attempt after a failure.", 0, ge=-1)
+    max_failures: int = doc("Worker-group restarts Ray Train may attempt after a failure (a worker killed, "
+                            "a rank stuck); each restart resumes from the last committed checkpoint. "
+                            "-1: unlimited.", 0, ge=-1)
+    collective_timeout_s: int = doc("A collective (all-reduce, barrier) that waits longer than this fails the "
+                                    "worker group instead of hanging. Keep it above the longest stretch one "
+                                    "rank works alone (export, checkpoint conversion).", 1800, ge=1)
+    heartbeat_timeout_s: float = doc("A rank whose heartbeat (written every heartbeat_timeout_s/6 s by a "
+                                     "thread of each worker) stops for this long is reported by name and the "
+                                     "worker group fails (and restarts, with max_failures). Catches stopped, "
+                                     "frozen and vanished ranks.", 120.0, gt=0)
+    preemption_grace_s: float = doc("After SIGTERM, how long the driver waits for the workers to commit a "
+                                    "checkpoint at the next step boundary before it exits anyway.", 120.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,8 @@ class ModelConfig:
                                    "Exactly one of name_or_path and arch.", None)
     arch: TinyArch | None = doc("Inline architecture for from-scratch training.", None)
     tokenizer: str | None = doc("Tokenizer id or directory; defaults to name_or_path.", None)
+    trust_remote_code: bool = doc("Run Python code shipped inside a model directory (transformers' auto_map). "
+                                  "Off: such a model is refused with a message.", False)
     dropout: float | None = doc("Override every dropout probability of the model (hidden, attention, "
                                 "classifier); null keeps the model's own.", None, ge=0, le=1)
 
@@ -224,6 +237,34 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class SaveFault:
+    step: int = doc("The checkpoint save of this step.", REQUIRED, ge=1)
+    phase: Literal["start", "engine_saved", "staged", "renamed", "committed"] = doc(
+        "Where in the save: start (nothing written), engine_saved (DeepSpeed files in .staging), staged "
+        "(meta.json and checksums written), renamed (in place, `latest` not yet moved), committed.", "staged")
+    rank: int = doc("Which rank acts.", 0, ge=0)
+    action: Literal["kill", "ENOSPC", "EROFS", "EIO", "vanish"] = doc(
+        "kill: SIGKILL the rank; ENOSPC/EROFS/EIO: the write fails with that OS error; vanish: the "
+        "checkpoint directory disappears (an unmounted share).", "kill")
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Failures injected on purpose, for tests. Each fires once per run (a marker under
+    OUTPUT_DIR/_faults/ remembers it across restarts). Refused unless DIST_TRAIN_ALLOW_FAULTS=1."""
+
+    kill_at_steps: tuple[int, ...] = doc("SIGKILL `rank` right after these optimizer steps.", factory=tuple)
+    stop_at_step: int | None = doc("SIGSTOP `rank` (frozen, not dead) right after this step.", None, ge=1)
+    rank: int = doc("The rank kill_at_steps and stop_at_step act on.", 1, ge=0)
+    save: tuple[SaveFault, ...] = doc("Faults inside the checkpoint save path.", factory=tuple)
+    corrupt_checkpoint: int | None = doc("After committing the checkpoint of this step, flip one byte of one "
+                                         "of its files (bit rot, a torn copy).", None, ge=1)
+
+    def active(self) -> bool:
+        return bool(self.kill_at_steps or self.stop_at_step or self.save or self.corrupt_checkpoint)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     output_dir: str = doc("Everything a run writes lives under here.", "runs/default")
     seed: int = doc("Seed for initialisation, data order and dropout.", 0, ge=0)
@@ -232,6 +273,7 @@ class RunConfig:
     model: ModelConfig = doc("Model and tokenizer.", factory=ModelConfig)
     pretrain: PretrainConfig | None = doc("Stage 1: continued pretraining; omit to fine-tune only.", None)
     finetune: FinetuneConfig | None = doc("Stage 2: fine-tuning; omit to pretrain only.", None)
+    faults: FaultsConfig = doc("Fault injection for tests (off).", factory=FaultsConfig)
 
 
 STAGES = ("pretrain", "finetune")

@@ -7,9 +7,13 @@ rerun alone. The report merges the stages' results with the resolved config and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +22,52 @@ from dist_train.config.checks import check_run, resolve
 from dist_train.config.derived import describe
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import STAGES, RunConfig
+from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preemption
+from dist_train.control import clear as clear_requests
+from dist_train.train.heartbeat import read_incidents
 
 REPORT = "report.json"
 
 
 class RunFailed(RuntimeError):
     """A stage failed on the cluster; the message names the stage and the worker's error."""
+
+
+class Preempted(RuntimeError):
+    """The run stopped on request (SIGTERM) after committing a checkpoint; rerunning resumes it."""
+
+
+@contextlib.contextmanager
+def preemption_signal(cfg: RunConfig, log=print) -> Iterator[None]:
+    """While the block runs, SIGTERM asks the workers to checkpoint at the next step and stop.
+
+    Slurm (before its kill), spot-instance notices and `ray job stop` all send SIGTERM. If the
+    workers have not stopped within ray.preemption_grace_s, the driver exits anyway with
+    REQUEUE_EXIT: the last committed checkpoint stays valid, whatever was in flight is discarded.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def give_up() -> None:
+        log(f"preemption: the workers did not stop within {cfg.ray.preemption_grace_s:.0f} s; exiting "
+            "(the last committed checkpoint is intact)")
+        os._exit(REQUEUE_EXIT)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        request_preemption(cfg.output_dir, name)
+        log(f"{name}: checkpointing at the next step boundary, then exiting with {REQUEUE_EXIT} "
+            f"(grace {cfg.ray.preemption_grace_s:.0f} s)")
+        timer = threading.Timer(cfg.ray.preemption_grace_s, give_up)
+        timer.daemon = True
+        timer.start()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stages_to_run(cfg: RunConfig, only: str | None) -> list[str]:
@@ -76,23 +120,38 @@ def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "stage": stage},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
+                                 timeout_s=cfg.ray.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RayRunConfig(name=stage, storage_path=str(Path(cfg.output_dir) / "_ray"),
                                 failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
+    t0 = time.time()
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps the worker's exception; keep its last line for people
+        incidents = read_incidents(Path(cfg.output_dir) / stage, since=t0)
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        raise RunFailed(f"stage {stage} failed: {lines[-1] if lines else type(e).__name__}") from e
-    return json.loads((Path(cfg.output_dir) / stage / "result.json").read_text())
+        why = incidents[-1]["message"] if incidents else (lines[-1] if lines else type(e).__name__)
+        raise RunFailed(f"stage {stage} failed: {why}") from e
+    result = json.loads((Path(cfg.output_dir) / stage / "result.json").read_text())
+    if result.get("preempted"):
+        raise Preempted(f"stage {stage} stopped at step {result['steps']} on request; checkpoint "
+                        f"{result['checkpoint']} is committed. Rerun the same command to resume (exit status "
+                        f"{REQUEUE_EXIT} asks a Slurm script to requeue)")
+    return result
 
 
 def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, Any]:
-    """Validate, prepare, train every selected stage, write report.json; returns the report."""
+    """Validate, prepare, train every selected stage, write report.json; returns the report.
+    Raises Preempted when SIGTERM stopped it (after a checkpoint), RunFailed when a stage failed."""
+    with preemption_signal(cfg, log):
+        return _run(cfg, only_stage, log)
+
+
+def _run(cfg: RunConfig, only_stage: str | None, log) -> dict[str, Any]:
     t0 = time.time()
     cfg = resolve(cfg)
     stages = stages_to_run(cfg, only_stage)
@@ -105,6 +164,7 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     log(describe(cfg, stages))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clear_requests(out)  # a stop request of an earlier, preempted run is not for this one
     timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}
     t = time.time()
     start_ray(cfg)
@@ -113,6 +173,9 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
     results: dict[str, Any] = dict(previous.get("stages", {}))
     for stage in stages:
+        if preemption_requested(cfg.output_dir):
+            raise Preempted(f"stopped on request before stage {stage}; rerun the same command to continue "
+                            f"(exit status {REQUEUE_EXIT} asks a Slurm script to requeue)")
         t = time.time()
         result = fit_stage(cfg, stage)
         timings[f"{stage}_s"] = time.time() - t

@@ -6,12 +6,16 @@ topology is read), and runs the requested stage.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dist_train.checkpoint.safe_load import allow_deepspeed_checkpoints
 from dist_train.config.derived import derive_stage
 from dist_train.config.loader import from_dict
+from dist_train.train.heartbeat import Heartbeat
 from dist_train.world import World
 
 
@@ -49,10 +53,16 @@ def train_worker(payload: dict[str, Any]) -> None:
     from dist_train.train.stage import run_stage
 
     quiet_libraries()
+    allow_deepspeed_checkpoints()
     cfg = from_dict(payload["config"])
     stage = payload["stage"]
     world = world_from_ray(cfg.ray.use_gpu)
     torch.set_num_threads(cfg.ray.cpus_per_worker)
-    d = derive_stage(cfg, stage, world.world_size)
-    build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
-    run_stage(cfg, stage, d, world, build(cfg, d, world))
+    attempt = world.broadcast_object(time.time())
+    heartbeat = Heartbeat(Path(cfg.output_dir) / stage, world, attempt, cfg.ray.heartbeat_timeout_s).start()
+    try:
+        d = derive_stage(cfg, stage, world.world_size)
+        build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
+        run_stage(cfg, stage, d, world, build(cfg, d, world), attempt=attempt, heartbeat=heartbeat)
+    finally:
+        heartbeat.stop()

@@ -6,7 +6,9 @@ later in train/engine.py, the one seam.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,13 +27,30 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def load_tokenizer(name_or_path: str) -> Any:
+def check_remote_code(name_or_path: str | None, trusted: bool) -> None:
+    """Refuse a local model or tokenizer directory that ships Python code (an `auto_map`) unless
+    the config trusts it: loading it would run that code on every worker."""
+    if not name_or_path or trusted:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(name_or_path) / name
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+        except (OSError, ValueError):
+            continue
+        if auto_map:
+            raise ModelError(f"{name_or_path!r} ships its own Python code ({name} has an auto_map), which is not run "
+                             "by default: set model.trust_remote_code=true only if you trust that code")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """Load a tokenizer by local path or cached hub id; guarantees a pad token is defined."""
     _offline()
     from transformers import AutoTokenizer
 
+    check_remote_code(name_or_path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load tokenizer {name_or_path!r} ({str(e).splitlines()[0][:120]}): "
                          "give a local tokenizer directory or a model id in the local HF cache") from None
@@ -91,15 +110,19 @@ def with_dropout(config: Any, dropout: float | None) -> Any:
     return config
 
 
-def _pretrained_config(name_or_path: str, dropout: float | None, **overrides: Any) -> Any:
+def _pretrained_config(name_or_path: str, dropout: float | None, trust_remote_code: bool = False,
+                       **overrides: Any) -> Any:
     from transformers import AutoConfig
 
-    return with_dropout(AutoConfig.from_pretrained(name_or_path, **overrides), dropout)
+    check_remote_code(name_or_path, trust_remote_code)
+    return with_dropout(AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **overrides),
+                        dropout)
 
 
 def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
              pad_token_id: int | None, eos_token_id: int | None, seed: int,
-             gradient_checkpointing: bool, dropout: float | None = None) -> torch.nn.Module:
+             gradient_checkpointing: bool, dropout: float | None = None,
+             trust_remote_code: bool = False) -> torch.nn.Module:
     """A causal ('clm') or masked ('mlm') LM: pretrained weights from name_or_path, or random
     init (seeded, identical on every rank) from arch."""
     _offline()
@@ -111,8 +134,8 @@ def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None,
         if arch is not None:
             model = auto.from_config(with_dropout(arch_config(arch, vocab_size, pad_token_id, eos_token_id), dropout))
         else:
-            model = auto.from_pretrained(name_or_path, config=_pretrained_config(name_or_path, dropout),
-                                         dtype=torch.float32)
+            model = auto.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                         config=_pretrained_config(name_or_path, dropout, trust_remote_code))
     except ValueError as e:  # e.g. a BERT model asked for a causal LM
         raise ModelError(f"the model cannot do pretrain.objective={objective} ({str(e).splitlines()[0][:100]}): "
                          f"use {'mlm' if objective == 'clm' else 'clm'} for this architecture") from None
@@ -121,7 +144,7 @@ def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None,
 
 def build_task_model(auto_class: str, *, init_from: str, model_kwargs: dict[str, Any], pad_token_id: int | None,
                      seed: int, gradient_checkpointing: bool, dropout: float | None = None, lora: Any = None,
-                     peft_task_type: str = "SEQ_CLS") -> torch.nn.Module:
+                     peft_task_type: str = "SEQ_CLS", trust_remote_code: bool = False) -> torch.nn.Module:
     """A fine-tuning model from an HF directory (weights only): `auto_class` (e.g.
     AutoModelForSequenceClassification) with a fresh seeded head, optionally wrapped in LoRA
     adapters (`lora`: a LoraSection) with the head trained fully."""
@@ -130,9 +153,9 @@ def build_task_model(auto_class: str, *, init_from: str, model_kwargs: dict[str,
 
     torch.manual_seed(seed)
     auto = getattr(transformers, auto_class)
-    config = _pretrained_config(init_from, dropout, **model_kwargs)
+    config = _pretrained_config(init_from, dropout, trust_remote_code, **model_kwargs)
     check_model_fits(auto_class, config, init_from)
-    model = auto.from_pretrained(init_from, config=config, dtype=torch.float32)
+    model = auto.from_pretrained(init_from, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if lora is not None:

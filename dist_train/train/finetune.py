@@ -56,7 +56,7 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.finetune
     init_from = resolve_init_from(cfg)
     tokenizer = load_tokenizer(init_from if (Path(init_from) / "tokenizer_config.json").exists()
-                               else cfg.model.tokenizer or cfg.model.name_or_path)
+                               else cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     train, validation, test = read_splits(cfg)
     spec = task_spec(cfg)
     task = build_task(sec.task, spec, tokenizer, train)
@@ -64,7 +64,8 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         model = build_task_model(task.auto_class, init_from=init_from, model_kwargs=task.model_kwargs(),
                                  pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
                                  gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout,
-                                 lora=sec.lora if sec.lora.enabled else None, peft_task_type=task.peft_task_type)
+                                 lora=sec.lora if sec.lora.enabled else None, peft_task_type=task.peft_task_type,
+                                 trust_remote_code=cfg.model.trust_remote_code)
 
     def batches(start_step: int) -> Iterator[StepBatch]:
         step = start_step

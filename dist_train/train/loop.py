@@ -9,6 +9,7 @@ The loss value itself is read from the device only at log, eval and save steps.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,10 +47,13 @@ class TrainState:
     best: float | None = None  # early stopping: the best value of its metric so far
     bad_evals: int = 0  # evaluations since it last improved
     stopped_early: bool = False
+    preempted: bool = False  # stopped at a step boundary on request (SIGTERM); not saved
 
     def state_dict(self) -> dict:
+        """Plain Python values only (no numpy scalars): checkpoints load with weights_only=True."""
+        last_eval = json.loads(json.dumps(self.last_eval, default=float))
         return {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
-                "last_loss": self.last_loss, "last_eval": dict(self.last_eval), "eval_step": self.eval_step,
+                "last_loss": float(self.last_loss), "last_eval": last_eval, "eval_step": self.eval_step,
                 "best": self.best, "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}
 
     def load_state_dict(self, d: dict) -> None:
@@ -96,9 +100,14 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                cadence: Cadence,
                evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
                ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
-               throughput: Throughput, early_stopping: EarlyStopping | None = None) -> TrainState:
-    """Train until `cadence.max_steps` (or early stopping); every rank runs the same steps and the
-    same collectives. With early stopping, every evaluation also saves a checkpoint."""
+               throughput: Throughput, early_stopping: EarlyStopping | None = None,
+               stop_requested: Callable[[], bool] = lambda: False,
+               after_step: Callable[[int], None] = lambda step: None) -> TrainState:
+    """Train until `cadence.max_steps` (or early stopping, or a stop request); every rank runs the
+    same steps and the same collectives. With early stopping, every evaluation also saves a
+    checkpoint. `stop_requested` (asked at each step's start; rank 0's answer counts) ends the
+    loop when that step is done, with a checkpoint of it. `after_step` runs after each optimizer step
+    (heartbeat, fault injection)."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
     targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
@@ -107,8 +116,9 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         batch = next(batches)
         t_data = time.perf_counter() - t0
         # DeepSpeed averages gradients over ranks and micro batches; this weight turns that average
-        # into sum(token losses) / (targets in the global batch).
-        (global_targets,) = world.all_reduce_sum([sum(batch.targets)])
+        # into sum(token losses) / (targets in the global batch). The same all-reduce carries the
+        # stop request, so every rank stops at the same step.
+        global_targets, stop = world.all_reduce_sum([sum(batch.targets), float(world.is_main and stop_requested())])
         weight = world.world_size * len(batch.micro) / max(global_targets, 1.0)
         for micro in batch.micro:  # gradient accumulation; DeepSpeed steps at the boundary
             losses.append(engine.forward_backward(micro, loss_fn, weight))
@@ -116,12 +126,14 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         targets += sum(batch.targets)
         ledger.record(state.step, batch.ids)  # plan steps count from 0
         state.step += 1
+        after_step(state.step)
         tokens += batch.tokens
         replaced += batch.replaced
         step_s += time.perf_counter() - t0
         wait_s += t_data
 
-        do_eval, do_save = cadence.due(state.step, cadence.eval_every), cadence.due(state.step, cadence.save_every)
+        do_eval = cadence.due(state.step, cadence.eval_every)
+        do_save = cadence.due(state.step, cadence.save_every) or stop > 0
         if do_eval or do_save or state.step % cadence.log_every == 0:
             loss_sum, n, global_tokens, global_replaced = world.all_reduce_sum(
                 [float(torch.stack(losses).sum()), targets, tokens, replaced])
@@ -148,4 +160,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
             losses, targets, tokens, replaced, step_s, wait_s = [], 0, 0, 0, 0.0, 0.0
         if do_save:
             save(state.step)
+        if stop and state.step < cadence.max_steps:
+            state.preempted = True
+            break
     return state

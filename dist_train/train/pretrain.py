@@ -79,12 +79,13 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.pretrain
     mans = read_sources(cfg)
     man = mans[0]
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     with model_construction(d.deepspeed):
         model = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
                          vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
-                         gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout)
+                         gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout,
+                         trust_remote_code=cfg.model.trust_remote_code)
     to_batch = make_micro(cfg, tokenizer)
     loss_fn = loss_for(sec.objective)
     first_row = world.rank * d.samples_per_rank  # this rank's offset in the global batch

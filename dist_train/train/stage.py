@@ -21,10 +21,13 @@ from dist_train.checkpoint.manager import CheckpointManager, best_committed, res
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import RunConfig, best_metric, higher_is_better
+from dist_train.control import preemption_requested
 from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
+from dist_train.faults import Faults
 from dist_train.model.build import flops_per_token
 from dist_train.train.engine import build_engine
+from dist_train.train.heartbeat import Heartbeat
 from dist_train.train.loop import Cadence, EarlyStopping, StepBatch, TrainState, train_loop
 from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, RunClock, Throughput, device_peak_flops, goodput
@@ -49,24 +52,35 @@ class StageParts:
     export_adapter_only: bool = False  # LoRA: export the adapter alone instead of merging it
 
 
+def after_step(step: int, heartbeat: Heartbeat | None, faults: Faults | None) -> None:
+    if heartbeat is not None:
+        heartbeat.progress(step)
+    if faults is not None:
+        faults.after_step(step)
+
+
 def precision_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: StageParts) -> dict[str, Any]:
-    """Train one stage to its max_steps and export it; returns the stage's report entry."""
+def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: StageParts,
+              attempt: float, heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+    """Train one stage to its max_steps and export it; returns the stage's report entry.
+    Stopped by a preemption request, it returns {"preempted": True, ...} after a checkpoint instead.
+    `attempt` identifies this start of the worker group (the same value on every rank)."""
     t_start = time.time()
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
     metric = best_metric(cfg, stage)
     higher = higher_is_better(metric or "", section.train.best_mode)
     clock = RunClock(out / ATTEMPTS) if world.is_main else None  # counts setup too
-    ledger = Ledger(world.rank, world.world_size, attempt=world.broadcast_object(time.time()))
+    ledger = Ledger(world.rank, world.world_size, attempt=attempt)
+    faults = Faults(cfg.faults, Path(cfg.output_dir), stage, world.rank) if cfg.faults.active() else None
     ckpt = CheckpointManager(out / "checkpoints", world, section.train.keep_checkpoints,
                              run_info={"stage": stage, "config": to_dict(cfg), **parts.run_info}, ledger=ledger,
                              describe=lambda d: describe_model(parts.model, parts.tokenizer, d,
                                                                parts.run_info.get("task")),
-                             best_metric=metric, higher_is_better=higher)
+                             best_metric=metric, higher_is_better=higher, faults=faults)
     tag = ckpt.resume_tag()
     ds_config, load_dir = d.deepspeed, ckpt.root
     if tag is not None:
@@ -95,6 +109,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     t_loop = time.time()
 
     def save(step: int) -> None:
+        if heartbeat is not None:
+            heartbeat.progress(step, "checkpoint")
         ckpt.save(engine, step, {"train_state": state.state_dict(), "data_state": {"next_step": step}},
                   evaluation=state.last_eval if state.eval_step == step else None)
 
@@ -106,8 +122,19 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                peak_flops=peak, throughput=throughput,
                early_stopping=EarlyStopping(metric, higher, section.train.early_stopping_patience,
                                             section.train.early_stopping_min_delta)
-               if section.train.early_stopping_patience and metric else None)
+               if section.train.early_stopping_patience and metric else None,
+               stop_requested=lambda: preemption_requested(cfg.output_dir),
+               after_step=lambda step: after_step(step, heartbeat, faults))
     log.close()
+    if state.preempted:
+        result = {"preempted": True, "steps": state.step, "checkpoint": ckpt.latest}
+        if world.is_main:
+            clock.tick()
+            write_atomic(out / RESULT, json.dumps(result, indent=1))
+            print(f"[{stage}] preempted: checkpoint {ckpt.latest} committed at step {state.step}", flush=True)
+        return result
+    if heartbeat is not None:
+        heartbeat.progress(state.step, "export")
     t_export = time.time()
     export_dir = out / "export"
     exported = ckpt.latest

@@ -14,6 +14,9 @@ def init_process(rank: int, world_size: int, port: int):
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    from dist_train.checkpoint.safe_load import allow_deepspeed_checkpoints
+
+    allow_deepspeed_checkpoints()  # as in the Ray workers: every torch.load is weights_only
     from dist_train.world import World
 
     return World(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size)
@@ -279,4 +282,67 @@ def finetune_export(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
             "export": {k: v for k, v in export_eval.items() if k != "per_class"},
             "adapter_vs_merged": float((lm - la).abs().max()), "adapter_files": sorted(p.name for p in adapter.iterdir()),
             "merged_files": sorted(p.name for p in merged.iterdir())}))
+    torch.distributed.destroy_process_group()
+
+
+def param_digest(engine) -> str:
+    """sha256 of every module parameter's bytes (ZeRO-2: each rank holds them all)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in engine.module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_with_fault(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """Commit step 2, then save step 4 with the configured fault (which may kill this process).
+    A fault that raises is caught on every rank and reported; the digests of the weights at
+    steps 2 and 4 are written first, for the resume check."""
+    import torch
+
+    from dist_train.checkpoint.manager import CheckpointManager, CheckpointWriteError
+    from dist_train.faults import Faults
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    root = Path(cfg.output_dir) / "checkpoints"
+    ckpt = CheckpointManager(root, world, keep=3, run_info={"stage": "pretrain", "config": cfg_dict},
+                             faults=Faults(cfg.faults, Path(cfg.output_dir), "pretrain", rank))
+    digests = {}
+    run_steps(engine, parts.loss_fn, batches, 2)
+    digests[2] = param_digest(engine)
+    ckpt.save(engine, 2, {"train_state": {"step": 2}})
+    run_steps(engine, parts.loss_fn, batches, 2)
+    digests[4] = param_digest(engine)
+    if world.is_main:
+        Path(out).with_suffix(".digests").write_text(json.dumps(digests))
+    world.barrier()
+    try:
+        ckpt.save(engine, 4, {"train_state": {"step": 4}})
+        error = None
+    except CheckpointWriteError as e:
+        error = str(e)
+    Path(out).with_suffix(f".rank{rank}").write_text(json.dumps({"error": error}))
+    torch.distributed.destroy_process_group()
+
+
+def resume_after_faults(rank: int, world_size: int, port: int, cfg_dict: dict, out: str, cases: list):
+    """For each case directory: pick the resume checkpoint as a run would, load it into a fresh
+    engine, and report the tag, the step in its client state and the loaded weights' digest."""
+    import torch
+
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    results = {}
+    for case in cases:
+        root = Path(case) / "checkpoints"
+        tag = CheckpointManager(root, world, keep=3, run_info={}).resume_tag()
+        client = engine.load(str(root), tag)
+        results[case] = {"tag": tag, "step": client["train_state"]["step"], "digest": param_digest(engine)}
+    if world.is_main:
+        Path(out).write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

@@ -1,0 +1,124 @@
+"""Heartbeats: every rank shows it is alive; a frozen, stopped or vanished rank is named within a bound.
+
+A daemon thread on each rank writes `<stage>/heartbeat/rank_NNNNN.json` every `timeout/6` seconds
+(rank, host, pid, step, phase, a sequence number). It keeps beating while the main thread waits in
+a collective, so only a rank that is stopped (SIGSTOP, a frozen node), dead or cut off goes quiet.
+Rank 0 watches every rank and the others watch rank 0 (O(ranks) reads per interval in all). Staleness
+is judged by the watcher's own monotonic clock (when it last saw the sequence number change), so
+clock skew between nodes does not matter.
+
+When a watched rank has been quiet for `timeout_s`, the watcher prints one line naming it, records
+it in `<stage>/incidents.jsonl` (the driver quotes it when the stage fails) and exits its own process:
+Ray Train then sees a dead worker and restarts the group (ray.max_failures) or fails the run, and
+the stuck process is killed with the group instead of holding everyone in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from dist_train.world import World
+
+STUCK_EXIT = 43  # the watcher's exit status: distinguishes "named a stuck rank" from a crash
+INCIDENTS = "incidents.jsonl"
+
+
+def read_incidents(stage_dir: Path, since: float = 0.0) -> list[dict]:
+    """Incidents recorded after `since` (unix time), oldest first."""
+    path = stage_dir / INCIDENTS
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("time", 0) >= since]
+
+
+class Heartbeat:
+    """Beats for this rank and watches its peers; see the module docstring."""
+
+    def __init__(self, stage_dir: Path, world: World, attempt: float, timeout_s: float) -> None:
+        self.dir, self.world, self.attempt, self.timeout_s = stage_dir / "heartbeat", world, attempt, timeout_s
+        self.stage_dir = stage_dir
+        self.interval = min(max(timeout_s / 6, 0.2), 10.0)
+        self.step, self.phase, self.seq = 0, "setup", 0
+        self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dist-train-heartbeat", daemon=True)
+        peers = range(1, world.world_size) if world.is_main else [0]
+        now = time.monotonic()
+        self._seen: dict[int, tuple[int, float, dict]] = {r: (-1, now, {}) for r in peers}
+
+    def start(self) -> Heartbeat:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._thread.start()
+        return self
+
+    def progress(self, step: int, phase: str = "train") -> None:
+        """Called by the main thread: what it is doing now (no I/O here)."""
+        self.step, self.phase = step, phase
+
+    def stop(self) -> None:
+        """Stop beating and tell the watchers this rank is done (not stuck)."""
+        self.phase = "done"
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._beat()
+
+    def _path(self, rank: int) -> Path:
+        return self.dir / f"rank_{rank:05d}.json"
+
+    def _beat(self) -> None:
+        self.seq += 1
+        row = {"rank": self.world.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
+               "seq": self.seq, "step": self.step, "phase": self.phase, "time": time.time()}
+        tmp = self._path(self.world.rank).with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(row))
+            os.replace(tmp, self._path(self.world.rank))
+        except OSError:
+            pass  # a full or vanished disk is reported by the checkpoint save; the beat tries again
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+            stuck = self._check()
+            if stuck is not None:
+                self._report(stuck)
+
+    def _check(self) -> str | None:
+        now = time.monotonic()
+        for rank, (seq, seen_at, row) in self._seen.items():
+            try:
+                current = json.loads(self._path(rank).read_text())
+            except (OSError, ValueError):
+                current = {}
+            if current.get("attempt") == self.attempt and current.get("seq") != seq:
+                self._seen[rank] = (current["seq"], now, current)
+                continue
+            if row.get("phase") == "done":
+                continue
+            quiet = now - seen_at
+            if quiet > self.timeout_s:
+                where = (f"pid {row['pid']} on {row['host']}, last seen at step {row['step']} ({row['phase']})"
+                         if row else "it never sent a heartbeat in this attempt")
+                return (f"rank {rank} is not responding: no heartbeat for {quiet:.0f} s ({where}); it is stopped, "
+                        f"frozen or dead. Rank {self.world.rank} ends its worker so the group restarts "
+                        "(ray.max_failures) or fails; ray.heartbeat_timeout_s sets this bound")
+        return None
+
+    def _report(self, message: str) -> None:
+        print(f"[heartbeat] {message}", flush=True)
+        row = {"time": time.time(), "kind": "stuck_rank", "reporter": self.world.rank, "message": message}
+        try:
+            with open(self.stage_dir / INCIDENTS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os._exit(STUCK_EXIT)

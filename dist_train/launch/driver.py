@@ -147,11 +147,6 @@ def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
 def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, Any]:
     """Validate, prepare, train every selected stage, write report.json; returns the report.
     Raises Preempted when SIGTERM stopped it (after a checkpoint), RunFailed when a stage failed."""
-    with preemption_signal(cfg, log):
-        return _run(cfg, only_stage, log)
-
-
-def _run(cfg: RunConfig, only_stage: str | None, log) -> dict[str, Any]:
     t0 = time.time()
     cfg = resolve(cfg)
     stages = stages_to_run(cfg, only_stage)
@@ -172,15 +167,16 @@ def _run(cfg: RunConfig, only_stage: str | None, log) -> dict[str, Any]:
     report_path = out / REPORT
     previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
     results: dict[str, Any] = dict(previous.get("stages", {}))
-    for stage in stages:
-        if preemption_requested(cfg.output_dir):
-            raise Preempted(f"stopped on request before stage {stage}; rerun the same command to continue "
-                            f"(exit status {REQUEUE_EXIT} asks a Slurm script to requeue)")
-        t = time.time()
-        result = fit_stage(cfg, stage)
-        timings[f"{stage}_s"] = time.time() - t
-        results[stage] = result
-        log(f"[{stage}] done: {summary_line(result)}")
+    with preemption_signal(cfg, log):  # after ray.init, which installs SIGTERM handlers of its own
+        for stage in stages:
+            if preemption_requested(cfg.output_dir):
+                raise Preempted(f"stopped on request before stage {stage}; rerun the same command to continue "
+                                f"(exit status {REQUEUE_EXIT} asks a Slurm script to requeue)")
+            t = time.time()
+            result = fit_stage(cfg, stage)
+            timings[f"{stage}_s"] = time.time() - t
+            results[stage] = result
+            log(f"[{stage}] done: {summary_line(result)}")
     timings["total_s"] = time.time() - t0
     report = {"config": to_dict(cfg), "stages": results, "timings": timings}
     write_atomic(report_path, json.dumps(report, indent=1))

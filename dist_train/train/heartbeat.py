@@ -105,7 +105,7 @@ class Heartbeat:
                 continue
             quiet = now - seen_at
             if quiet > self.timeout_s:
-                where = (f"pid {row['pid']} on {row['host']}, last seen at step {row['step']} ({row['phase']})"
+                where = (f"pid {row['pid']} on {row['host']}, last seen in {row['phase']} at step {row['step']}"
                          if row else "it never sent a heartbeat in this attempt")
                 return (f"rank {rank} is not responding: no heartbeat for {quiet:.0f} s ({where}); it is stopped, "
                         f"frozen or dead. Rank {self.world.rank} ends its worker so the group restarts "

@@ -64,5 +64,18 @@ def train_worker(payload: dict[str, Any]) -> None:
         d = derive_stage(cfg, stage, world.world_size)
         build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
         run_stage(cfg, stage, d, world, build(cfg, d, world), attempt=attempt, heartbeat=heartbeat)
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        raise RuntimeError(f"rank {world.rank}: a collective waited longer than ray.collective_timeout_s="
+                           f"{cfg.ray.collective_timeout_s} s in {heartbeat.phase} at step {heartbeat.step}; "
+                           f"{heartbeat.others_behind()}. Raise the timeout if one rank legitimately works "
+                           "alone that long") from e
     finally:
         heartbeat.stop()
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """gloo and NCCL phrase a timed-out collective differently; both mean a peer never arrived."""
+    text = str(e)
+    return "Timed out waiting" in text or "Watchdog caught collective operation timeout" in text

@@ -70,6 +70,22 @@ class Heartbeat:
             self._thread.join(timeout=5)
         self._beat()
 
+    def others_behind(self) -> str:
+        """Ranks whose last heartbeat (this attempt) shows another step or phase than this rank's:
+        the likely culprits when a collective times out. Reads every rank's file (rare: on failure)."""
+        odd = []
+        for rank in range(self.world.world_size):
+            try:
+                row = json.loads(self._path(rank).read_text())
+            except (OSError, ValueError):
+                odd.append(f"rank {rank}: no heartbeat")
+                continue
+            if row.get("attempt") != self.attempt:
+                odd.append(f"rank {rank}: no heartbeat in this attempt")
+            elif (row["step"], row["phase"]) != (self.step, self.phase):
+                odd.append(f"rank {rank}: {row['phase']} at step {row['step']} (pid {row['pid']} on {row['host']})")
+        return "; ".join(odd) or "every rank reports the same step"
+
     def _path(self, rank: int) -> Path:
         return self.dir / f"rank_{rank:05d}.json"
 

@@ -1,13 +1,16 @@
 """Expected user mistakes: one line naming the problem and the fix, exit 2, before Ray starts,
 and nothing written to output_dir."""
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dist_train.cli import main
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture
@@ -37,39 +40,174 @@ def check_user_error(capsys, argv, message, out_dir):
     assert not Path(out_dir).exists(), "nothing may be written for a rejected config"
 
 
+
 def test_valid_config_validates(config, capsys):
     assert main(["validate", str(config)]) == 0
     out = capsys.readouterr().out
     assert "grad_accum=1" in out and "config OK" in out
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["pretrain.data.shards=/nonexistent/shards"], "does not exist"),
-    (["pretrain.train.max_stepz=3"], "did you mean 'pretrain.train.max_steps'"),
-    (["pretrain.train.max_steps=many"], "must be an integer"),
-    (["pretrain.train.micro_batch_size=0"], "must be >= 1"),
-    (["pretrain.train.global_batch_size=6"], "not divisible by micro_batch_size (2) × workers (2) = 4"),
-    (["model.arch.vocab_size=100"], "has 512 tokens but the model embeds only 100"),
-    (["pretrain.data.seq_len=64"], "hold samples of 32 tokens"),
-    (["finetune.data.train=/nope.jsonl"], "not found"),
-    (["finetune.init_from=/nope"], "not an HF model directory"),
-    (["pretrain.deepspeed.offload_params=true"], "needs zero_stage 3"),
-])
-def test_run_rejects_bad_config_before_ray(config, capsys, overrides, message):
-    out_dir = yaml.safe_load(config.read_text())["output_dir"]
-    check_user_error(capsys, ["run", str(config), *overrides], message, out_dir)
+@dataclass(frozen=True)
+class Case:
+    """One expected mistake: the overrides that make it (after `setup`, which may prepare files and
+    return further overrides), and the words the one-line error must contain."""
+
+    mistake: str
+    overrides: tuple[str, ...]
+    message: str
+    setup: Callable[[Path], list[str]] | None = None
+    finetune_only: bool = False  # on the MiniLM fine-tune config instead of the tiny two-stage one
+    example: str = ""  # for the docs, when `setup` makes the mistake
 
 
-def test_empty_corpus_dir(config, capsys, tmp_path):
-    (tmp_path / "empty").mkdir()
-    check_user_error(capsys, ["run", str(config), f"pretrain.data.shards={tmp_path / 'empty'}"],
-                     "has no manifest.json", tmp_path / "run")
+def _empty_dir(tmp: Path) -> list[str]:
+    (tmp / "empty").mkdir()
+    return [f"pretrain.data.shards={tmp / 'empty'}"]
 
 
-def test_output_dir_is_a_file(config, capsys, tmp_path):
-    (tmp_path / "afile").write_text("x")
-    assert main(["run", str(config), f"output_dir={tmp_path / 'afile'}"]) == 2
-    assert "is a file" in capsys.readouterr().err
+def _file_as_output(tmp: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return [f"output_dir={tmp / 'afile' / 'run'}"]
+
+
+def _remote_code_model(tmp: Path) -> list[str]:
+    model = tmp / "custom_model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {
+        "AutoConfig": "modeling_custom.CustomConfig"}}))
+    return ["model.arch=null", f"model.name_or_path={model}", "pretrain=null", f"finetune.init_from={model}"]
+
+
+def _deepspeed_file(content: str | None) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        path = tmp / "ds.json"
+        if content is not None:
+            path.write_text(content)
+        return [f"pretrain.deepspeed.config_file={path}"]
+    return setup
+
+
+CASES = [
+    Case("shard directory missing", ("pretrain.data.shards=/nonexistent/shards",), "does not exist"),
+    Case("shard directory without a manifest", (), "has no manifest.json", setup=_empty_dir,
+         example="pretrain.data.shards=an empty directory"),
+    Case("misspelled key", ("pretrain.train.max_stepz=3",), "did you mean 'pretrain.train.max_steps'"),
+    Case("misspelled top-level key", ("outptu_dir=x",), "did you mean 'output_dir'"),
+    Case("text where a number belongs", ("pretrain.train.max_steps=many",), "must be an integer"),
+    Case("text where true/false belongs", ("ray.use_gpu=maybe",), "must be true or false"),
+    Case("a choice that does not exist", ("pretrain.deepspeed.precision=bf17",), "did you mean 'bf16'"),
+    Case("zero batch size", ("pretrain.train.micro_batch_size=0",), "must be >= 1"),
+    Case("ZeRO stage out of range", ("pretrain.deepspeed.zero_stage=4",), "must be <= 3"),
+    Case("negative learning rate", ("pretrain.optim.lr=-1.0",), "must be > 0"),
+    Case("batch not divisible over workers", ("pretrain.train.global_batch_size=6",),
+         "not divisible by micro_batch_size (2) × workers (2) = 4"),
+    Case("parameter offload without ZeRO-3", ("pretrain.deepspeed.offload_params=true",), "needs zero_stage 3"),
+    Case("optimizer offload without ZeRO",
+         ("pretrain.deepspeed.zero_stage=0", "pretrain.deepspeed.offload_optimizer=true"), "needs zero_stage >= 1"),
+    Case("fp16 on a CPU without fp16 kernels", ("pretrain.deepspeed.precision=fp16",), "needs native fp16 kernels"),
+    Case("your DeepSpeed JSON is missing", (), "not found: give the path of a DeepSpeed JSON file",
+         setup=_deepspeed_file(None), example="pretrain.deepspeed.config_file=a missing file"),
+    Case("your DeepSpeed JSON is not JSON", (), "is not valid JSON", setup=_deepspeed_file("{stage: 3"),
+         example="ds.json holds {stage: 3"),
+    Case("your DeepSpeed JSON contradicts the config", (),
+         "sets zero_optimization.stage=3 but the typed config gives 2 (from pretrain.deepspeed.zero_stage)",
+         setup=_deepspeed_file('{"zero_optimization": {"stage": 3}}'), example="ds.json sets stage 3, the config 2"),
+    Case("vocabulary larger than the embedding", ("model.arch.vocab_size=100",),
+         "has 512 tokens but the model embeds only 100"),
+    Case("seq_len differs from the shards", ("pretrain.data.seq_len=64",), "hold samples of 32 tokens"),
+    Case("seq_len beyond the model's positions", ("model.arch.max_position_embeddings=16",),
+         "exceeds model.arch.max_position_embeddings=16"),
+    Case("both a pretrained model and an inline one", ("model.name_or_path=/some/model",), "set exactly one of"),
+    Case("nothing to run", ("pretrain=null", "finetune=null"), "no stage to run"),
+    Case("tokenizer missing", ("model.tokenizer=/nonexistent/tok",), "cannot load tokenizer"),
+    Case("output_dir under a file", (), "is a file, not a directory", setup=_file_as_output,
+         example="output_dir=afile/run"),
+    Case("labeled data missing", ("finetune.data.train=/nope.jsonl",), "not found"),
+    Case("init_from is not a model", ("finetune.init_from=/nope",), "not an HF model directory"),
+    Case("a model that ships code, untrusted", (), "set model.trust_remote_code=true only if you trust",
+         setup=_remote_code_model, example="model.name_or_path=a directory whose config.json has an auto_map"),
+    Case("fault injection outside tests", ("faults.kill_at_steps=[3]",), "injects failures on purpose"),
+    Case("LoRA on a layer that does not exist", ("finetune.lora.enabled=true", "finetune.lora.target_modules=[qkv]"),
+         "finetune.lora.target_modules: 'qkv' is not a linear layer of this model: use some of", finetune_only=True),
+    Case("SFT with an encoder tokenizer",
+         ("finetune.task=sft", "finetune.data.prompt_field=text", "finetune.data.response_field=label"),
+         "sft needs a tokenizer with an EOS token (responses end with it): use a decoder's tokenizer",
+         finetune_only=True),
+    Case("SFT data without prompts", ("finetune.task=sft",), "has no field 'prompt'", finetune_only=True),
+    Case("labels missing from the data", ("finetune.data.label_field=y",),
+         "has no field 'y' (fields: ['text', 'label']): set the finetune.data field", finetune_only=True),
+    Case("best_metric the task does not report", ("finetune.train.best_metric=f1",),
+         "'f1' is not a metric the sequence_classification task reports", finetune_only=True),
+    Case("validation split too large", ("finetune.data.validation_fraction=0.6",), "must be <= 0.5",
+         finetune_only=True),
+    Case("regression on text labels", ("finetune.task=regression",),
+         "is not a number: use numeric labels, or task sequence_classification", finetune_only=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.mistake for c in CASES])
+def test_mistakes_are_one_line_errors_before_ray(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.delenv("DIST_TRAIN_ALLOW_FAULTS", raising=False)
+    config = request.getfixturevalue("finetune_config" if case.finetune_only else "config")
+    extra = case.setup(tmp_path) if case.setup else []
+    check_user_error(capsys, ["run", str(config), *case.overrides, *extra], case.message,
+                     yaml.safe_load(config.read_text())["output_dir"])
+
+
+ERRORS_DOC = REPO / "docs" / "errors.md"
+
+
+def render_errors_doc() -> str:
+    """docs/errors.md from CASES: `python -m tests.unit.test_bad_input` rewrites it."""
+    rows = [f"| {c.mistake} | {' '.join(f'`{o}`' for o in c.overrides) or c.example} | …{c.message}… |"
+            for c in CASES]
+    return ERRORS_DOC_HEAD + "\n".join(rows) + "\n" + ERRORS_DOC_TAIL
+
+
+ERRORS_DOC_HEAD = """# Mistakes and what dist-train says
+
+Every mistake below is caught by `dist-train validate` and `dist-train run` before Ray starts: one
+line on stderr that names the problem and the fix, exit status 2, and nothing written to
+output_dir. The table is generated from the test matrix in tests/unit/test_bad_input.py
+(`python -m tests.unit.test_bad_input`), and a test fails when the two differ. The overrides are
+applied to a small two-stage config (the last rows: to a MiniLM fine-tune config).
+
+| Mistake | Example | The error contains |
+|---|---|---|
+"""
+
+ERRORS_DOC_TAIL = """
+## Data problems found while training
+
+Shards are checked as they stream (tests/unit/test_bad_data.py): a truncated shard, a shard whose
+bytes no longer match the manifest's sha256, samples of the wrong length or dtype, and members
+that are pickles (refused, never decoded) each stop the run with the shard and member named under
+`pretrain.data.on_bad_sample: error`, or are replaced and counted under `skip`.
+
+## Failures while training
+
+See [reliability.md](reliability.md): a full, read-only or vanished checkpoint directory stops
+training on every rank with the cause and the intact previous checkpoint named; a stopped rank is
+named by the heartbeat.
+"""
+
+
+def test_errors_doc_is_current():
+    assert len(CASES) >= 30
+    assert ERRORS_DOC.read_text() == render_errors_doc(), "regenerate: python -m tests.unit.test_bad_input"
+
+
+if __name__ == "__main__":
+    ERRORS_DOC.write_text(render_errors_doc())
+
+
+@pytest.fixture
+def finetune_config(config, minilm_dir):
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(pretrain=None, model={"name_or_path": str(minilm_dir)})
+    cfg["finetune"]["init_from"] = None
+    config.write_text(yaml.safe_dump(cfg))
+    return config
 
 
 def test_data_build_glob_matching_nothing(capsys, tmp_path, tokenizer_dir):
@@ -103,26 +241,3 @@ def test_resume_with_a_changed_identity_key_is_refused(config, capsys, tmp_path)
     assert "pretrain will resume from step_00000002" in capsys.readouterr().out
 
 
-@pytest.fixture
-def finetune_config(config, minilm_dir):
-    cfg = yaml.safe_load(config.read_text())
-    cfg.update(pretrain=None, model={"name_or_path": str(minilm_dir)})
-    cfg["finetune"]["init_from"] = None
-    config.write_text(yaml.safe_dump(cfg))
-    return config
-
-
-@pytest.mark.parametrize("overrides, message", [
-    (["finetune.lora.enabled=true", "finetune.lora.target_modules=[qkv]"],
-     "finetune.lora.target_modules: 'qkv' is not a linear layer of this model: use some of"),
-    (["finetune.task=sft", "finetune.data.prompt_field=text", "finetune.data.response_field=label"],
-     "sft needs a tokenizer with an EOS token (responses end with it): use a decoder's tokenizer"),
-    (["finetune.task=sft"], "has no field 'prompt'"),
-    (["finetune.data.label_field=y"], "has no field 'y' (fields: ['text', 'label']): set the finetune.data field"),
-    (["finetune.train.best_metric=f1"], "'f1' is not a metric the sequence_classification task reports"),
-    (["finetune.data.validation_fraction=0.6"], "must be <= 0.5"),
-    (["finetune.task=regression"], "is not a number: use numeric labels, or task sequence_classification"),
-])
-def test_finetune_mistakes_are_caught_before_ray(finetune_config, capsys, overrides, message):
-    out_dir = yaml.safe_load(finetune_config.read_text())["output_dir"]
-    check_user_error(capsys, ["run", str(finetune_config), *overrides], message, out_dir)

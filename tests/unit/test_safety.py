@@ -1,0 +1,77 @@
+"""Safe by default: checkpoints never run pickle code, and a local Ray is loopback-only with token auth."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_train.checkpoint.safe_load import deepspeed_globals, weights_only_loading
+from tests.conftest import REPO
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_runs_no_code_even_through_deepspeed(tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "evil": Payload(marker)}, path)
+    with weights_only_loading(), pytest.raises(Exception, match="Weights only load failed"):
+        TorchCheckpointEngine().load(str(path))  # DeepSpeed itself asks for weights_only=False
+    assert not marker.exists()
+
+
+def test_what_deepspeed_checkpoints_hold_still_loads(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    path = tmp_path / "optim.pt"
+    state = {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                                      consecutive_hysteresis=False),
+             "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "w": torch.arange(4.0)}
+    torch.save(state, path)
+    with weights_only_loading():
+        back = torch.load(path, weights_only=False)
+    assert back["zero_stage"] == ZeroStageEnum.gradients and torch.equal(back["w"], state["w"])
+    assert len(deepspeed_globals()) == 4  # the whole allow-list: nothing else is trusted
+
+
+PROBE = """
+import json, urllib.error, urllib.request, psutil, ray
+from dist_train.config.loader import load_config
+from dist_train.launch.driver import start_ray
+start_ray(load_config("configs/quickstart.yaml", []))
+url = ray._private.worker.global_worker.node.address_info["webui_url"]
+port = int(url.rsplit(":", 1)[1])
+hosts = sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
+try:
+    status = urllib.request.urlopen(f"http://{url}/api/jobs/", timeout=10).status
+except urllib.error.HTTPError as e:
+    status = e.code
+print(json.dumps({"url": url, "hosts": hosts, "status": status}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.integration
+def test_local_ray_dashboard_is_loopback_only_and_needs_the_token():
+    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    probe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert probe["url"].startswith("127.0.0.1:") and probe["hosts"] == ["127.0.0.1"], probe
+    assert probe["status"] == 401, "the jobs API must refuse a request without the token"

@@ -75,6 +75,8 @@ class Heartbeat:
         the likely culprits when a collective times out. Reads every rank's file (rare: on failure)."""
         odd = []
         for rank in range(self.world.world_size):
+            if rank == self.world.rank:
+                continue
             try:
                 row = json.loads(self._path(rank).read_text())
             except (OSError, ValueError):
@@ -89,7 +91,8 @@ class Heartbeat:
     def _path(self, rank: int) -> Path:
         return self.dir / f"rank_{rank:05d}.json"
 
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
+        """Write this rank's beat; False when the storage refuses it (full, read-only)."""
         self.seq += 1
         row = {"rank": self.world.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
                "seq": self.seq, "step": self.step, "phase": self.phase, "time": time.time()}
@@ -98,12 +101,14 @@ class Heartbeat:
             tmp.write_text(json.dumps(row))
             os.replace(tmp, self._path(self.world.rank))
         except OSError:
-            pass  # a full or vanished disk is reported by the checkpoint save; the beat tries again
+            return False
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._beat()
-            stuck = self._check()
+            # When this rank cannot write its own beat, the storage is at fault (the checkpoint
+            # save reports that), and peers' silent files prove nothing: judge no one.
+            stuck = self._check() if self._beat() else None
             if stuck is not None:
                 self._report(stuck)
 

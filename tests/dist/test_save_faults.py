@@ -78,3 +78,11 @@ def test_faults_are_refused_unless_allowed(tmp_path, shards_dir, tokenizer_dir, 
     cfg = from_dict(tiny_config(tmp_path, shards_dir, tokenizer_dir, "faults.kill_at_steps=[3]"))
     with pytest.raises(ConfigError, match="faults.* injects failures on purpose"):
         check_run(cfg, ["pretrain"])
+
+
+def test_a_rank_stuck_outside_a_collective_times_the_collective_out(tmp_path):
+    out = tmp_path / "timeout.json"
+    mp.spawn(workers.collective_timeout, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert res["recognised"] and res["step"] == 4 and 2.5 < res["waited"] < 6
+    assert res["behind"].startswith("rank 1: train at step 3 (pid "), res["behind"]

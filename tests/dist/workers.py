@@ -346,3 +346,36 @@ def resume_after_faults(rank: int, world_size: int, port: int, cfg_dict: dict, o
     if world.is_main:
         Path(out).write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
+
+
+def collective_timeout(rank: int, world_size: int, port: int, out: str):
+    """Rank 1 stays alive (its heartbeat beats) but never joins the all-reduce of step 4: rank 0's
+    collective must fail within the process group's timeout, recognised and explained."""
+    import datetime
+    import time
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=3))
+    from dist_train.launch.worker import is_collective_timeout
+    from dist_train.train.heartbeat import Heartbeat
+    from dist_train.world import World
+
+    world = World(rank=rank, world_size=world_size)
+    hb = Heartbeat(Path(out).parent, world, attempt=1.0, timeout_s=1.2).start()  # beats every 0.2 s
+    for step in range(1, 5):
+        if rank == 1 and step == 4:
+            time.sleep(8)  # stuck after step 3, not dead
+            break
+        hb.progress(step)
+        t0 = time.monotonic()
+        try:
+            world.all_reduce_sum([1.0])
+        except RuntimeError as e:
+            time.sleep(0.5)
+            Path(out).write_text(json.dumps({"recognised": is_collective_timeout(e), "waited": time.monotonic() - t0,
+                                             "behind": hb.others_behind(), "step": step}))
+            break
+    hb.stop()

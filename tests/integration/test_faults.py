@@ -1,4 +1,4 @@
-"""Survive anything, through real Ray Train and real DeepSpeed: SIGKILLs at random steps, a frozen
+"""Survive anything, through real Ray Train and real DeepSpeed: SIGKILLs at random steps and mid-save, a frozen
 rank, a damaged checkpoint and SIGTERM preemption all end in the weights of an uninterrupted run,
 bit for bit, with every sample trained exactly once. Secrets in the environment leak nowhere.
 """
@@ -69,12 +69,15 @@ def test_three_sigkills_at_random_steps_recover_bitwise_and_exactly_once(workdir
     seed = int(os.environ.get("DIST_TRAIN_FAULT_SEED", time.time_ns() % 10_000))
     kills = sorted(random.Random(seed).sample(range(2, STEPS + 1), 3))
     print(f"SIGKILL of rank 1 after steps {kills} (DIST_TRAIN_FAULT_SEED={seed})")
-    res = fault_run(workdir, "kills", f"faults.kill_at_steps={kills}", "ray.max_failures=3")
+    # and rank 0 killed in the middle of committing the checkpoint of step 12
+    res = fault_run(workdir, "kills", f"faults.kill_at_steps={kills}", "ray.max_failures=4",
+                    "faults.save=[{step: 12, phase: staged, rank: 0, action: kill}]")
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
     out = res.stdout + res.stderr
-    assert out.count("[faults] rank 1: SIGKILL") == 3 and out.count("resumed from") >= 2
+    assert out.count("[faults] rank 1: SIGKILL") == 3 and out.count("resumed from") >= 3
+    assert "[faults] rank 0: kill in the save of step 12 at staged" in out
     attempts = json.loads((workdir / "kills" / "pretrain" / "attempts.json").read_text())
-    assert len(attempts) == 4  # the first start and three automatic restarts
+    assert len(attempts) == 5  # the first start and four automatic restarts
     assert_exact(workdir, "kills", reference)
 
 

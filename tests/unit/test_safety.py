@@ -40,8 +40,9 @@ def test_what_deepspeed_checkpoints_hold_still_loads(tmp_path):
     from deepspeed.utils.tensor_fragment import fragment_address
 
     path = tmp_path / "optim.pt"
-    state = {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
-                                                      consecutive_hysteresis=False),
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    state = {"zero_stage": ZeroStageEnum.gradients, "loss_scaler": scaler,
              "param_slice_mappings": [{"w": fragment_address(numel=4, start=0)}], "w": torch.arange(4.0)}
     torch.save(state, path)
     with weights_only_loading():

@@ -50,11 +50,12 @@ class TrainState:
     preempted: bool = False  # stopped at a step boundary on request (SIGTERM); not saved
 
     def state_dict(self) -> dict:
-        """Plain Python values only (no numpy scalars): checkpoints load with weights_only=True."""
-        last_eval = json.loads(json.dumps(self.last_eval, default=float))
-        return {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
-                "last_loss": float(self.last_loss), "last_eval": last_eval, "eval_step": self.eval_step,
-                "best": self.best, "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}
+        """Plain Python values only (numpy scalars from metrics become floats): checkpoints load
+        with weights_only=True."""
+        return json.loads(json.dumps(
+            {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
+             "last_loss": self.last_loss, "last_eval": self.last_eval, "eval_step": self.eval_step,
+             "best": self.best, "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}, default=float))
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.tokens, self.last_loss = int(d["step"]), int(d["tokens"]), float(d["last_loss"])

@@ -76,3 +76,17 @@ def test_local_ray_dashboard_is_loopback_only_and_needs_the_token():
     probe = json.loads(res.stdout.strip().splitlines()[-1])
     assert probe["url"].startswith("127.0.0.1:") and probe["hosts"] == ["127.0.0.1"], probe
     assert probe["status"] == 401, "the jobs API must refuse a request without the token"
+
+
+def test_train_state_in_checkpoints_loads_weights_only(tmp_path):
+    """Metrics arrive as numpy scalars; the client state must still load with weights_only=True."""
+    import numpy as np
+
+    from dist_train.train.loop import TrainState
+
+    state = TrainState(step=6, best=np.float64(0.25), last_eval={"accuracy": np.float64(0.25),
+                                                                 "per_class": {"a": {"f1": np.float32(0.5)}}})
+    torch.save({"train_state": state.state_dict()}, tmp_path / "s.pt")
+    back = TrainState()
+    back.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["train_state"])
+    assert back.best == 0.25 and back.last_eval["per_class"]["a"]["f1"] == 0.5 and back.step == 6

@@ -44,6 +44,15 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{f' ({code})' if code else ''}{where}"
 
 
+def free_space_note(path: Path) -> str:
+    """', 12.0 MiB free there': torch reports a full disk as an opaque write error, so say it."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    return f", {free / 2**20:.1f} MiB free there"
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -286,7 +295,8 @@ class CheckpointManager:
             try:
                 work()
             except Exception as e:
-                problem = f"{e.__class__.__name__}: {e}" if not isinstance(e, OSError) else describe_os_error(e)
+                problem = describe_os_error(e) if isinstance(e, OSError) else f"{e.__class__.__name__}: {e}"
+                problem += free_space_note(self.root)
         problems = self.world.all_gather_object(problem)
         failed = [(rank, p) for rank, p in enumerate(problems) if p is not None]
         if not failed:

@@ -74,7 +74,14 @@ class Engine:
         # The empty universal_checkpoint_info lets ds_to_universal convert the checkpoint for a
         # different world size later.
         state = {**client_state, "universal_checkpoint_info": {}}
-        self.ds.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False)
+        try:
+            self.ds.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False)
+        except Exception:
+            # DeepSpeed's save ends in a barrier that a rank failing mid-write skips: meet the others
+            # there, so every rank's next collective (the save's agreement) is the same one.
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                torch.distributed.barrier()
+            raise
 
     def load(self, load_dir: str, tag: str) -> dict[str, Any]:
         """Restore model, optimizer and scheduler from load_dir/tag; returns the client state."""

@@ -86,3 +86,34 @@ def test_a_rank_stuck_outside_a_collective_times_the_collective_out(tmp_path):
     res = json.loads(out.read_text())
     assert res["recognised"] and res["step"] == 4 and 2.5 < res["waited"] < 6
     assert res["behind"].startswith("rank 1: train at step 3 (pid "), res["behind"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 3 MiB filesystem (tmpfs): room for one checkpoint of the tiny model, not two."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()[:80]}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_really_full_disk_stops_every_rank_and_keeps_the_previous_checkpoint(tiny_disk, shards_dir, tokenizer_dir):
+    cfg = tiny_config(tiny_disk, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp32")
+    out = tiny_disk.parent / "save.json"
+    mp.spawn(workers.save_with_fault, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    errors = {json.loads(out.with_suffix(f".rank{r}").read_text())["error"] for r in (0, 1)}
+    assert len(errors) == 1, errors
+    (error,) = errors
+    assert "checkpoint step_00000004 could not be written" in error and "(step_00000002) is intact" in error
+    assert " MiB free there)" in error  # torch words a full disk as an opaque write error
+    ckpts = tiny_disk / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+    assert not (ckpts / "step_00000004").exists() and not (ckpts / ".staging" / "step_00000004").exists()
+    from dist_train.checkpoint.manager import verify_files
+
+    assert verify_files(ckpts / "step_00000002") is None

@@ -319,7 +319,7 @@ def save_with_fault(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
     if world.is_main:
         Path(out).with_suffix(".digests").write_text(json.dumps(digests))
     world.barrier()
-    try:
+    try:  # the configured fault, or a real full disk
         ckpt.save(engine, 4, {"train_state": {"step": 4}})
         error = None
     except CheckpointWriteError as e:

@@ -29,9 +29,13 @@ def _run_case(root, shards_dir, tokenizer_dir, phase, rank, action):
     try:
         mp.spawn(workers.save_with_fault, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
         killed = False
-    except mp.ProcessExitedException as e:  # the fault's SIGKILL; spawn then ends the other rank
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        # the fault's SIGKILL; spawn then ends the other rank, unless that one saw its peer vanish
+        # ("Connection closed by peer") and raised first
         assert action == "kill", e
         killed = True
+    fired = (case / "_faults" / f"pretrain-save-4-{phase}").is_file()
+    assert fired, "the fault must have fired"
     return case, cfg, killed
 
 

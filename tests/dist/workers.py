@@ -325,6 +325,7 @@ def save_with_fault(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
     except CheckpointWriteError as e:
         error = str(e)
     Path(out).with_suffix(f".rank{rank}").write_text(json.dumps({"error": error}))
+    world.barrier()  # leave together: a rank tearing down gloo while its peer still works can SIGABRT it
     torch.distributed.destroy_process_group()
 
 

@@ -229,8 +229,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     if not stages:
         raise ConfigError("no stage to run: add a `pretrain:` or `finetune:` section")
     _check_faults(cfg)
-    for name in (model.name_or_path, model.tokenizer):
-        check_remote_code(name, model.trust_remote_code)
+    check_remote_code(model.name_or_path, model.trust_remote_code)  # load_tokenizer checks the tokenizer
     for stage in stages:
         stage_section(cfg, stage)
         derive_stage(cfg, stage)

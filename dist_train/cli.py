@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from dist_train.config.loader import ConfigError
     from dist_train.data.manifest import DataError
+    from dist_train.launch.cluster import ClusterError
     from dist_train.model.build import ModelError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ModelError) as e:
+    except (ConfigError, DataError, ModelError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -103,7 +103,10 @@ def start_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     if cfg.ray.address:
+        from dist_train.launch.cluster import check_capacity
+
         ray.init(address=cfg.ray.address, log_to_driver=True)
+        check_capacity(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cfg.ray.address)
         return
     # A local instance: reserve enough logical CPUs for the workers even on a small machine
     # (they are threads-limited by cpus_per_worker anyway).

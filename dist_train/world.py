@@ -25,6 +25,7 @@ class World:
     local_world_size: int = 1
     node_rank: int = 0
     device: str = "cpu"  # where collectives put their tensors: "cuda" under NCCL
+    node: str | None = None  # the cluster's id of this rank's node (Ray node id); host names may repeat
 
     @property
     def is_main(self) -> bool:

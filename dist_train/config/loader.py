@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -42,7 +43,44 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(raw)
+    return from_dict(interpolate(raw))
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def interpolate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Replace `${a.b}` inside string values with the value of key a.b of the same config.
+
+    References are resolved after the overrides, so `prepare.dir=/shared/qs` moves every path
+    written as `${prepare.dir}/...` with it. A reference to a key that is not set, or a cycle,
+    is a ConfigError naming both keys.
+    """
+
+    def lookup(key: str, where: str, seen: tuple[str, ...]) -> Any:
+        node: Any = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"{where}: ${{{key}}} refers to a key this config does not set: set {key} "
+                                  "or write the value itself")
+            node = node[part]
+        if key in seen:
+            raise ConfigError(f"{where}: ${{{key}}} forms a cycle ({' -> '.join((*seen, key))})")
+        return resolve(node, key, (*seen, key))
+
+    def resolve(value: Any, where: str, seen: tuple[str, ...]) -> Any:
+        if isinstance(value, dict):
+            return {k: resolve(v, f"{where}.{k}" if where else k, seen) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v, where, seen) for v in value]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _REF.fullmatch(value)
+        if whole:  # a bare reference keeps the referenced value's type
+            return lookup(whole.group(1), where, seen)
+        return _REF.sub(lambda m: str(lookup(m.group(1), where, seen)), value)
+
+    return resolve(raw, "", ())
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from dist_train.checkpoint.manager import write_atomic
 from dist_train.config.checks import check_run, resolve
 from dist_train.config.derived import describe
-from dist_train.config.loader import to_dict
+from dist_train.config.loader import ConfigError, to_dict
 from dist_train.config.schema import STAGES, RunConfig
 from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preemption
 from dist_train.control import clear as clear_requests
@@ -70,6 +70,23 @@ def preemption_signal(cfg: RunConfig, log=print) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_job_paths(cfg: RunConfig, cwd: str | None = None) -> None:
+    """Refuse relative output paths when the driver runs in a Ray job's working directory.
+
+    `ray job submit --working-dir` runs the entrypoint in a temporary copy that Ray may unpack
+    again or delete, on one node only: a run or its prepared data written there is lost, and
+    workers on other nodes never see it.
+    """
+    cwd = cwd or os.getcwd()
+    if "/runtime_resources/working_dir_files/" not in cwd + "/":
+        return
+    paths = {"output_dir": cfg.output_dir, "prepare.dir": cfg.prepare.dir if cfg.prepare else None}
+    for key, path in paths.items():
+        if path and not os.path.isabs(os.path.expanduser(path)) and "://" not in path:
+            raise ConfigError(f"{key}={path!r} is relative, and this driver runs in a Ray job's temporary working "
+                              f"directory: pass {key}=/an/absolute/path on storage every node shares")
+
+
 def stages_to_run(cfg: RunConfig, only: str | None) -> list[str]:
     return [only] if only else [s for s in STAGES if getattr(cfg, s) is not None]
 
@@ -102,11 +119,13 @@ def start_ray(cfg: RunConfig) -> None:
     os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "10")
     if ray.is_initialized():
         return
-    if cfg.ray.address:
+    # `ray job submit` runs the entrypoint with RAY_ADDRESS set: join that cluster.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
         from dist_train.launch.cluster import check_capacity
 
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-        check_capacity(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, cfg.ray.address)
+        ray.init(address=address, log_to_driver=True)
+        check_capacity(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, address)
         return
     # A local instance: reserve enough logical CPUs for the workers even on a small machine
     # (they are threads-limited by cpus_per_worker anyway).
@@ -155,6 +174,7 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     """Validate, prepare, train every selected stage, write report.json; returns the report.
     Raises Preempted when SIGTERM stopped it (after a checkpoint), RunFailed when a stage failed."""
     t0 = time.time()
+    check_job_paths(cfg)
     cfg = resolve(cfg)
     stages = stages_to_run(cfg, only_stage)
     if cfg.prepare is not None:  # fail before spending time on building the data
@@ -164,13 +184,13 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     for note in check_run(cfg, stages):
         log(note)
     log(describe(cfg, stages))
+    timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}
+    t = time.time()
+    start_ray(cfg)  # before output_dir exists: a cluster too small for the workers leaves nothing behind
+    timings["ray_init_s"] = time.time() - t
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_requests(out)  # a stop request of an earlier, preempted run is not for this one
-    timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}
-    t = time.time()
-    start_ray(cfg)
-    timings["ray_init_s"] = time.time() - t
     report_path = out / REPORT
     previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
     results: dict[str, Any] = dict(previous.get("stages", {}))

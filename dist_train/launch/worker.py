@@ -20,6 +20,7 @@ from dist_train.world import World
 
 
 def world_from_ray(use_gpu: bool) -> World:
+    import ray
     import ray.train
 
     ctx = ray.train.get_context()
@@ -27,7 +28,8 @@ def world_from_ray(use_gpu: bool) -> World:
     if use_gpu and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"  # Ray Train has set this worker's GPU
     return World(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank(),
-                 local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank(), device=device)
+                 local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank(), device=device,
+                 node=ray.get_runtime_context().get_node_id())
 
 
 def quiet_libraries() -> None:

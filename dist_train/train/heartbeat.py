@@ -1,7 +1,7 @@
 """Heartbeats: every rank shows it is alive; a frozen, stopped or vanished rank is named within a bound.
 
 A daemon thread on each rank writes `<stage>/heartbeat/rank_NNNNN.json` every `timeout/6` seconds
-(rank, host, pid, step, phase, a sequence number). It keeps beating while the main thread waits in
+(rank, host, Ray node id, pid, step, phase, a sequence number). It keeps beating while the main thread waits in
 a collective, so only a rank that is stopped (SIGSTOP, a frozen node), dead or cut off goes quiet.
 Rank 0 watches every rank and the others watch rank 0 (O(ranks) reads per interval in all). Staleness
 is judged by the watcher's own monotonic clock (when it last saw the sequence number change), so
@@ -94,7 +94,8 @@ class Heartbeat:
     def _beat(self) -> bool:
         """Write this rank's beat; False when the storage refuses it (full, read-only)."""
         self.seq += 1
-        row = {"rank": self.world.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
+        row = {"rank": self.world.rank, "host": self.host, "node": self.world.node, "pid": os.getpid(),
+               "attempt": self.attempt,
                "seq": self.seq, "step": self.step, "phase": self.phase, "time": time.time()}
         tmp = self._path(self.world.rank).with_suffix(".tmp")
         try:

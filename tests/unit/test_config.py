@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,34 @@ def test_a_partial_section_overrides_its_place_specific_defaults():
     assert cfg.finetune.train.export == "best" and cfg.finetune.train.gradient_checkpointing is True
     assert cfg.finetune.train.max_steps == 7 and cfg.finetune.optim.lr == 1e-3
     assert cfg.finetune.optim.weight_decay == 0.01  # the finetune default, not the pretrain one (0.1)
+
+
+def test_references_follow_an_overridden_key():
+    cfg = load_config(QUICKSTART, ["prepare.dir=/shared/qs"])
+    assert cfg.model.tokenizer == "/shared/qs/tokenizer"
+    assert cfg.pretrain.data.shards == "/shared/qs/shards"
+    assert cfg.finetune.data.test == "/shared/qs/task/test.jsonl"
+    # A bare reference keeps the referenced value's type.
+    assert load_config(QUICKSTART, ["ray.cpus_per_worker=${ray.num_workers}"]).ray.cpus_per_worker == 2
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.tokenizer=${nope.x}", "model.tokenizer: ${nope.x} refers to a key this config does not set: set nope.x"),
+    ("prepare.dir=${model.tokenizer}", "forms a cycle (model.tokenizer -> prepare.dir -> model.tokenizer)"),
+])
+def test_bad_references_are_named(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(QUICKSTART, [override])
+
+
+def test_relative_outputs_are_refused_only_inside_a_ray_job_working_dir():
+    from dist_train.launch.driver import check_job_paths
+
+    cfg = load_config(QUICKSTART)
+    job_dir = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_abc"
+    check_job_paths(cfg, cwd="/home/me/project")  # an ordinary shell: relative is fine
+    with pytest.raises(ConfigError, match=r"output_dir='runs/quickstart' is relative.*output_dir=/an/absolute/path"):
+        check_job_paths(cfg, cwd=job_dir)
+    with pytest.raises(ConfigError, match=r"prepare.dir='data/quickstart' is relative"):
+        check_job_paths(load_config(QUICKSTART, ["output_dir=/shared/run"]), cwd=job_dir)
+    check_job_paths(load_config(QUICKSTART, ["output_dir=/shared/run", "prepare.dir=/shared/qs"]), cwd=job_dir)

@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config (and its data paths) without starting Ray")
     _config_args(p)
     p.add_argument("--stage", choices=["pretrain", "finetune"])
+    p.add_argument("--plan", action="store_true", help="size the job instead: memory per rank (model states at "
+                   "the ZeRO stage, activations with and without checkpointing), checkpoint size, lanes per rank")
+    p.add_argument("--nodes", type=int, default=1, help="--plan: nodes in the allocation")
+    p.add_argument("--gpus-per-node", type=int, help="--plan: GPUs per node (one rank each); default: "
+                   "ray.num_workers ranks")
+    p.add_argument("--gpu-memory", help="--plan: memory per GPU, e.g. 80GB; warns when a stage will not fit")
 
     p = sub.add_parser("print-config", help="print the resolved config tree")
     _config_args(p)
@@ -128,6 +134,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = resolve(load_config(args.config, args.overrides))
         stages = stages_to_run(cfg, args.stage)
+        if args.plan:
+            return _plan_job(cfg, stages, args)
         for note in check_run(cfg, stages):
             print(note)
         print(describe(cfg, stages))
@@ -160,6 +168,26 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "ledger":
         return _ledger_verify(args.output_dir, args.stage)
     raise AssertionError(args.cmd)
+
+
+def _plan_job(cfg, stages: list[str], args: argparse.Namespace) -> int:
+    from dist_train.config.sizing import Hardware, parse_memory, plan_stage, render
+
+    if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+        raise _config_error("--nodes and --gpus-per-node must be at least 1")
+    hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                  gpu_memory=parse_memory(args.gpu_memory) if args.gpu_memory else None)
+    plans = [plan_stage(cfg, stage, hw) for stage in stages]
+    print("\n".join(render(p) for p in plans))
+    print("plan only: nothing was started, and the data and model files were not checked (validate without "
+          "--plan does that)")
+    return 0
+
+
+def _config_error(message: str) -> Exception:
+    from dist_train.config.loader import ConfigError
+
+    return ConfigError(message)
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -2,17 +2,26 @@
 # A one-node Slurm cluster on this machine (slurmctld + slurmd + munge), for trying
 # slurm/dist-train.sbatch without a real cluster and for the Slurm test in CI.
 #
-#   sudo slurm/local-cluster.sh start   # needs Debian's slurm-wlm and munge installed, and root
+#   sudo slurm/local-cluster.sh start       # needs Debian's slurm-wlm and munge installed, and root
+#   sudo slurm/local-cluster.sh start 2     # two nodes: this host and a network namespace
 #   sudo slurm/local-cluster.sh stop
 #
-# It writes /etc/slurm/slurm.conf (the node is this host, 127.0.0.1, with all its CPUs and
-# memory), creates a munge key if there is none, and starts the daemons without systemd, so it
-# also works in containers. Process tracking is linuxproc (no cgroups needed).
+# It writes /etc/slurm/slurm.conf, creates a munge key if there is none, and starts the daemons
+# without systemd, so it also works in containers. Process tracking is linuxproc (no cgroups).
+#
+# One node: this host at 127.0.0.1 with all its CPUs and memory.
+# N nodes: node 1 is this host at 10.77.0.1 on a bridge (dtbr0); nodes 2..N are network
+# namespaces (dt-n2, ...) at 10.77.0.2..N, each with its own slurmd, so what crosses between
+# nodes goes over a real (virtual) network with its own addresses, as between hosts. They share
+# this host's CPUs (each node reports all of them) and split its memory; files are shared, like
+# a cluster's shared file system, and so is /tmp (a per-node /tmp is the one thing missing).
 set -euo pipefail
 
 action=${1:-start}
+nodes=${2:-1}
 conf=/etc/slurm/slurm.conf
 node=$(hostname -s)
+subnet=10.77.0
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
@@ -21,6 +30,24 @@ stop() {
     pkill -x slurmctld 2>/dev/null || true
     pkill -x munged 2>/dev/null || true
     sleep 1
+    for ns in $(ip netns list 2>/dev/null | awk '/^dt-n[0-9]+/ {print $1}'); do ip netns del "$ns"; done
+    ip link del dtbr0 2>/dev/null || true
+}
+
+# Nodes 2..N: a network namespace each, joined to this host by a bridge.
+make_network() {
+    ip link add dtbr0 type bridge
+    ip addr add "$subnet.1/24" dev dtbr0
+    ip link set dtbr0 up
+    for i in $(seq 2 "$nodes"); do
+        ip netns add "dt-n$i"
+        ip link add "dtv$i" type veth peer name eth0 netns "dt-n$i"
+        ip link set "dtv$i" master dtbr0
+        ip link set "dtv$i" up
+        ip netns exec "dt-n$i" ip addr add "$subnet.$i/24" dev eth0
+        ip netns exec "dt-n$i" ip link set eth0 up
+        ip netns exec "dt-n$i" ip link set lo up
+    done
 }
 
 start() {
@@ -28,24 +55,38 @@ start() {
     for b in slurmctld slurmd munged sbatch; do
         command -v "$b" >/dev/null || die "$b not found: apt-get install -y slurm-wlm munge"
     done
+    [[ $nodes =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 8)) || die "nodes must be 1 to 8, not '$nodes'"
     stop
     cpus=$(nproc)
     # Leave 512 MiB to the system; Slurm refuses a node that reports less than configured.
-    mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
-    mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/lib/slurm/slurmd /var/log/slurm /run/munge /etc/munge
+    mem_mb=$(( ($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512) / nodes ))
+    addr=127.0.0.1
+    names=$node
+    node_lines="NodeName=${node} NodeAddr=${addr} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN"
+    if ((nodes > 1)); then
+        command -v ip >/dev/null || die "ip not found: apt-get install -y iproute2"
+        make_network
+        addr=$subnet.1
+        node_lines="NodeName=${node} NodeAddr=${addr} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN"
+        for i in $(seq 2 "$nodes"); do
+            names="$names,${node}-n$i"
+            node_lines+=$'\n'"NodeName=${node}-n$i NodeAddr=$subnet.$i CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN"
+        done
+    fi
+    mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/log/slurm /run/munge /etc/munge
     cat >"$conf" <<EOF
 # Written by dist_train's slurm/local-cluster.sh: one node, this host, loopback only.
 ClusterName=local
-SlurmctldHost=${node}(127.0.0.1)
+SlurmctldHost=${node}(${addr})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=/var/lib/slurm/slurmctld
-SlurmdSpoolDir=/var/lib/slurm/slurmd
+SlurmdSpoolDir=/var/lib/slurm/slurmd.%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd.%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmdLogFile=/var/log/slurm/slurmd.%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -59,8 +100,8 @@ MinJobAge=600
 InactiveLimit=0
 SlurmctldTimeout=60
 SlurmdTimeout=60
-NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
-PartitionName=debug Nodes=${node} Default=YES MaxTime=INFINITE State=UP
+${node_lines}
+PartitionName=debug Nodes=${names} Default=YES MaxTime=INFINITE State=UP
 EOF
     if [[ ! -s /etc/munge/munge.key ]]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
@@ -69,21 +110,24 @@ EOF
     chmod 0700 /etc/munge
     chmod 0400 /etc/munge/munge.key
     runuser -u munge -- munged --force
+    for n in ${names//,/ }; do mkdir -p "/var/lib/slurm/slurmd.$n"; done
     slurmctld
-    slurmd
+    slurmd -N "$node"
+    # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup tree slurmd looks for.
+    for i in $(seq 2 "$nodes"); do nsenter --net="/run/netns/dt-n$i" slurmd -N "${node}-n$i"; done
     for _ in $(seq 60); do
-        if sinfo -h -o '%t' 2>/dev/null | grep -qx 'idle'; then
-            echo "local-cluster: node ${node} idle (${cpus} CPUs, ${mem_mb} MiB); try: sinfo; squeue"
+        if [[ $(sinfo -h -N -o '%t' 2>/dev/null | grep -cx 'idle') == "$nodes" ]]; then
+            echo "local-cluster: ${nodes} node(s) idle (${names}; ${cpus} CPUs, ${mem_mb} MiB each); try: sinfo; squeue"
             return 0
         fi
         sleep 1
     done
-    tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
-    die "the node did not become idle within 60 s (logs above)"
+    tail -n 20 /var/log/slurm/*.log >&2 || true
+    die "the nodes did not become idle within 60 s (logs above)"
 }
 
 case $action in
     start) start ;;
     stop) stop ;;
-    *) die "usage: $0 start|stop" ;;
+    *) die "usage: $0 start [NODES]|stop" ;;
 esac

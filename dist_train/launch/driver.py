@@ -139,15 +139,16 @@ def start_ray(cfg: RunConfig) -> None:
 def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from dist_train.launch.torch_backend import ClusterTorchConfig
     from dist_train.launch.worker import train_worker
 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "stage": stage},
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
-                                 timeout_s=cfg.ray.collective_timeout_s),
+        torch_config=ClusterTorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
+                                        timeout_s=cfg.ray.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RayRunConfig(name=stage, storage_path=str(Path(cfg.output_dir) / "_ray"),

@@ -1,8 +1,9 @@
-"""slurm/dist-train.sbatch against a real Slurm: Debian's slurm-wlm, one node on this machine.
+"""slurm/dist-train.sbatch against a real Slurm: Debian's slurm-wlm on this machine.
 
-`.ci/run` installs slurm-wlm and munge and starts the cluster with `slurm/local-cluster.sh`,
-then sets DIST_TRAIN_REQUIRE_SLURM=1, so there these tests fail rather than skip when Slurm is
-missing. Elsewhere they skip without a working `sinfo`.
+`.ci/run` installs slurm-wlm and munge and starts a two-node cluster with
+`slurm/local-cluster.sh start 2`: this host and a network namespace with its own address, each
+with its own slurmd. It then sets DIST_TRAIN_REQUIRE_SLURM=1, so there these tests fail rather
+than skip when Slurm (or its second node) is missing. Elsewhere they skip without `sinfo`.
 """
 
 from __future__ import annotations
@@ -26,19 +27,27 @@ SHORT = ["pretrain.train.max_steps=30", "pretrain.train.eval_every=30", "pretrai
          "finetune.train.max_steps=6", "finetune.train.eval_every=6", "finetune.train.save_every=6"]
 
 
-def _slurm_up() -> bool:
+def slurm_nodes() -> int:
+    """Nodes of the Slurm cluster that can take a job (0 without Slurm)."""
     if not shutil.which("sbatch"):
-        return False
-    res = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
-    return res.returncode == 0 and any(s in res.stdout for s in ("idle", "mix", "alloc"))
+        return 0
+    res = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True)
+    return sum(state.strip() in ("idle", "mix", "alloc") for state in res.stdout.splitlines()) \
+        if res.returncode == 0 else 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def slurm():
-    if not _slurm_up():
+def need_nodes(n: int) -> None:
+    if slurm_nodes() < n:
         if os.environ.get("DIST_TRAIN_REQUIRE_SLURM") == "1":
-            pytest.fail("DIST_TRAIN_REQUIRE_SLURM=1 but no Slurm cluster answers: run slurm/local-cluster.sh start")
-        pytest.skip("no Slurm cluster (sudo slurm/local-cluster.sh start after apt-get install slurm-wlm munge)")
+            pytest.fail(f"DIST_TRAIN_REQUIRE_SLURM=1 but Slurm has fewer than {n} usable nodes: run "
+                        "slurm/local-cluster.sh start 2")
+        pytest.skip(f"no Slurm cluster of {n} node(s) (sudo slurm/local-cluster.sh start {n} after apt-get "
+                    "install slurm-wlm munge)")
+
+
+@pytest.fixture(autouse=True)
+def slurm():
+    need_nodes(1)
 
 
 def env() -> dict[str, str]:
@@ -46,8 +55,8 @@ def env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
 
-def sbatch(cwd: Path, *args: str) -> str:
-    res = subprocess.run(["sbatch", "--parsable", str(SBATCH), *args], cwd=cwd, env=env(),
+def sbatch(cwd: Path, *args: str, options: tuple[str, ...] = ()) -> str:
+    res = subprocess.run(["sbatch", "--parsable", *options, str(SBATCH), *args], cwd=cwd, env=env(),
                          capture_output=True, text=True, check=True)
     return res.stdout.strip().split(";")[0]
 
@@ -115,7 +124,32 @@ def test_sbatch_runs_the_quickstart_survives_a_requeue_and_writes_the_report(tmp
     assert {p.name for p in logs.iterdir()} >= {"ray-head.0.log", "ray-head.1.log", "validate.log"}
     # Ray is gone from the node once the job is over: no raylet of this job's session is left.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert f"/tmp/ray-{job}/" not in ps
+    assert f"/tmp/ray-{job}-" not in ps
+
+
+def test_two_nodes_run_one_rank_each_over_the_network(tmp_path):
+    """Two Slurm nodes with their own addresses (this host and a network namespace): the head on
+    the first, a Ray worker node joined over the network on the second, one rank on each (each
+    needs both of a node's CPUs), gloo between them. Without binding gloo to the interface Ray
+    uses, the ranks would look for each other on loopback and never connect."""
+    need_nodes(2)
+    cwd, run = tmp_path, tmp_path / "run"
+    job = sbatch(cwd, str(REPO / "configs" / "quickstart.yaml"), f"output_dir={run}", "finetune=null",
+                 "ray.cpus_per_worker=2", "pretrain.train.max_steps=6", "pretrain.train.eval_every=6",
+                 "pretrain.train.save_every=6", options=("--nodes=2",))
+    out = cwd / f"dist-train-{job}.out"
+    wait_until(lambda: finished(job), 600, "the two-node job", out, poll=2)
+    text = out.read_text()
+    assert job_field(job, "JobState") == "COMPLETED", text[-4000:]
+    assert "2 Ray node(s) alive" in text
+    report = json.loads((run / "report.json").read_text())
+    assert report["stages"]["pretrain"]["steps"] == 6
+    head = report["config"]["ray"]["address"].rsplit(":", 1)[0]
+    assert not head.startswith("127.")  # the other node reaches the head over the network
+    beats = [json.loads(p.read_text()) for p in sorted((run / "pretrain" / "heartbeat").glob("rank_*.json"))]
+    assert len(beats) == 2 and len({b["node"] for b in beats}) == 2, beats
+    logs = {p.name for p in (cwd / "logs" / f"dist-train-{job}").iterdir()}
+    assert any(name.startswith("ray-worker.0.") for name in logs), logs
 
 
 def test_a_bad_config_fails_the_job_in_one_line_before_ray_starts(tmp_path):

@@ -89,3 +89,16 @@ def test_the_plan_in_the_launch_guide_is_what_the_command_prints_now():
     assert shown == res.stdout.rstrip(), ("docs/launch.md shows a stale plan: paste the output of `dist-train "
                                           "validate configs/llama3_8b_domain.yaml --plan --nodes 4 --gpus-per-node 8 "
                                           "--gpu-memory 80GB` between its plan markers")
+
+
+def test_gloo_binds_the_interface_that_holds_the_ray_address():
+    import socket
+
+    from dist_train.launch.torch_backend import interface_of
+
+    found = {"lo": [(socket.AF_INET, "127.0.0.1")], "eth0": [(socket.AF_INET, "192.0.2.2"), (socket.AF_INET6, "fd::2")],
+             "ib0": [(socket.AF_INET, "10.77.0.1")]}
+    assert interface_of("10.77.0.1", found) == "ib0"
+    assert interface_of("192.0.2.2", found) == "eth0"
+    assert interface_of("127.0.0.1", found) is None  # one host: gloo's own choice is right
+    assert interface_of("10.9.9.9", found) is None

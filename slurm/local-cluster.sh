@@ -57,20 +57,24 @@ start() {
     done
     [[ $nodes =~ ^[0-9]+$ ]] && ((nodes >= 1 && nodes <= 8)) || die "nodes must be 1 to 8, not '$nodes'"
     stop
+    rm -rf /var/lib/slurm/slurmctld  # a fresh cluster: no drained nodes or jobs from an earlier start
     cpus=$(nproc)
     # Leave 512 MiB to the system; Slurm refuses a node that reports less than configured.
     mem_mb=$(( ($(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512) / nodes ))
     addr=127.0.0.1
     names=$node
-    node_lines="NodeName=${node} NodeAddr=${addr} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN"
+    # Each node also declares GPUS (default 2) GPUs backed by empty stand-in files: enough for
+    # Slurm to account `--gpus-per-node` and set SLURM_GPUS_ON_NODE, with no GPU present.
+    gres="Gres=gpu:${GPUS:-2}"
+    node_lines="NodeName=${node} NodeAddr=${addr} CPUs=${cpus} RealMemory=${mem_mb} ${gres} State=UNKNOWN"
     if ((nodes > 1)); then
         command -v ip >/dev/null || die "ip not found: apt-get install -y iproute2"
         make_network
         addr=$subnet.1
-        node_lines="NodeName=${node} NodeAddr=${addr} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN"
+        node_lines="NodeName=${node} NodeAddr=${addr} CPUs=${cpus} RealMemory=${mem_mb} ${gres} State=UNKNOWN"
         for i in $(seq 2 "$nodes"); do
             names="$names,${node}-n$i"
-            node_lines+=$'\n'"NodeName=${node}-n$i NodeAddr=$subnet.$i CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN"
+            node_lines+=$'\n'"NodeName=${node}-n$i NodeAddr=$subnet.$i CPUs=${cpus} RealMemory=${mem_mb} ${gres} State=UNKNOWN"
         done
     fi
     mkdir -p /etc/slurm /var/lib/slurm/slurmctld /var/log/slurm /run/munge /etc/munge
@@ -93,6 +97,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 MpiDefault=none
+GresTypes=gpu
 ReturnToService=2
 JobRequeue=1
 KillWait=30
@@ -103,6 +108,10 @@ SlurmdTimeout=60
 ${node_lines}
 PartitionName=debug Nodes=${names} Default=YES MaxTime=INFINITE State=UP
 EOF
+    # Stand-in device files: slurmd counts a GPU per file and sets CUDA_VISIBLE_DEVICES by index.
+    mkdir -p /var/lib/slurm/fake-gpu
+    for g in $(seq 0 $((${GPUS:-2} - 1))); do touch "/var/lib/slurm/fake-gpu/nvidia$g"; done
+    printf 'AutoDetect=off\nName=gpu File=/var/lib/slurm/fake-gpu/nvidia[0-%d]\n' $((${GPUS:-2} - 1)) >/etc/slurm/gres.conf
     if [[ ! -s /etc/munge/munge.key ]]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     fi

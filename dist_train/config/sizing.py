@@ -9,6 +9,7 @@ library workspaces come on top, which is why a plan only "fits" with 10% of the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,18 +144,27 @@ def _lora_trainable(model, cfg: RunConfig, model_type: str) -> int:
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
-def _build_meta(cfg: RunConfig, stage: str):
+@functools.lru_cache(maxsize=8)
+def _meta_model(auto: str, config_json: str):
+    """The module tree of an HF model on the meta device (shapes only), built once per config."""
+    import json
+
     import torch
     import transformers
 
+    config = transformers.AutoConfig.for_model(**json.loads(config_json))
+    with torch.device("meta"):
+        return getattr(transformers, auto).from_config(config)
+
+
+def _build_meta(cfg: RunConfig, stage: str):
     config = _hf_config(cfg, stage)
     lm_head = stage == "pretrain" or cfg.finetune.task == "sft"
     if stage == "pretrain":
         auto = "AutoModelForCausalLM" if cfg.pretrain.objective == "clm" else "AutoModelForMaskedLM"
     else:
         auto = "AutoModelForCausalLM" if lm_head else "AutoModel"  # a task head is a rounding error
-    with torch.device("meta"):
-        model = getattr(transformers, auto).from_config(config)
+    model = _meta_model(auto, config.to_json_string())
     shape = _shape_of(model, config)
     trainable = shape.params
     if stage == "finetune" and cfg.finetune.lora.enabled:

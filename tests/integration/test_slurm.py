@@ -82,14 +82,6 @@ def finished(job: str) -> bool:
     return job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "")
 
 
-def step_of(run: Path) -> int:
-    beat = run / "pretrain" / "heartbeat" / "rank_00000.json"
-    try:
-        return json.loads(beat.read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        return -1
-
-
 def test_sbatch_runs_the_quickstart_survives_a_requeue_and_writes_the_report(tmp_path):
     """The quickstart under sbatch: Ray up on the allocation, the driver joins it, SIGTERM to the
     batch script mid-pretrain -> checkpoint -> exit 75 -> `scontrol requeue`; the requeued job
@@ -98,7 +90,9 @@ def test_sbatch_runs_the_quickstart_survives_a_requeue_and_writes_the_report(tmp
     run = tmp_path / "run"
     job = sbatch(tmp_path, str(REPO / "configs" / "quickstart.yaml"), f"output_dir={run}", *SHORT)
     out = tmp_path / f"dist-train-{job}.out"
-    wait_until(lambda: step_of(run) >= 3, 300, "pretrain step 3", out)
+    # The first checkpoint (step 10) is the cue: the stop then lands well before step 30.
+    wait_until(lambda: (run / "pretrain" / "checkpoints" / "step_00000010").is_dir(), 300, "checkpoint 10", out,
+               poll=0.2)
     # What Slurm does at --signal=B:TERM@120 before the time limit: signal the batch shell only.
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
     wait_until(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
@@ -128,7 +122,8 @@ def test_sbatch_runs_the_quickstart_survives_a_requeue_and_writes_the_report(tmp
 
 
 def test_two_nodes_run_one_rank_each_over_the_network(tmp_path):
-    """Two Slurm nodes with their own addresses (this host and a network namespace): the head on
+    """Two Slurm nodes with their own addresses (this host and a network namespace), one GPU asked
+    for per node: the head on
     the first, a Ray worker node joined over the network on the second, one rank on each (each
     needs both of a node's CPUs), gloo between them. Without binding gloo to the interface Ray
     uses, the ranks would look for each other on loopback and never connect."""
@@ -136,12 +131,15 @@ def test_two_nodes_run_one_rank_each_over_the_network(tmp_path):
     cwd, run = tmp_path, tmp_path / "run"
     job = sbatch(cwd, str(REPO / "configs" / "quickstart.yaml"), f"output_dir={run}", "finetune=null",
                  "ray.cpus_per_worker=2", "pretrain.train.max_steps=6", "pretrain.train.eval_every=6",
-                 "pretrain.train.save_every=6", options=("--nodes=2",))
+                 "pretrain.train.save_every=6", options=("--nodes=2", "--gpus-per-node=1"))
     out = cwd / f"dist-train-{job}.out"
     wait_until(lambda: finished(job), 600, "the two-node job", out, poll=2)
     text = out.read_text()
     assert job_field(job, "JobState") == "COMPLETED", text[-4000:]
     assert "2 Ray node(s) alive" in text
+    # Each node told Ray what Slurm gave it: both CPUs, and the one GPU asked for per node (the
+    # local cluster's GPUs are counts without devices; the run itself stays on CPU).
+    assert len(re.findall(r"CPU 2 +GPU 1\b", text)) == 2, text[:3000]
     report = json.loads((run / "report.json").read_text())
     assert report["stages"]["pretrain"]["steps"] == 6
     head = report["config"]["ray"]["address"].rsplit(":", 1)[0]

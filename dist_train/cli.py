@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from dist_train.config.loader import load_config, to_dict
+    from dist_train.config.loader import ConfigError, load_config, to_dict
 
     if args.cmd == "print-config":
         d = to_dict(load_config(args.config, args.overrides))
@@ -136,6 +136,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         stages = stages_to_run(cfg, args.stage)
         if args.plan:
             return _plan_job(cfg, stages, args)
+        if args.nodes != 1 or args.gpus_per_node is not None or args.gpu_memory is not None:
+            raise ConfigError("--nodes, --gpus-per-node and --gpu-memory size a plan: add --plan")
         for note in check_run(cfg, stages):
             print(note)
         print(describe(cfg, stages))
@@ -171,10 +173,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _plan_job(cfg, stages: list[str], args: argparse.Namespace) -> int:
+    from dist_train.config.loader import ConfigError
     from dist_train.config.sizing import Hardware, parse_memory, plan_stage, render
 
     if args.nodes < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
-        raise _config_error("--nodes and --gpus-per-node must be at least 1")
+        raise ConfigError("--nodes and --gpus-per-node must be at least 1")
     hw = Hardware(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                   gpu_memory=parse_memory(args.gpu_memory) if args.gpu_memory else None)
     plans = [plan_stage(cfg, stage, hw) for stage in stages]
@@ -182,12 +185,6 @@ def _plan_job(cfg, stages: list[str], args: argparse.Namespace) -> int:
     print("plan only: nothing was started, and the data and model files were not checked (validate without "
           "--plan does that)")
     return 0
-
-
-def _config_error(message: str) -> Exception:
-    from dist_train.config.loader import ConfigError
-
-    return ConfigError(message)
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -88,3 +88,9 @@ def test_a_bad_gpu_memory_is_one_line():
     res = run_cli("validate", str(RECIPE), ARCH, "--plan", "--gpus-per-node", "8", "--gpu-memory", "lots")
     assert res.returncode == 2 and res.stderr.strip() == \
         "error: --gpu-memory 'lots' is not a size: write e.g. 80GB or 141GiB"
+
+
+def test_sizing_options_without_plan_are_refused():
+    res = run_cli("validate", str(RECIPE), ARCH, "--gpu-memory", "80GB")
+    assert res.returncode == 2 and res.stderr.strip() == \
+        "error: --nodes, --gpus-per-node and --gpu-memory size a plan: add --plan"

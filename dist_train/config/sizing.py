@@ -25,7 +25,7 @@ from dist_train.config.memory import (
     model_state_bytes,
     zero_buffer_bytes,
 )
-from dist_train.config.schema import RunConfig
+from dist_train.config.schema import FinetuneConfig, PretrainConfig, RunConfig
 
 GiB = 2**30
 FRAMEWORK_GPU_BYTES = 2 * GiB  # CUDA context, NCCL communicators and cuBLAS workspaces, per GPU
@@ -54,6 +54,7 @@ class Hardware:
 @dataclass
 class StagePlan:
     stage: str
+    section: PretrainConfig | FinetuneConfig  # batch, checkpointing, ZeRO and offload as configured
     world: int
     nodes: int
     on_gpu: bool
@@ -63,19 +64,17 @@ class StagePlan:
     buffers: float
     act_on: ActivationBytes  # activation checkpointing on
     act_off: ActivationBytes
-    checkpointing: bool  # what the config chose
-    offload_optimizer: bool
-    offload_params: bool
-    global_batch: int
-    micro_batch: int
     grad_accum: int
     seq_len: int
     checkpoint: float
-    keep: int
     export: float
     data: str
     capacity: float | None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.section.train.gradient_checkpointing
 
     def device_total(self, checkpointing: bool) -> float:
         act = self.act_on if checkpointing else self.act_off
@@ -179,8 +178,9 @@ def _data_line(cfg: RunConfig, stage: str, world: int) -> tuple[str, list[str]]:
     lanes = d.lanes or world  # derive_stage has checked that world divides it
     warn: list[str] = []
     per_rank = f"{lanes / world:g} per rank"
-    manifest = Path(d.shards) / "manifest.json"
-    if "://" not in d.shards and manifest.is_file():
+    from dist_train.data.sources import is_url
+
+    if not is_url(d.shards) and (Path(d.shards) / "manifest.json").is_file():
         from dist_train.data.manifest import read_manifest
 
         man = read_manifest(d.shards)
@@ -211,21 +211,19 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
                                ds.offload_params, trainable=trainable)
     data, warnings = _data_line(cfg, stage, world)
     plan = StagePlan(
-        stage=stage, world=world, nodes=hw.nodes, on_gpu=on_gpu, shape=shape, trainable=trainable, states=states,
-        buffers=zero_buffer_bytes(shape, ds.zero_stage, shape.hidden**2, act_b), act_on=acts[True],
-        act_off=acts[False], checkpointing=sec.train.gradient_checkpointing,
-        offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
-        global_batch=sec.train.global_batch_size, micro_batch=mb, grad_accum=derived.grad_accum, seq_len=seq_len,
-        checkpoint=checkpoint_bytes(shape.params, trainable, ds.precision), keep=sec.train.keep_checkpoints,
-        export=shape.params * 4.0, data=data, capacity=hw.gpu_memory, warnings=warnings)
+        stage=stage, section=sec, world=world, nodes=hw.nodes, on_gpu=on_gpu, shape=shape, trainable=trainable,
+        states=states, buffers=zero_buffer_bytes(shape, ds.zero_stage, shape.hidden**2, act_b), act_on=acts[True],
+        act_off=acts[False], grad_accum=derived.grad_accum, seq_len=seq_len,
+        checkpoint=checkpoint_bytes(shape.params, trainable, ds.precision), export=shape.params * 4.0, data=data,
+        capacity=hw.gpu_memory, warnings=warnings)
     if hw.gpus_per_node and world != configured:
         plan.warnings.append(f"the config has ray.num_workers={configured}: pass ray.num_workers={world} "
                              f"(and ray.use_gpu=true) to use all {world} GPUs")
-    _fit_warnings(plan, sec)
+    _fit_warnings(plan)
     return plan
 
 
-def _fit_warnings(plan: StagePlan, sec) -> None:
+def _fit_warnings(plan: StagePlan) -> None:
     if plan.capacity is None:
         return
     limit = plan.capacity * HEADROOM
@@ -233,13 +231,14 @@ def _fit_warnings(plan: StagePlan, sec) -> None:
     if need <= limit:
         return
     fixes = []
+    ds = plan.section.deepspeed
     if not plan.checkpointing and plan.device_total(True) <= limit:
         fixes.append(f"{plan.stage}.train.gradient_checkpointing=true")
-    if plan.micro_batch > 1:
+    if plan.section.train.micro_batch_size > 1:
         fixes.append(f"a smaller {plan.stage}.train.micro_batch_size")
-    if sec.deepspeed.zero_stage < 3:
+    if ds.zero_stage < 3:
         fixes.append(f"{plan.stage}.deepspeed.zero_stage=3")
-    if not sec.deepspeed.offload_optimizer:
+    if not ds.offload_optimizer:
         fixes.append(f"{plan.stage}.deepspeed.offload_optimizer=true")
     plan.warnings.append(f"will not fit: {need / GiB:.1f} GiB per GPU needed, {limit / GiB:.1f} GiB usable "
                          f"({HEADROOM:.0%} of {plan.capacity / GiB:.0f}); try " + ", ".join(fixes or ["more GPUs"]))
@@ -251,7 +250,7 @@ def _b(n: float) -> str:
 
 def render(plan: StagePlan) -> str:
     """The plan of one stage as the text `validate --plan` prints."""
-    s, st = plan.shape, plan.states
+    s, st, train, ds = plan.shape, plan.states, plan.section.train, plan.section.deepspeed
     big = max(plan.device_total(False), st.on_cpu, plan.checkpoint) >= GiB
     unit, div = ("GiB", GiB) if big else ("MiB", 2**20)
     per_node = plan.world // plan.nodes if plan.world % plan.nodes == 0 else plan.world / plan.nodes
@@ -259,15 +258,16 @@ def render(plan: StagePlan) -> str:
              + (f", {plan.capacity / GiB:.0f} GiB per GPU" if plan.capacity else ""),
              f"  model: {s.family}-style, {_b(s.params)} parameters ({_b(plan.trainable)} trained), {s.layers} layers, "
              f"hidden {s.hidden}, vocab {s.vocab}",
-             f"  batch: global {plan.global_batch} = micro {plan.micro_batch} × {plan.world} ranks × grad_accum "
-             f"{plan.grad_accum}; seq_len {plan.seq_len} -> {plan.global_batch * plan.seq_len:,} tokens/step",
+             f"  batch: global {train.global_batch_size} = micro {train.micro_batch_size} × {plan.world} ranks × "
+             f"grad_accum {plan.grad_accum}; seq_len {plan.seq_len} -> {train.global_batch_size * plan.seq_len:,} "
+             "tokens/step",
              f"    {'per rank, ' + unit:<34}{'GPU' if plan.on_gpu else 'device':>10}{'CPU':>10}"]
 
     def row(name: str, dev: float, cpu: float = 0.0, note: str = "") -> str:
         return f"    {name:<34}{dev / div:>10.2f}{cpu / div:>10.2f}{note}"
 
-    off_w = st.weights if plan.offload_params else 0.0
-    off_o = st.optimizer if plan.offload_optimizer else 0.0
+    off_w = st.weights if ds.offload_params else 0.0
+    off_o = st.optimizer if ds.offload_optimizer else 0.0
     lines += [row("weights", st.weights - off_w, off_w), row("gradients", st.gradients),
               row("optimizer (fp32 master + Adam)", st.optimizer - off_o, off_o),
               row("DeepSpeed buffers", plan.buffers)]
@@ -288,8 +288,8 @@ def render(plan: StagePlan) -> str:
         lines.append(row(f"total, checkpointing {'on' if on else 'off'}", total, st.on_cpu, verdict))
     if st.on_cpu:
         lines.append(f"  CPU memory per node for offload: {st.on_cpu * per_node / GiB:.1f} GiB")
-    lines += [f"  checkpoint: {plan.checkpoint / div:.1f} {unit} per save (keep {plan.keep}: "
-              f"{plan.checkpoint * plan.keep / div:.1f} {unit}); export {plan.export / div:.1f} {unit} "
+    lines += [f"  checkpoint: {plan.checkpoint / div:.1f} {unit} per save (keep {train.keep_checkpoints}: "
+              f"{plan.checkpoint * train.keep_checkpoints / div:.1f} {unit}); export {plan.export / div:.1f} {unit} "
               "(fp32 safetensors)",
               f"  data: {plan.data}"]
     lines += [f"  warning: {w}" for w in plan.warnings]

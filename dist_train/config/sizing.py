@@ -210,9 +210,10 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
     states = model_state_bytes(shape.params, ds.zero_stage, world, ds.precision, ds.offload_optimizer,
                                ds.offload_params, trainable=trainable)
     data, warnings = _data_line(cfg, stage, world)
+    bucket = int(derived.deepspeed["zero_optimization"].get("reduce_bucket_size", shape.hidden**2))
     plan = StagePlan(
         stage=stage, section=sec, world=world, nodes=hw.nodes, on_gpu=on_gpu, shape=shape, trainable=trainable,
-        states=states, buffers=zero_buffer_bytes(shape, ds.zero_stage, shape.hidden**2, act_b), act_on=acts[True],
+        states=states, buffers=zero_buffer_bytes(shape, ds.zero_stage, bucket, act_b), act_on=acts[True],
         act_off=acts[False], grad_accum=derived.grad_accum, seq_len=seq_len,
         checkpoint=checkpoint_bytes(shape.params, trainable, ds.precision), export=shape.params * 4.0, data=data,
         capacity=hw.gpu_memory, warnings=warnings)

@@ -35,7 +35,10 @@ def test_deepspeed_json_is_complete_and_consistent():
     assert ds["gradient_clipping"] == 0.5
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["total_num_steps"] == 120
-    assert ds["optimizer"]["params"]["torch_adam"] is True  # CPU without offload
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 25_000_000  # the floor: hidden 128 is tiny
+    offload = derive_stage(cfg("pretrain.deepspeed.offload_optimizer=true"), "pretrain").deepspeed
+    assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeed's CPU Adam steps offloaded states
 
 
 def test_incompatible_deepspeed_options():

@@ -103,22 +103,23 @@ def bench_build(jsonl: Path, tokenizer: Path, root: Path, repeats: int) -> dict:
             "ratio_2_workers": (tokens["ours"] / t_ours2) / (tokens["base"] / t_base), "tokens": tokens["ours"]}
 
 
-def bench_loader(shards: Path, repeats: int) -> dict:
+def bench_loader(shards: Path, repeats: int, global_batch: int = 16, lanes: int = 2, steps: int = 150) -> dict:
+    """tokens/s one of 2 ranks' loaders delivers: the plan, shard reads and batching, no training."""
     from dist_train.data.manifest import read_manifest
     from dist_train.data.mixture import Mixture
     from dist_train.data.plan import PlanSpec
     from dist_train.data.stream import pretrain_batches
 
     man = read_manifest(shards)
-    spec = PlanSpec(tuple(s.samples for s in man.train), lanes=2, global_batch=16, seed=0)
-    steps = 150  # 150 steps x 8 samples per rank: more than half of the corpus
+    spec = PlanSpec(tuple(s.samples for s in man.train), lanes=lanes, global_batch=global_batch, seed=0)
+    # default: 150 steps x 8 samples per rank, more than half of the quickstart corpus
 
     def go():
         for _ in islice(pretrain_batches([man], Mixture.of(spec), world_size=2, rank=0, start_step=0), steps):
             pass
 
     t = median_time(go, repeats)
-    return {"loader_tokens_per_s_per_rank": steps * 8 * man.seq_len / t}
+    return {"loader_tokens_per_s_per_rank": steps * global_batch // 2 * man.seq_len / t}
 
 
 def bench_resume(shards: Path, repeats: int) -> dict:

@@ -50,7 +50,7 @@ def main() -> int:
                       WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    from bench.mfu import CommTimer, _variant
+    from bench.mfu import CommTimer, train_variant
     from dist_train.data.quickstart import prepare_python_docs
     from dist_train.launch.worker import quiet_libraries
     from dist_train.train.metrics import device_peak_flops, measure_matmul_peak
@@ -72,7 +72,7 @@ def main() -> int:
             config = Path(tmp) / f"ac-{checkpointing}.yaml"
             config.write_text(config_text(data, Path(tmp) / "run", checkpointing))
             torch.cuda.reset_peak_memory_stats()
-            r = _variant(w, config, {"checkpointing": checkpointing}, comm, steps=STEPS)
+            r = train_variant(w, config, {"checkpointing": checkpointing}, comm, steps=STEPS)
             key = "ac_on" if checkpointing else "ac_off"
             out["flops_per_token"] = r["flops_per_token"]
             out[key] = {"tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["flops_per_token"] * r["tokens_per_s"]

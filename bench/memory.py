@@ -166,8 +166,9 @@ def markdown(r: dict) -> str:
              "**Model state per rank** after two optimizer steps: every live tensor's storage counted once, "
              "against the ZeRO paper's 2 + 2 + 12 bytes per parameter (the partitioned parts ÷ N). DeepSpeed "
              "releases the gradients after the optimizer step, so the held figure compares with the theory "
-             "without gradients (ZeRO-3 keeps its gradient partition buffer, 2/N bytes per parameter, between "
-             "steps). Peak RSS adds the Python, torch and DeepSpeed runtime (≈ 0.6 GiB here).", "",
+             "without gradients (ZeRO-3 keeps its gradient partition buffer, 2/N bytes per parameter, and its "
+             "reduce bucket, at least dist_train's floor of 2.5e7 elements = 48 MiB in bf16, between steps). "
+             "Peak RSS adds the Python, torch and DeepSpeed runtime (≈ 0.6 GiB here).", "",
              "| ZeRO stage | held per rank (MiB) | theory (MiB) | theory without gradients (MiB) | held ÷ that | "
              "bytes/param held | peak RSS (MiB) |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for z in r["zero"]:

@@ -83,10 +83,19 @@ def derive_stage(cfg: RunConfig, stage: str, world_size: int | None = None) -> S
         micro_batch_size=train.micro_batch_size, grad_accum=grad_accum,
         samples_per_rank=train.global_batch_size // world, seq_len=seq_len,
         tokens_per_step=train.global_batch_size * seq_len, lanes=lanes,
-        deepspeed=merge_user_json(deepspeed_json(section.deepspeed, section.optim, train, grad_accum,
-                                                 cfg.ray.use_gpu, model_hidden_size(cfg)),
-                                  section.deepspeed.extra, stage),
+        deepspeed=fused_only_with_torch_adam(merge_user_json(
+            deepspeed_json(section.deepspeed, section.optim, train, grad_accum, cfg.ray.use_gpu,
+                           model_hidden_size(cfg)), section.deepspeed.extra, stage)),
     )
+
+
+def fused_only_with_torch_adam(ds: dict[str, Any]) -> dict[str, Any]:
+    """Drop our `fused` default when the user's JSON turns torch_adam off: it is an argument of torch's
+    AdamW only, and DeepSpeed's own Adam classes would refuse it."""
+    params = ds.get("optimizer", {}).get("params", {})
+    if "fused" in params and not params.get("torch_adam"):
+        ds = {**ds, "optimizer": {**ds["optimizer"], "params": {k: v for k, v in params.items() if k != "fused"}}}
+    return ds
 
 
 def _check_deepspeed(ds: DeepSpeedSection, stage: str) -> None:
@@ -108,7 +117,7 @@ def model_hidden_size(cfg: RunConfig) -> int:
 
 # Smallest gradient-reduce bucket (elements). hidden² alone (HF Trainer's "auto") makes ~100 tiny
 # collectives per step for a 30M model, and each pays a fixed latency: on 2 gloo ranks a step took
-# 1.20x as long as with this floor (bench/speed.py measures it). 2.5e7 bf16 elements are 50 MB.
+# 1.23x as long as with this floor (bench/mfu.py measures it). 2.5e7 bf16 elements are 50 MB.
 MIN_REDUCE_BUCKET = 25_000_000
 
 
@@ -124,7 +133,7 @@ def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopCon
     if ds.zero_stage > 0:
         # Bucket sizes follow the model's width (hidden², as HF Trainer's "auto"), with a floor for small
         # models: DeepSpeed's fixed defaults allocate a 5e8-element buffer even for a tiny model.
-        # overlap_comm helps only where a copy stream exists (GPU); on CPU it measured no gain.
+        # overlap_comm helps only where a side stream exists (GPU); on CPU it measured 8% slower.
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True,
                     reduce_bucket_size=reduce_bucket_elements(hidden_size))
     if ds.zero_stage == 3:

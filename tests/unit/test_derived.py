@@ -39,6 +39,9 @@ def test_deepspeed_json_is_complete_and_consistent():
     assert ds["zero_optimization"]["reduce_bucket_size"] == 25_000_000  # the floor: hidden 128 is tiny
     offload = derive_stage(cfg("pretrain.deepspeed.offload_optimizer=true"), "pretrain").deepspeed
     assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeed's CPU Adam steps offloaded states
+    own = derive_stage(cfg("pretrain.deepspeed.extra={optimizer: {params: {torch_adam: false}}}"), "pretrain")
+    assert own.deepspeed["optimizer"]["params"]["torch_adam"] is False
+    assert "fused" not in own.deepspeed["optimizer"]["params"]  # torch's argument; DeepSpeed's FusedAdam refuses it
 
 
 def test_incompatible_deepspeed_options():

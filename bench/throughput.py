@@ -13,6 +13,8 @@ turn, `repeats` times (order alternating), and medians count: the machine is sha
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -58,7 +60,7 @@ class CpuShare:
         b = self._snapshot()
         workers = other = 0.0
         for pid, (label, t) in b.items():
-            if pid not in a or "bench" in label.split(" ", 1)[0]:
+            if pid not in a or pid == os.getpid():  # not this benchmark's own process
                 continue
             d = (t - a[pid][1]) / self.window
             if "RayTrainWorker" in label:
@@ -114,7 +116,9 @@ def run(repeats: int = 2) -> dict:
 
 
 def _dist_train(wl: Workload, workers: int) -> dict:
-    cpu = CpuShare(wl.root / "runs" / f"{workers}w" / "pretrain" / "metrics.jsonl") if workers == 2 else None
+    out = wl.root / "runs" / f"{workers}w"
+    shutil.rmtree(out, ignore_errors=True)  # the sampler must not see the last run's metrics
+    cpu = CpuShare(out / "pretrain" / "metrics.jsonl") if workers == 2 else None
     res = wl.run_dist_train(workers)
     if cpu is not None:
         cpu.thread.join(timeout=10)

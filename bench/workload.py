@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ARCH = {"family": "llama", "hidden_size": 512, "num_layers": 8, "num_heads": 8, "intermediate_size": 1408,
         "max_position_embeddings": 512}
-SEQ, VOCAB, MICRO, STEPS, WARMUP = 256, 8192, 4, 12, 2
+SEQ, VOCAB, MICRO, STEPS, WARMUP = 256, 8192, 4, 8, 2
 
 
 def config_text(data_dir: Path, out_dir: Path, workers: int = 2, steps: int = STEPS) -> str:

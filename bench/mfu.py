@@ -21,7 +21,7 @@ import torch
 
 from bench.workload import MICRO, SEQ, Workload, free_port
 
-STEPS, WARMUP = 6, 2
+STEPS, WARMUP = 5, 2
 # name -> (what it changes, how): the defaults are the fastest measured; each row switches one off.
 VARIANTS = {
     "defaults": ("dist_train's defaults", {"profile": True}),

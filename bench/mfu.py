@@ -40,6 +40,17 @@ VARIANTS = {
     "checkpointing": ("activation checkpointing on (memory for time)", {"checkpointing": True}),
 }
 NAIVE = "naive_autocast"
+DECISIONS = (
+    "Decisions, from this session and two earlier ones of the same day (medians ÷ defaults: no bucket floor "
+    "0.81, 0.91, 0.88; unfused AdamW 0.91, 0.95, 0.98; overlap_comm 0.92, 0.95, 0.94): the reduce-bucket floor "
+    "and torch's fused AdamW are the defaults; overlap_comm stays off on CPU (on on GPU, where a side stream "
+    "overlaps it); DeepSpeed's FusedAdam is no faster and needs a JIT build; activation checkpointing is a "
+    "memory trade, off unless asked for. Eager attention was faster at this length in two of three sessions "
+    "(and 19% slower at 1024 tokens in a separate single-process test), but as a CPU default the two-rank test "
+    "processes then aborted intermittently at exit ('terminate called without an active exception', 3 of 3 "
+    "runs of tests/dist/test_engine.py against 0 of 1 with sdpa); not understood, so sdpa stays. "
+    "torch.compile (DeepSpeed's engine.compile()) was tried once outside this harness: 44 s to compile, then a "
+    "6% shorter step; not adopted (recompiles for evaluation, untested with checkpointing, LoRA and ZeRO-3).")
 NAIVE_DESCRIPTION = "fp32 weights + torch.autocast(bf16), DDP, torch AdamW, loss read every step"
 
 
@@ -290,18 +301,9 @@ def markdown(r: dict) -> str:
         label = "**defaults**" if name == "defaults" else r["describe"][name]
         runs = ", ".join(f"{v:,.0f}" for v in row.get("runs_tokens_per_s", []))
         lines.append(f"| {label} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | {row['vs_defaults']:.3f} | {runs} |")
-    lines += ["", "The same variant varied by up to ±10% between runs here (see the last column): only differences "
-              "larger than that, seen in every run, decide a default."]
-    lines += ["", "Decisions from these rows: the reduce-bucket floor and torch's fused AdamW are the defaults "
-              "(slower without them in every run); overlap_comm stays off on CPU (on on GPU, where a side "
-              "stream overlaps it); DeepSpeed's FusedAdam is no faster and needs a JIT build; activation "
-              "checkpointing is a memory trade, off unless asked for. Eager attention was faster at this "
-              "length (and 19% slower at 1024 tokens in a separate single-process test), but as a CPU default "
-              "the two-rank test processes then aborted intermittently at exit ('terminate called without an "
-              "active exception', 3 of 3 runs of tests/dist/test_engine.py against 0 of 1 with sdpa); not "
-              "understood, so sdpa stays. torch.compile (DeepSpeed's engine.compile()) was tried once outside "
-              "this harness: 44 s to compile, then a 6% shorter step; not adopted (recompiles for evaluation, "
-              "untested with checkpointing, LoRA and ZeRO-3)."]
+    lines += ["", "The same variant varied by up to ±10% between runs here (see the last column): a default follows "
+              "only a difference that held in the medians of repeated sessions."]
+    lines += ["", DECISIONS]
     ok = d["mfu"] >= 0.45
     lines += ["", f"MFU with the defaults: **{d['mfu']:.1%}** (goal ≥ 45%: {'**met**' if ok else '**not met**'}).",
               "", "**Where a default step's time goes** (median seconds per step; communication is the wall time "

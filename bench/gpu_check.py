@@ -24,22 +24,10 @@ ARCH = {"family": "llama", "hidden_size": 2048, "num_layers": 20, "num_heads": 1
 
 
 def config_text(data: Path, out: Path, checkpointing: bool) -> str:
-    arch = ", ".join(f"{k}: {v}" for k, v in ARCH.items())
-    return f"""
-output_dir: {out}
-seed: 0
-ray: {{num_workers: 1, use_gpu: true, cpus_per_worker: 8}}
-model:
-  tokenizer: {data}/tokenizer
-  arch: {{{arch}}}
-pretrain:
-  objective: clm
-  data: {{shards: {data}/shards, seq_len: {SEQ}}}
-  deepspeed: {{zero_stage: 2, precision: bf16}}
-  optim: {{lr: 3.0e-4, warmup_steps: 2}}
-  train: {{max_steps: 1000, global_batch_size: {MICRO}, micro_batch_size: {MICRO},
-          gradient_checkpointing: {str(checkpointing).lower()}, eval_every: 0, save_every: 0}}
-"""
+    from bench.workload import pretrain_config
+
+    return pretrain_config(data=data, out=out, arch=ARCH, seq=SEQ, micro=MICRO, workers=1, steps=1000, lr=3.0e-4,
+                           use_gpu=True, cpus_per_worker=8, checkpointing=checkpointing)
 
 
 def main() -> int:

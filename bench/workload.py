@@ -24,25 +24,35 @@ ARCH = {"family": "llama", "hidden_size": 512, "num_layers": 8, "num_heads": 8, 
 SEQ, VOCAB, MICRO, STEPS, WARMUP = 256, 8192, 4, 8, 2
 
 
-def config_text(data_dir: Path, out_dir: Path, workers: int = 2, steps: int = STEPS) -> str:
-    """dist_train's config for the workload (pretrain only; no evaluation or checkpoint inside the timed steps)."""
-    arch = ", ".join(f"{k}: {v}" for k, v in ARCH.items())
+def pretrain_config(*, data: Path, out: Path, arch: dict, seq: int, micro: int, workers: int, steps: int, lr: float,
+                    use_gpu: bool = False, cpus_per_worker: int = 1, checkpointing: bool = False,
+                    log_every: int = 10, prepare_vocab: int | None = None) -> str:
+    """A pretrain-only dist_train config as YAML text: no evaluation or checkpoint inside the timed
+    steps. `prepare_vocab` adds the quickstart's prepare block (a no-op once `data` is built)."""
+    arch_text = ", ".join(f"{k}: {v}" for k, v in arch.items())
+    prepare = (f"prepare: {{builtin: python_docs, dir: {data}, seq_len: {seq}, vocab_size: {prepare_vocab}}}\n"
+               if prepare_vocab else "")
     return f"""
-output_dir: {out_dir}
+output_dir: {out}
 seed: 0
-prepare: {{builtin: python_docs, dir: {data_dir}, seq_len: {SEQ}, vocab_size: {VOCAB}}}
-ray: {{num_workers: {workers}, use_gpu: false, cpus_per_worker: 1}}
+{prepare}ray: {{num_workers: {workers}, use_gpu: {str(use_gpu).lower()}, cpus_per_worker: {cpus_per_worker}}}
 model:
-  tokenizer: {data_dir}/tokenizer
-  arch: {{{arch}}}
+  tokenizer: {data}/tokenizer
+  arch: {{{arch_text}}}
 pretrain:
   objective: clm
-  data: {{shards: {data_dir}/shards, seq_len: {SEQ}}}
+  data: {{shards: {data}/shards, seq_len: {seq}}}
   deepspeed: {{zero_stage: 2, precision: bf16}}
-  optim: {{lr: 1.0e-3, warmup_steps: 2}}
-  train: {{max_steps: {steps}, global_batch_size: {MICRO * workers}, micro_batch_size: {MICRO}, log_every: {WARMUP},
-          eval_every: 0, eval_batches: 1, save_every: 0}}
+  optim: {{lr: {lr}, warmup_steps: 2}}
+  train: {{max_steps: {steps}, global_batch_size: {micro * workers}, micro_batch_size: {micro}, log_every: {log_every},
+          gradient_checkpointing: {str(checkpointing).lower()}, eval_every: 0, eval_batches: 1, save_every: 0}}
 """
+
+
+def config_text(data_dir: Path, out_dir: Path, workers: int = 2, steps: int = STEPS) -> str:
+    """dist_train's config for the workload."""
+    return pretrain_config(data=data_dir, out=out_dir, arch=ARCH, seq=SEQ, micro=MICRO, workers=workers, steps=steps,
+                           lr=1.0e-3, log_every=WARMUP, prepare_vocab=VOCAB)
 
 
 class Workload:
@@ -100,9 +110,7 @@ class Workload:
                     "config": str(self.write_config(workers)), "out": f"{tmp}/result.json"}
             shutil.rmtree(self.root / "runs" / f"{workers}w", ignore_errors=True)
             Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_port()
             env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
             res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={workers}",
                                   f"--master-port={port}", str(REPO / "bench" / "peers" / script),

@@ -1,4 +1,4 @@
-"""`dist-train`: run | validate | print-config | data build | data plan | data inspect.
+"""`dist-train`: run | validate | print-config | data build/plan/inspect | export | predict | ledger | report | runs.
 
 Expected user mistakes (ConfigError, DataError, ModelError) print one line and exit 2; no
 traceback. Heavy imports (torch, ray, deepspeed) happen only in the commands that need them.
@@ -91,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("output_dir")
     lv.add_argument("--stage", default="pretrain", choices=["pretrain"])
 
+    rep = sub.add_parser("report", help="write report.md (and --html) with PNG plots for a run's output_dir")
+    rep.add_argument("output_dir")
+    rep.add_argument("--html", action="store_true", help="also write report.html")
+
+    runs = sub.add_parser("runs", help="list the runs under a directory: state, stage, step, best metric, age")
+    runs.add_argument("root", nargs="?", default="runs", help="directory holding output_dirs (default: runs)")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run")
+
+    ref = sub.add_parser("config-reference", help="print the configuration reference (Markdown) generated "
+                                                  "from the typed schema")
+    ref.add_argument("--output", help="write it here (docs/configuration.md) instead of stdout")
+
     ins = data.add_parser("inspect", help="summarize a shard directory and show a sample")
     ins.add_argument("data_dir")
     ins.add_argument("--samples", type=int, default=1)
@@ -169,7 +181,44 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "ledger":
         return _ledger_verify(args.output_dir, args.stage)
+    if args.cmd in ("report", "runs"):
+        return _report(args)
+    if args.cmd == "config-reference":
+        from dist_train.config.reference import reference
+
+        text = reference()
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+            print(f"wrote {args.output}")
+        else:
+            print(text, end="")
+        return 0
     raise AssertionError(args.cmd)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dist_train.config.loader import ConfigError
+    from dist_train.report.data import NotARun
+
+    try:
+        if args.cmd == "report":
+            from dist_train.report.page import write_report
+
+            files = write_report(args.output_dir, ("md", "html") if args.html else ("md",))
+            pages = [f for f in files if f.suffix != ".png"]
+            print(f"wrote {', '.join(map(str, pages))} and {len(files) - len(pages)} plots in "
+                  f"{files[-1].parent if len(files) > len(pages) else '-'}")
+            return 0
+        from dataclasses import asdict
+
+        from dist_train.report.runs import list_runs, render
+
+        rows = list_runs(args.root)
+        print("\n".join(json.dumps(asdict(r)) for r in rows) if args.json else render(rows))
+        return 0
+    except NotARun as e:
+        raise ConfigError(str(e)) from None
 
 
 def _plan_job(cfg, stages: list[str], args: argparse.Namespace) -> int:

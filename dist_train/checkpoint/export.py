@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.safe_load import weights_only_loading
+from dist_train.progress import Progress
 
 HF_DIR = "hf"
 
@@ -95,11 +96,18 @@ def _with_task_head(model: Any, model_cls: Any, config: Any, hf: Path) -> Any:
     return typed
 
 
-def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False) -> Path:
+EXPORT_PHASES = 3  # weights read, model saved, tokenizer saved: the units of an export's progress
+
+
+def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
+                      progress: Progress | None = None) -> Path:
     """Write `out_dir` from a committed checkpoint directory; returns it. A LoRA checkpoint is
     exported with its adapters merged into a plain HF model, or (`adapter_only`) as a peft adapter
-    directory (adapter and task head weights) for the base model it names."""
+    directory (adapter and task head weights) for the base model it names. `progress` counts
+    EXPORT_PHASES."""
     import transformers
+
+    progress = progress or Progress("export", enabled=False)
 
     hf = ckpt_dir / HF_DIR
     if not (hf / "config.json").is_file():
@@ -119,6 +127,7 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False)
                 model = get_peft_model(model, PeftConfig.from_pretrained(str(hf)))
     model.load_state_dict(checkpoint_state_dict(ckpt_dir), strict=False, assign=True)
     model.tie_weights()
+    progress.update()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{ckpt_dir} lacks weights for {missing[:3]}: the checkpoint is incomplete")
@@ -129,11 +138,13 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False)
     elif hasattr(model, "peft_config"):
         model = _with_task_head(model, model_cls, config, hf)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    progress.update()
     if hasattr(model, "peft_config"):  # name the base model the adapter was trained on, not this export
         saved = json.loads((tmp / ADAPTER_CONFIG).read_text())
         saved["base_model_name_or_path"] = json.loads((hf / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2))
     transformers.AutoTokenizer.from_pretrained(str(hf)).save_pretrained(str(tmp))
+    progress.update()
     from dist_train.tasks import TASK_FILE
 
     if (hf / TASK_FILE).is_file():

@@ -229,6 +229,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     if not stages:
         raise ConfigError("no stage to run: add a `pretrain:` or `finetune:` section")
     _check_faults(cfg)
+    from dist_train.launch.trackers import check_trackers
+
+    check_trackers(cfg.logging)
     check_remote_code(model.name_or_path, model.trust_remote_code)  # load_tokenizer checks the tokenizer
     for stage in stages:
         stage_section(cfg, stage)

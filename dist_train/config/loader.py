@@ -125,13 +125,13 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cls):
         path = prefix + f.name
         keys.append(path)
-        sub = _dataclass_in(hints[f.name])
+        sub = dataclass_in(hints[f.name])
         if sub is not None:
             keys.extend(all_keys(sub, path + "."))
     return keys
 
 
-def _dataclass_in(tp: Any) -> type | None:
+def dataclass_in(tp: Any) -> type | None:
     for arg in (tp, *typing.get_args(tp)):
         if dataclasses.is_dataclass(arg):
             return arg

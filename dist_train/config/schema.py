@@ -265,6 +265,24 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """Where metrics go besides OUTPUT_DIR/<stage>/metrics.jsonl and TensorBoard (always written).
+    Trackers are fed by the driver, so their credentials stay in the driver's environment."""
+
+    trackers: tuple[Literal["mlflow", "wandb"], ...] = doc(
+        "Experiment trackers to send metrics, the resolved config and the final report to: mlflow "
+        "(pip install 'dist_train[mlflow]'; server from MLFLOW_TRACKING_URI) and/or wandb "
+        "(pip install 'dist_train[wandb]'; key from WANDB_API_KEY or `wandb login`, or WANDB_MODE=offline). "
+        "Credentials are read from the environment only, never from the config.", factory=tuple)
+    project: str = doc("MLflow experiment / W&B project name.", "dist_train")
+    run_name: str | None = doc("Tracker run name; null: the name of output_dir.", None)
+    tags: dict[str, str] = doc("Extra tags for the tracker run (e.g. team: nlp).", factory=dict)
+    console_every_s: float = doc("Non-interactive progress (data build, evaluation, export, in logs and "
+                                 "Slurm output files): at most one line per this many seconds. Interactive "
+                                 "terminals get live bars.", 30.0, gt=0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     output_dir: str = doc("Everything a run writes lives under here.", "runs/default")
     seed: int = doc("Seed for initialisation, data order and dropout.", 0, ge=0)
@@ -273,11 +291,13 @@ class RunConfig:
     model: ModelConfig = doc("Model and tokenizer.", factory=ModelConfig)
     pretrain: PretrainConfig | None = doc("Stage 1: continued pretraining; omit to fine-tune only.", None)
     finetune: FinetuneConfig | None = doc("Stage 2: fine-tuning; omit to pretrain only.", None)
+    logging: LoggingConfig = doc("Experiment trackers and console progress.", factory=LoggingConfig)
     faults: FaultsConfig = doc("Fault injection for tests (off).", factory=FaultsConfig)
 
 
 STAGES = ("pretrain", "finetune")
 PRETRAIN_METRICS = ("loss", "perplexity")  # what the pretrain evaluation reports
+EVAL_COUNTS = ("tokens", "examples", "majority_rate")  # evaluation entries that are sizes or baselines: not on consoles
 HIGHER_IS_BETTER = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall", "pearson",
                     "tag_accuracy")
 

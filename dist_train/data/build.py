@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dist_train.data.manifest import DataError, Manifest, write_manifest
+from dist_train.progress import Progress
 
 TEXT_SUFFIXES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
@@ -105,8 +106,6 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
     with the same arguments resumes there (finished chunks and shards are kept). The output
     directory appears, complete, by one rename.
     """
-    from tqdm import tqdm
-
     from dist_train.data import packing
     from dist_train.model.build import load_tokenizer
 
@@ -138,7 +137,7 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
     try:
         # Phase 1: tokenize chunks (in parallel), skipping the ones cached by an interrupted build.
         docs, chunks = 0, 0
-        bar = tqdm(desc="tokenizing" + (" (resumed)" if resumed else ""), unit=" docs", disable=not progress)
+        bar = Progress("data build: tokenizing" + (" (resumed)" if resumed else ""), unit="docs", enabled=progress)
         jobs = ((work, c, texts, sep, seed, val_fraction)
                 for c, texts in enumerate(_batched(read_documents(input_spec, text_field), chunk_docs)))
         for job in _map_ordered(jobs, packing.make_encoder(tokenizer), workers,
@@ -146,7 +145,7 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
             docs += len(job[2])
             chunks += 1
             bar.update(len(job[2]))
-        bar.close()
+        bar.close(f", {chunks} chunks")
         if docs == 0:
             raise DataError(f"--input {input_spec!r} holds no non-empty documents in field {text_field!r}")
         # Phase 2: pack each split into shards, resuming after the last finished shard.

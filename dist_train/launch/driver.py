@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -21,9 +22,12 @@ from dist_train.checkpoint.manager import write_atomic
 from dist_train.config.checks import check_run, resolve
 from dist_train.config.derived import describe
 from dist_train.config.loader import ConfigError, to_dict
-from dist_train.config.schema import STAGES, RunConfig
+from dist_train.config.schema import EVAL_COUNTS, STAGES, RunConfig
 from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preemption
 from dist_train.control import clear as clear_requests
+from dist_train.launch.status import run_status
+from dist_train.launch.trackers import tracking
+from dist_train.progress import EVERY_S_ENV
 from dist_train.train.heartbeat import read_incidents
 
 REPORT = "report.json"
@@ -103,7 +107,7 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
            # Ray Train's print patch would echo every line of rank 0 twice.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", EVERY_S_ENV: str(cfg.logging.console_every_s)}
     if not cfg.ray.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, with the gloo backend
     return env
@@ -127,6 +131,8 @@ def start_ray(cfg: RunConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         check_capacity(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, address)
         return
+    # A local instance binds to this machine; Ray's notice that it uses token auth tells the user nothing.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A local instance: reserve enough logical CPUs for the workers even on a small machine
     # (they are threads-limited by cpus_per_worker anyway).
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
@@ -195,20 +201,27 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     report_path = out / REPORT
     previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
     results: dict[str, Any] = dict(previous.get("stages", {}))
-    with preemption_signal(cfg, log):  # after ray.init, which installs SIGTERM handlers of its own
+    max_steps = {stage: getattr(cfg, stage).train.max_steps for stage in stages}
+    # after ray.init, which installs SIGTERM handlers of its own
+    with run_status(out, stages, max_steps) as status, tracking(cfg.logging, out, to_dict(cfg), log) as trackers, \
+            preemption_signal(cfg, log):
         for stage in stages:
             if preemption_requested(cfg.output_dir):
                 raise Preempted(f"stopped on request before stage {stage}; rerun the same command to continue "
                                 f"(exit status {REQUEUE_EXIT} asks a Slurm script to requeue)")
             t = time.time()
-            result = fit_stage(cfg, stage)
+            status.write(stage=stage)
+            with trackers.follow(stage) if trackers else contextlib.nullcontext():
+                result = fit_stage(cfg, stage)
             timings[f"{stage}_s"] = time.time() - t
             results[stage] = result
             log(f"[{stage}] done: {summary_line(result)}")
-    timings["total_s"] = time.time() - t0
-    report = {"config": to_dict(cfg), "stages": results, "timings": timings}
-    write_atomic(report_path, json.dumps(report, indent=1))
-    log(f"report: {report_path}")
+        timings["total_s"] = time.time() - t0
+        report = {"config": to_dict(cfg), "stages": results, "timings": timings}
+        write_atomic(report_path, json.dumps(report, indent=1))
+        if trackers:
+            trackers.summary(report, report_path)
+    log(f"report: {report_path} (plots: dist-train report {cfg.output_dir})")
     return report
 
 
@@ -216,7 +229,7 @@ def summary_line(result: dict[str, Any]) -> str:
     ev = result.get("eval") or {}
     parts = [f"steps={result['steps']}", f"loss={result['final_train_loss']:.4f}",
              f"tokens/s={result['tokens_per_s']:.0f}", f"mfu={result['mfu']:.1%}"]
-    parts += [f"eval_{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)]
+    parts += [f"eval_{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float) and k not in EVAL_COUNTS]
     parts += [f"test_{k}={v:.4g}" for k, v in (result.get("test") or {}).items()
-              if isinstance(v, float) and k != "examples"]
+              if isinstance(v, float) and k not in EVAL_COUNTS]
     return " ".join(parts) + f" export={result['export_dir']}"

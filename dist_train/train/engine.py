@@ -7,8 +7,9 @@ model + optimizer + scheduler + client state.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ class Engine:
         return client_state or {}
 
 
-@contextmanager
+@contextlib.contextmanager
 def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     """Build the model inside this. Under ZeRO-3 it turns on DeepSpeed's partitioned init
     (`zero.Init`, through transformers' DeepSpeed glue): each parameter is split over the ranks as
@@ -101,10 +102,9 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     if ds_config["zero_optimization"]["stage"] != 3:
         yield
         return
-    import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    deepspeed.init_distributed()  # adopts the process group Ray Train (or a test) has set up
+    init_distributed()
     hf_ds = HfDeepSpeedConfig(ds_config)  # registered by weak reference: keep it alive while building
     try:
         yield
@@ -113,9 +113,20 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
         del hf_ds
 
 
+def init_distributed() -> None:
+    """DeepSpeed's communication setup, adopting the process group Ray Train (or a test) has set up.
+    On CPU it builds a shared-memory op and print()s that it did, once per rank: that line is dropped."""
+    import deepspeed
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed()
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float) -> Engine:
     """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py)."""
     import deepspeed
+
+    init_distributed()
 
     if ds_config["zero_optimization"]["stage"] == 3:
         # Parameters created after partitioned construction (LoRA adapters) are still full fp32

@@ -19,6 +19,7 @@ from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
 from dist_train.data.tasks import eval_shard, step_indices
 from dist_train.model.build import build_task_model, load_tokenizer
+from dist_train.progress import Progress
 from dist_train.tasks import Task, build_task
 from dist_train.tasks.records import read_splits, task_spec
 from dist_train.train.engine import model_construction
@@ -36,13 +37,15 @@ def resolve_init_from(cfg: RunConfig) -> str:
 
 
 def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], Any], records: list[dict],
-                     world: World, micro_batch: int) -> dict[str, Any]:
+                     world: World, micro_batch: int, desc: str = "[finetune] eval") -> dict[str, Any]:
     """Metrics of `forward` on `records`: each rank takes an equal share (padding rows weigh 0), and
     the task's statistics are summed over ranks, so the result is exact on any worker count."""
     shard = eval_shard(len(records), world.world_size, world.rank)
     total: np.ndarray | None = None
-    with torch.no_grad():
+    batches = -(-len(shard) // micro_batch)
+    with torch.no_grad(), Progress(desc, total=batches, unit="batches", enabled=world.is_main) as bar:
         for j in range(0, len(shard), micro_batch):
+            bar.update()
             part = shard[j:j + micro_batch]
             batch = task.encode([records[i] for i, _ in part])
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -93,7 +96,7 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
 
             model, _, _ = load_export(export_dir, device=world.device)
             out["test"] = evaluate_records(task, lambda b: model(**{k: v.to(model.device) for k, v in b.items()}),
-                                           test, world, d.micro_batch_size)
+                                           test, world, d.micro_batch_size, desc="[finetune] test")
         if sec.quantize_int8:
             out.update(int8_copy(export_dir, test))
             if test:  # what quantization costs, metric by metric

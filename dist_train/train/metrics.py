@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 import torch
 
+from dist_train.config.schema import EVAL_COUNTS
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s), from the vendors' data sheets.
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
              "L4": 121e12, "V100": 125e12, "A6000": 155e12}
@@ -125,13 +127,42 @@ def goodput(tokens: int, steady_tokens_per_s: float, clock: RunClock) -> dict[st
             "attempts": len(clock.attempts)}
 
 
+
+
+def format_duration(seconds: float) -> str:
+    """3:07:05, 7:05 or 5s: the ETA column."""
+    s = round(max(seconds, 0.0))
+    h, m = divmod(s, 3600)
+    m, sec = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}" if m else f"{sec}s"
+
+
+def console_line(stage: str, row: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
+    """One compact line per log interval: stage, step/max, loss, lr, tokens/s, MFU, ETA, then the
+    evaluation's metrics when there was one."""
+    line = (f"[{stage}] {row['step']}/{max_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"{row['tokens_per_s']:,.0f} tok/s mfu {row['mfu']:.1%}")
+    if eta_s is not None:
+        line += f" eta {format_duration(eta_s)}"
+    evals = [f"{k[5:]} {v:.4g}" for k, v in row.items()
+             if k.startswith("eval_") and k[5:] not in EVAL_COUNTS and isinstance(v, (int, float))]
+    return line + (f" | eval {' '.join(evals)}" if evals else "")
+
+
 class MetricsLog:
     """Rank 0's metrics writer: metrics.jsonl, TensorBoard events and the console line. Other
-    ranks get a silent one (path None)."""
+    ranks get a silent one (path None).
+
+    Every row also gets its wall time and the attempt it belongs to, so a report can put
+    throughput on a time axis and mark restarts. The ETA counts only this attempt's steps, so it
+    is right after a resume too.
+    """
 
     def __init__(self, path: Path | None, stage: str, max_steps: int, console: TextIO | None,
-                 tensorboard: Path | None = None, clock: RunClock | None = None) -> None:
+                 tensorboard: Path | None = None, clock: RunClock | None = None, start_step: int = 0,
+                 attempt: float = 0.0) -> None:
         self.stage, self.max_steps, self.console, self.clock = stage, max_steps, console, clock
+        self.start_step, self.attempt = start_step, attempt
         self.file = open(path, "a") if path is not None else None
         self.tb = None
         if path is not None and tensorboard is not None:
@@ -144,7 +175,8 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(row) + "\n")
+        now = time.time()
+        self.file.write(json.dumps({**row, "time": now, "attempt": self.attempt}) + "\n")
         self.file.flush()
         if self.clock is not None:
             self.clock.tick()
@@ -152,19 +184,16 @@ class MetricsLog:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                    self.tb.add_scalar(f"{self.stage}/{name}", value, row["step"])
+                    self.tb.add_scalar(f"{self.stage}/{name}", value, row["step"], walltime=now)
         if self.console is not None:
-            elapsed = time.time() - self.start
-            done = row["step"] / self.max_steps
-            eta = elapsed / done * (1 - done) if done > 0 else 0.0
-            extra = "".join(f" {k}={v:.4g}" for k, v in row.items() if k.startswith("eval_"))
+            done = row["step"] - self.start_step
+            eta = (now - self.start) / done * (self.max_steps - row["step"]) if done > 0 else None
+            line = console_line(self.stage, row, self.max_steps, eta)
             if row.get("skipped_steps", 0) > self.skipped:  # fp16 overflow: say so, once per log line
-                extra += (f" overflow: {row['skipped_steps'] - self.skipped} step(s) skipped, "
-                          f"loss_scale={row.get('loss_scale', float('nan')):.0f}")
+                line += (f" | overflow: {row['skipped_steps'] - self.skipped} step(s) skipped, "
+                         f"loss_scale={row.get('loss_scale', float('nan')):.0f}")
                 self.skipped = row["skipped_steps"]
-            print(f"[{self.stage}] step {row['step']}/{self.max_steps} loss={row['loss']:.4f} "
-                  f"lr={row['lr']:.2e} tok/s={row['tokens_per_s']:.0f} mfu={row['mfu']:.1%} "
-                  f"eta={eta:.0f}s{extra}", file=self.console, flush=True)
+            print(line, file=self.console, flush=True)
 
     def close(self) -> None:
         if self.file is not None:

@@ -15,6 +15,7 @@ from dist_train.data.manifest import DataError, Manifest, read_manifest
 from dist_train.data.mixture import Mixture, shard_name
 from dist_train.data.stream import pretrain_batches, validation_batches
 from dist_train.model.build import build_lm, load_tokenizer
+from dist_train.progress import Progress
 from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
 from dist_train.train.loss import loss_for
@@ -110,10 +111,11 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     def evaluate(engine: Any) -> dict[str, float]:
         engine.train(False)
         loss_tokens, tokens = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), Progress("[pretrain] eval", unit="batches", enabled=world.is_main) as bar:
             for b, rows in enumerate(validation_batches(man, micro_batch=d.micro_batch_size,
                                                         world_size=world.world_size, rank=world.rank,
                                                         max_batches=sec.train.eval_batches)):
+                bar.update()
                 # the same masks at every evaluation, so the losses compare
                 batch = to_batch(rows, [(cfg.seed, EVAL_SEED, world.rank, b, j) for j in range(len(rows))])
                 labels = batch.pop("labels")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dist_train.checkpoint.export import describe_model, export_checkpoint
+from dist_train.checkpoint.export import EXPORT_PHASES, describe_model, export_checkpoint
 from dist_train.checkpoint.manager import CheckpointManager, best_committed, restore_rng, write_atomic
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
@@ -26,6 +26,7 @@ from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.faults import Faults
 from dist_train.model.build import flops_per_token
+from dist_train.progress import Progress
 from dist_train.train.engine import build_engine
 from dist_train.train.heartbeat import Heartbeat
 from dist_train.train.loop import Cadence, EarlyStopping, StepBatch, TrainState, train_loop
@@ -103,7 +104,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                                           cfg.ray.cpus_per_worker)
     fpt = flops_per_token(parts.model, parts.seq_len)
     log = MetricsLog(out / "metrics.jsonl" if world.is_main else None, stage, section.train.max_steps,
-                     sys.stdout if world.is_main else None, tensorboard=out / "tensorboard", clock=clock)
+                     sys.stdout if world.is_main else None, tensorboard=out / "tensorboard", clock=clock,
+                     start_step=state.step, attempt=attempt)
     throughput = Throughput(skip=1)
     batches = Prefetcher(parts.batches(state.step))
     t_loop = time.time()
@@ -142,7 +144,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         exported = world.broadcast_object(best_committed(ckpt.root) if world.is_main else None) or ckpt.latest
     world.barrier()
     if world.is_main:
-        export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only)
+        with Progress(f"[{stage}] export {exported}", total=EXPORT_PHASES, unit="phases") as bar:
+            export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only, progress=bar)
     world.barrier()
     extra = parts.final(export_dir)
     tps = throughput.tokens_per_s

@@ -1,0 +1,59 @@
+"""The Python API for notebooks and scripts: what `dist-train run` does, as functions.
+
+    from dist_train import load_config, run
+    cfg = load_config("configs/quickstart.yaml", ["pretrain.train.max_steps=20"])
+    report = run(cfg)                      # same checks, same Ray + DeepSpeed run, same outputs
+    report["stages"]["finetune"]["test"]   # the report.json contents
+
+Mistakes raise ConfigError/DataError/ModelError (one-line messages) before Ray starts; a failed
+stage raises RunFailed, a SIGTERM-stopped run raises Preempted after its checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dist_train.config.schema import RunConfig
+
+
+def load_config(source: str | Path | Mapping[str, Any] | None = None,
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
+    """A typed, validated config from a YAML path, a plain dict (as in the YAML) or the defaults
+    (None), with `a.b.c=value` overrides (a list of strings, or a dict {"a.b.c": value})."""
+    import json
+
+    from dist_train.config.loader import ConfigError, apply_override, from_dict, interpolate, to_dict
+    from dist_train.config.loader import load_config as load_yaml
+
+    items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()] \
+        if isinstance(overrides, Mapping) else list(overrides)
+    if source is None or isinstance(source, (str, Path)):
+        return load_yaml(source, items)
+    if not isinstance(source, Mapping):
+        raise ConfigError(f"load_config takes a YAML path, a dict or None, not {type(source).__name__}")
+    raw = json.loads(json.dumps(to_dict(dict(source))))  # a deep copy of plain values
+    for item in items:
+        apply_override(raw, item)
+    return from_dict(interpolate(raw))
+
+
+def run(config: RunConfig | str | Path | Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = (),
+        stage: str | None = None) -> dict[str, Any]:
+    """Validate, prepare, train the configured stages (or `stage` alone) and return the report
+    (also written to OUTPUT_DIR/report.json). Ray starts locally unless ray.address (or
+    RAY_ADDRESS) names a cluster; a Ray instance this process already started is reused."""
+    from dist_train.launch.driver import run as run_driver
+
+    cfg = config if isinstance(config, RunConfig) and not overrides else load_config(
+        _as_source(config), overrides)
+    return run_driver(cfg, stage)
+
+
+def _as_source(config: Any) -> Any:
+    if isinstance(config, RunConfig):
+        from dist_train.config.loader import to_dict
+
+        return to_dict(config)
+    return config

@@ -1,0 +1,213 @@
+"""`dist-train report OUTPUT_DIR`: a page a person can read, as Markdown (report.md) and optionally
+HTML (report.html), with PNG plots in OUTPUT_DIR/report/.
+
+It works on a run in any state: finished, still training (rerun it for a fresh page), preempted
+or failed. The page is built as a list of blocks, rendered to either format from the same list.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from dist_train.checkpoint.manager import write_atomic
+from dist_train.config.schema import EVAL_COUNTS
+from dist_train.report import plots
+from dist_train.report.data import RunData, StageData, load_run
+from dist_train.report.runs import state_of
+from dist_train.train.heartbeat import read_incidents
+
+PLOT_DIR = "report"
+PLOT_TITLES = {"loss": "Loss and evaluation", "learning_rate": "Learning rate",
+               "throughput": "Throughput and MFU over time", "memory": "Memory"}
+
+Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"table"|"img", payload)
+
+
+def when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "-"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def headline(run: RunData) -> list[Block]:
+    state, note = state_of(run)
+    cfg, status = run.config, run.status or {}
+    model = cfg.get("model") or {}
+    arch = model.get("arch")
+    what = model.get("name_or_path") or (f"{arch['family']} from scratch (hidden {arch['hidden_size']}, "
+                                         f"{arch['num_layers']} layers)" if arch else "-")
+    ray = cfg.get("ray") or {}
+    started = status.get("started") or min((a["start"] for s in run.stages.values() for a in s.attempts), default=None)
+    lines = [f"**State:** {state}{f' ({note})' if note else ''}",
+             f"**Stages:** {', '.join(run.stages) or '-'} · **model:** {what} · **workers:** "
+             f"{ray.get('num_workers', '-')} × {'GPU' if ray.get('use_gpu') else 'CPU'}",
+             f"**Started:** {when(started)} · **last update:** {when(run.updated)} · "
+             f"**output_dir:** `{run.out.resolve()}`"]
+    return [("h1", f"Run report: {run.out.resolve().name}"), ("p", "  \n".join(lines))]
+
+
+def summary(run: RunData) -> list[Block]:
+    head = ["stage", "steps", "tokens", "tokens/s", "MFU", "final train loss", "goodput", "attempts", "resumed from"]
+    rows, evals = [], []
+    for s in run.stages.values():
+        r = s.result or {}
+        last = s.rows[-1] if s.rows else {}
+        total = run.max_steps(s.name)
+        steps = r.get("steps", s.last_step)
+        rows.append([s.name, f"{fmt(steps)}/{fmt(total)}" if total else fmt(steps),
+                     fmt(r.get("tokens", last.get("tokens"))),
+                     fmt(r.get("tokens_per_s", last.get("tokens_per_s"))),
+                     f"{r.get('mfu', last.get('mfu', 0)):.1%}" if (r or last) else "-",
+                     fmt(r.get("final_train_loss", last.get("loss"))),
+                     f"{r['goodput']:.0%}" if "goodput" in r else "-", fmt(len(s.attempts)),
+                     Path(r["resumed_from"]).name if r.get("resumed_from") else "-"])
+        for split in ("eval", "test", "test_int8"):
+            metrics = {k: v for k, v in (r.get(split) or {}).items() if isinstance(v, (int, float))}
+            if not metrics and split == "eval" and s.evals:
+                metrics = {k[5:]: v for k, v in s.evals[-1].items() if k.startswith("eval_")}
+            if metrics:
+                evals.append([s.name, split, " · ".join(f"{k} {fmt(v)}" for k, v in metrics.items())])
+    blocks: list[Block] = [("h2", "Final metrics"), ("table", (head, rows))]
+    if evals:
+        blocks.append(("table", (["stage", "split", "metrics"], evals)))
+    exports = [[s.name, f"`{s.result['export_dir']}`", s.result.get("exported_checkpoint", "-")]
+               for s in run.stages.values() if (s.result or {}).get("export_dir")]
+    if exports:
+        blocks += [("p", "Exports (Hugging Face directories):"), ("table", (["stage", "directory", "from"], exports))]
+    return blocks
+
+
+def restarts(run: RunData) -> list[Block]:
+    rows = []
+    for s in run.stages.values():
+        for i, a in enumerate(s.attempts):
+            rows.append([s.name, str(i + 1), when(a["start"]), f"{(a['end'] - a['start']) / 60:.1f} min"])
+    incidents = [[s.name, when(i.get("time")), i.get("message", "")] for s in run.stages.values()
+                 for i in read_incidents(run.out / s.name)]
+    blocks: list[Block] = [("h2", "Attempts and restarts")]
+    if not rows:
+        return [*blocks, ("p", "No attempt was recorded.")]
+    more = sum(max(len(s.attempts) - 1, 0) for s in run.stages.values())
+    blocks += [("p", f"{more} restart(s); each is a red dashed line on the plots." if more else "No restarts."),
+               ("table", (["stage", "attempt", "started", "wall time"], rows))]
+    if incidents:
+        blocks += [("p", "Incidents reported by the heartbeat:"), ("table", (["stage", "time", "what"], incidents))]
+    return blocks
+
+
+def checkpoints(s: StageData) -> list[Block]:
+    if not s.checkpoints:
+        return [("p", f"{s.name}: no committed checkpoint.")]
+    rows = []
+    for c in reversed(s.checkpoints):
+        marks = ", ".join(m for m, tag in (("latest", s.latest), ("best", s.best)) if tag == c.tag)
+        rows.append([c.tag, fmt(c.step), when(c.time), size(c.size_bytes), fmt(c.world_size),
+                     " · ".join(f"{k} {fmt(v)}" for k, v in c.eval.items() if k not in EVAL_COUNTS) or "-",
+                     marks or ""])
+    return [("p", f"**{s.name}** (`{s.name}/checkpoints/`):"),
+            ("table", (["checkpoint", "step", "written", "size", "workers", "evaluation", ""], rows))]
+
+
+def build_blocks(run: RunData, images: dict[str, Path]) -> list[Block]:
+    blocks = headline(run) + summary(run)
+    for key, title in PLOT_TITLES.items():
+        if key in images:
+            blocks += [("h2", title), ("img", (f"{PLOT_DIR}/{images[key].name}", title))]
+    blocks += restarts(run)
+    blocks.append(("h2", "Checkpoints kept"))
+    for s in run.stages.values():
+        blocks += checkpoints(s)
+    blocks.append(("p", "Raw data: `<stage>/metrics.jsonl` (one row per log interval), TensorBoard events in "
+                        f"`<stage>/tensorboard/` (`tensorboard --logdir {run.out.resolve()}`), `report.json`."))
+    return blocks
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for kind, payload in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"{'#' if kind == 'h1' else '##'} {payload}")
+        elif kind == "p":
+            out.append(payload)
+        elif kind == "img":
+            out.append(f"![{payload[1]}]({payload[0]})")
+        elif kind == "table":
+            head, rows = payload
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+    """The Markdown the blocks use (**bold**, `code`, line breaks) as HTML."""
+    import re
+
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return text.replace("  \n", "<br>\n")
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    body = []
+    for kind, payload in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(payload)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(payload)}</p>")
+        elif kind == "img":
+            body.append(f'<img src="{html.escape(payload[0])}" alt="{html.escape(payload[1])}">')
+        elif kind == "table":
+            head, rows = payload
+            cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            trs = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+            body.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{trs}</tbody></table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:left;font-size:.9em}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(out: str | Path, formats: tuple[str, ...] = ("md",)) -> list[Path]:
+    """Render the report of the run in `out`; returns the files written (pages first, then plots).
+    Raises NotARun when `out` holds no run."""
+    run = load_run(out)
+    plot_dir = run.out / PLOT_DIR
+    tmp = run.out / f".{PLOT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    images = {key: path for key, fn in plots.PLOTS.items() if (path := fn(run, tmp / f"{key}.png")) is not None}
+    shutil.rmtree(plot_dir, ignore_errors=True)
+    tmp.rename(plot_dir)  # the plots of one rendering, never a mix of two
+    images = {key: plot_dir / p.name for key, p in images.items()}
+    blocks = build_blocks(run, images)
+    pages = []
+    if "md" in formats:
+        pages.append(run.out / "report.md")
+        write_atomic(pages[-1], to_markdown(blocks))
+    if "html" in formats:
+        pages.append(run.out / "report.html")
+        write_atomic(pages[-1], to_html(blocks, f"dist_train report: {run.out.resolve().name}"))
+    return pages + sorted(images.values())

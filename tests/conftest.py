@@ -57,10 +57,11 @@ def shards_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
     return small_shards(tmp_path_factory.mktemp("shards") / "shards", corpus_jsonl, tokenizer_dir)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `dist-train ARGS` in a subprocess (the way users run it)."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `dist-train ARGS` in a subprocess (the way users run it), with `env` added to ours."""
     return subprocess.run([sys.executable, "-m", "dist_train.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout)
+                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +95,51 @@ def read_tensorboard(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for v in event.summary.value:
                 scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
     return scalars
+
+
+def read_wandb_offline(run_dir: Path) -> tuple[list[dict], dict]:
+    """(history rows, summary) of the W&B offline runs under run_dir (wandb/offline-run-*/run-*.wandb).
+    Reads W&B's record log (a LevelDB-style log of 32 KiB blocks, 7-byte record headers) with
+    wandb's own Record protobuf: what `wandb sync` would upload."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    history: list[dict] = []
+    summary: dict = {}
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, buf = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if left < 7 or (n == 0 and kind == 0):  # block padding
+                pos += left
+                continue
+            buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+            if kind not in (1, 4):  # FIRST/MIDDLE parts of a record split over blocks
+                continue
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            kind_name = record.WhichOneof("record_type")
+            items = record.history.item if kind_name == "history" else record.summary.update
+            values = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+            if kind_name == "history":
+                history.append(values)
+            elif kind_name == "summary":
+                summary.update(values)
+    return history, summary
+
+
+def read_mlflow(tracking_dir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric of an MLflow run in a local file store."""
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 refuses file stores unless told (the tests' choice)
+
+    client = MlflowClient(tracking_uri=f"file://{tracking_dir}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """`dist-train runs ROOT`: every run under a directory, with its state, stage, step, best metric and age.
 
 States:
-- running: the driver's run.json says so and it is alive: its status tick, a metrics row or a
-  heartbeat is younger than STALE_S, or its pid still exists on this host;
+- running: the driver's run.json says so and it is alive: on the driver's host, its pid exists;
+  from another host (a login node), its status tick, a metrics row or a heartbeat is younger
+  than STALE_S;
 - completed: every stage it was asked to run finished;
 - resumable: it stopped without finishing (preempted, or killed: run.json says running but nothing
   moves) and a stage it did not finish has a committed checkpoint: rerunning the same command resumes;
@@ -54,8 +55,6 @@ def find_runs(root: Path, depth: int = MAX_DEPTH) -> list[Path]:
 
 
 def _alive(status: dict) -> bool:
-    if status.get("host") != socket.gethostname():
-        return False
     try:
         os.kill(int(status["pid"]), 0)
         return True
@@ -73,7 +72,9 @@ def state_of(run: RunData, now: float | None = None) -> tuple[str, str]:
     resumable_at = next((f"{s} step {run.stages[s].checkpoints[-1].step}" for s in unfinished
                          if s in run.stages and run.stages[s].checkpoints), None)
     state = status.get("state")
-    if state == "running" and (now - run.updated < STALE_S or _alive(status)):
+    # On the driver's host its pid decides; elsewhere (a login node) only the age of its last sign of life.
+    here = status.get("host") == socket.gethostname()
+    if state == "running" and (_alive(status) if here else now - run.updated < STALE_S):
         return "running", f"pid {status.get('pid')} on {status.get('host')}"
     if state == "completed" or (state is None and run.report and not unfinished):
         return "completed", ""
@@ -88,7 +89,8 @@ def state_of(run: RunData, now: float | None = None) -> tuple[str, str]:
 
 def best_of(stage: StageData, metric: str | None) -> str:
     """The best checkpoint's value of the stage's best metric (or the last evaluation)."""
-    best = next((c for c in stage.checkpoints if c.tag == stage.best), None)
+    best = next((c for c in stage.checkpoints if c.tag == stage.best), None) or next(
+        (c for c in reversed(stage.checkpoints) if c.eval), None)  # no `best` yet: the newest evaluated one
     evaluation = best.eval if best else (stage.result or {}).get("eval") or {}
     if not evaluation:
         evals = stage.evals

@@ -79,6 +79,9 @@ def test_three_sigkills_at_random_steps_recover_bitwise_and_exactly_once(workdir
     attempts = json.loads((workdir / "kills" / "pretrain" / "attempts.json").read_text())
     assert len(attempts) == 5  # the first start and four automatic restarts
     assert_exact(workdir, "kills", reference)
+    res = run_cli("report", str(workdir / "kills"))  # the restarts, on the page and as lines on the plots
+    assert res.returncode == 0, res.stderr
+    assert "4 restart(s); each is a red dashed line on the plots." in (workdir / "kills" / "report.md").read_text()
 
 
 def test_a_frozen_rank_is_named_in_time_and_a_damaged_checkpoint_skipped(workdir, reference):
@@ -120,6 +123,9 @@ def test_sigterm_checkpoints_exits_for_requeue_and_the_rerun_resumes(workdir, re
     latest = (workdir / "pre" / "pretrain" / "checkpoints" / "latest").read_text().strip()
     assert latest == result["checkpoint"] == f"step_{result['steps']:08d}", "a checkpoint at the stop step"
     assert "rerun the same command to resume" in stderr.lower()
+    listed = run_cli("runs", str(workdir))
+    (line,) = [ln for ln in listed.stdout.splitlines() if ln.startswith("pre ")]
+    assert line.split()[1] == "resumable" and f"rerun resumes at pretrain step {result['steps']}" in line
 
     res = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

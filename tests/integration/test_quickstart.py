@@ -1,12 +1,15 @@
 """The quickstart end to end through real Ray Train, real DeepSpeed and real webdataset shards."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_tensorboard, run_cli
+from tests.conftest import REPO, read_mlflow, read_tensorboard, read_wandb_offline, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +56,50 @@ def test_report_matches_the_contract(quickstart):
     assert ft["test"]["accuracy"] > ft["test"]["majority_rate"] + 0.1
     assert {"pretrain_s", "finetune_s", "total_s"} <= report["timings"].keys()
     print(f"quickstart wall time: {wall:.0f}s")
+
+
+def test_report_and_runs_read_the_quickstart(quickstart):
+    """`dist-train report` writes a page with the four plots; `dist-train runs` lists the run as completed."""
+    out = quickstart[0]
+    res = run_cli("report", str(out), "--html")
+    assert res.returncode == 0, res.stderr[-2000:]
+    plots = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert plots == ["learning_rate.png", "loss.png", "memory.png", "throughput.png"]
+    assert all((out / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+    page = (out / "report.md").read_text()
+    for needle in ("**State:** completed", "| pretrain | 120/120 |", "| finetune | test | accuracy ",
+                   "No restarts.", "| step_00000120 | 120 |", "![Throughput and MFU over time](report/throughput.png)"):
+        assert needle in page, needle
+    assert (out / "report.html").read_text().count("<img ") == 4
+    res = run_cli("runs", str(out.parent))
+    assert res.returncode == 0, res.stderr
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("run ")]
+    assert line.split()[1:4] == ["completed", "finetune", "100/100"] and "accuracy" in line
+
+
+def test_python_api_runs_a_stage_and_feeds_mlflow_and_wandb(quickstart):
+    """`from dist_train import run, load_config` in a fresh interpreter, as a notebook would, with both
+    trackers on: MLflow in a local file store, W&B offline. Each gets every logged step of the stage."""
+    out = quickstart[0]
+    store = out.parent / "mlruns"
+    code = ("import json; from dist_train import run, load_config; "
+            f"cfg = load_config({str(REPO / 'configs' / 'quickstart.yaml')!r}, "
+            f"{{'output_dir': 'api', 'finetune.init_from': {str(out / 'pretrain' / 'export')!r}, "
+            "'finetune.train.max_steps': 4, 'finetune.train.log_every': 2, 'finetune.train.eval_every': 4, "
+            "'finetune.train.save_every': 4, 'logging.trackers': ['mlflow', 'wandb'], 'logging.project': 'qs'}); "
+            "report = run(cfg, stage='finetune'); print('API', json.dumps(report['stages']['finetune']['steps']))")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{store}", "MLFLOW_ALLOW_FILE_STORE": "true",
+           "WANDB_MODE": "offline"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=out.parent, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
+    assert "API 4" in res.stdout and "wandb: offline run in" in res.stdout
+    ids = json.loads((out.parent / "api" / "trackers.json").read_text())
+    assert [s for s, _ in read_mlflow(store, ids["mlflow"], "finetune/loss")] == [2, 4]
+    assert read_mlflow(store, ids["mlflow"], "finetune/eval_accuracy")[0][0] == 4
+    history, summary = read_wandb_offline(out.parent / "api")
+    assert [h["finetune/step"] for h in history] == [2, 4] and "finetune/final/test_accuracy" in summary
+    assert json.loads((out.parent / "api" / "run.json").read_text())["state"] == "completed"
 
 
 def test_exports_load_with_plain_transformers(quickstart):

@@ -43,3 +43,17 @@ def test_every_example_config_is_valid():
         for stage in STAGES:
             if getattr(cfg, stage) is not None:
                 derive_stage(cfg, stage)
+
+
+def test_documentation_links_point_at_files_that_exist():
+    """Every relative link of the README and docs/ names a file of the repository (anchors aside)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
+    index = (REPO / "docs" / "README.md").read_text()
+    unlisted = [p.name for p in (REPO / "docs").glob("*.md") if p.name != "README.md" and f"({p.name})" not in index]
+    assert not unlisted, f"docs/README.md does not list {unlisted}"

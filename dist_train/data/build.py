@@ -156,9 +156,10 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
             tmp.write_text(json.dumps(state))
             os.replace(tmp, work / "progress.json")
 
-        written = {split: packing.write_split(work, chunks, split, seq_len, dtype, samples_per_shard, state,
-                                              save_progress, sample_prefix_id(tokenizer))
-                   for split in packing.SPLITS}
+        with Progress("data build: packing", unit="shards", enabled=progress) as bar:
+            written = {split: packing.write_split(work, chunks, split, seq_len, dtype, samples_per_shard, state,
+                                                  save_progress, sample_prefix_id(tokenizer), on_shard=bar.update)
+                       for split in packing.SPLITS}
         if not written["train"]:
             raise DataError(f"the corpus ({docs} documents) is shorter than one training sample of "
                             f"{seq_len} tokens: add text or lower --seq-len")

@@ -161,8 +161,10 @@ class ShardWriter:
 
 
 def write_split(work: Path, chunks: int, split: str, seq_len: int, dtype: Any, per_shard: int,
-                progress: dict[str, Any], save_progress, prefix: int | None = None) -> list[ShardInfo]:
-    """Phase 2 for one split, resuming after the shards `progress[split]` records."""
+                progress: dict[str, Any], save_progress, prefix: int | None = None,
+                on_shard=lambda: None) -> list[ShardInfo]:
+    """Phase 2 for one split, resuming after the shards `progress[split]` records. `on_shard` is
+    called after each shard is written (for a progress display)."""
     state = progress.setdefault(split, {"shards": [], "pos": [0, 0, 0]})
     shards = [ShardInfo(**s) for s in state["shards"]]
     stream = samples(work, chunks, split, seq_len, dtype, tuple(state["pos"]), prefix)
@@ -183,6 +185,7 @@ def write_split(work: Path, chunks: int, split: str, seq_len: int, dtype: Any, p
         state["shards"] = [s.__dict__ for s in shards]
         state["pos"] = list(pos)
         save_progress()
+        on_shard()
         if count < per_shard:
             return shards
 

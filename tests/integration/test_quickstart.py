@@ -77,31 +77,6 @@ def test_report_and_runs_read_the_quickstart(quickstart):
     assert line.split()[1:4] == ["completed", "finetune", "100/100"] and "accuracy" in line
 
 
-def test_python_api_runs_a_stage_and_feeds_mlflow_and_wandb(quickstart):
-    """`from dist_train import run, load_config` in a fresh interpreter, as a notebook would, with both
-    trackers on: MLflow in a local file store, W&B offline. Each gets every logged step of the stage."""
-    out = quickstart[0]
-    store = out.parent / "mlruns"
-    code = ("import json; from dist_train import run, load_config; "
-            f"cfg = load_config({str(REPO / 'configs' / 'quickstart.yaml')!r}, "
-            f"{{'output_dir': 'api', 'finetune.init_from': {str(out / 'pretrain' / 'export')!r}, "
-            "'finetune.train.max_steps': 4, 'finetune.train.log_every': 2, 'finetune.train.eval_every': 4, "
-            "'finetune.train.save_every': 4, 'logging.trackers': ['mlflow', 'wandb'], 'logging.project': 'qs'}); "
-            "report = run(cfg, stage='finetune'); print('API', json.dumps(report['stages']['finetune']['steps']))")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{store}", "MLFLOW_ALLOW_FILE_STORE": "true",
-           "WANDB_MODE": "offline"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=out.parent, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
-    assert "API 4" in res.stdout and "wandb: offline run in" in res.stdout
-    ids = json.loads((out.parent / "api" / "trackers.json").read_text())
-    assert [s for s, _ in read_mlflow(store, ids["mlflow"], "finetune/loss")] == [2, 4]
-    assert read_mlflow(store, ids["mlflow"], "finetune/eval_accuracy")[0][0] == 4
-    history, summary = read_wandb_offline(out.parent / "api")
-    assert [h["finetune/step"] for h in history] == [2, 4] and "finetune/final/test_accuracy" in summary
-    assert json.loads((out.parent / "api" / "run.json").read_text())["state"] == "completed"
-
-
 def test_exports_load_with_plain_transformers(quickstart):
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
@@ -142,25 +117,46 @@ def test_rerun_resumes_from_the_committed_checkpoint(quickstart):
     assert (out / "finetune" / "checkpoints" / "latest").read_text().strip() == "step_00000110"
 
 
-def test_init_from_takes_the_weights_only(quickstart):
+def test_init_from_takes_the_weights_only_through_the_python_api_with_trackers(quickstart):
     """A fine-tune in a fresh output_dir, initialised from another run's pretrain export: it starts
     at step 0 with a fresh optimizer (no resume), and its backbone starts from exactly those weights
-    (fp32 and a vanishing lr, so the export still holds them)."""
+    (fp32 and a vanishing lr, so the export still holds them).
+
+    The same run checks two more things. It goes through `from dist_train import run, load_config` in a
+    fresh interpreter, as a notebook would. And it has both trackers on, MLflow in a local file store and
+    W&B offline: each gets every logged step and the final figures."""
     from safetensors.torch import load_file
 
     out = quickstart[0]
     source = out / "pretrain" / "export"
-    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=other", "--stage", "finetune",
-                  f"finetune.init_from={source}", "finetune.deepspeed.precision=fp32", "finetune.optim.lr=1e-30",
-                  "finetune.train.max_steps=2", "finetune.train.eval_every=2", "finetune.train.save_every=2",
-                  cwd=out.parent, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ft = json.loads((out.parent / "other" / "report.json").read_text())["stages"]["finetune"]
-    assert ft["resumed_from"] is None and ft["steps"] == 2 and ft["init_from"] == str(source)
+    store = out.parent / "mlruns"
+    overrides = {"output_dir": "other", "finetune.init_from": str(source), "finetune.deepspeed.precision": "fp32",
+                 "finetune.optim.lr": 1e-30, "finetune.train.max_steps": 4, "finetune.train.log_every": 2,
+                 "finetune.train.eval_every": 4, "finetune.train.save_every": 4,
+                 "logging.trackers": ["mlflow", "wandb"], "logging.project": "qs"}
+    code = ("import json; from dist_train import run, load_config; "
+            f"report = run(load_config({str(REPO / 'configs' / 'quickstart.yaml')!r}, {overrides!r}), "
+            "stage='finetune'); print('API', report['stages']['finetune']['steps'])")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{store}", "MLFLOW_ALLOW_FILE_STORE": "true",
+           "WANDB_MODE": "offline"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=out.parent, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
+    assert "API 4" in res.stdout and "wandb: offline run in" in res.stdout
+    run_dir = out.parent / "other"
+    ft = json.loads((run_dir / "report.json").read_text())["stages"]["finetune"]
+    assert ft["resumed_from"] is None and ft["steps"] == 4 and ft["init_from"] == str(source)
     before, after = load_file(source / "model.safetensors"), load_file(Path(ft["export_dir"]) / "model.safetensors")
     shared = [k for k in after if k in before]
     assert len(shared) >= 30 and "score.weight" in after  # the backbone, plus a new head
     assert all((before[k] == after[k]).all() for k in shared)
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    assert [s for s, _ in read_mlflow(store, ids["mlflow"], "finetune/loss")] == [2, 4]
+    assert read_mlflow(store, ids["mlflow"], "finetune/eval_accuracy")[0][0] == 4
+    assert read_mlflow(store, ids["mlflow"], "finetune/final/test_accuracy")
+    history, summary = read_wandb_offline(run_dir)
+    assert [h["finetune/step"] for h in history] == [2, 4] and "finetune/final/test_accuracy" in summary
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "completed"
 
 
 def test_zero3_with_optimizer_offload_and_lora_runs_both_stages(quickstart):

@@ -13,6 +13,9 @@ import time
 from typing import Any, TextIO
 
 EVERY_S_ENV = "DIST_TRAIN_PROGRESS_EVERY_S"  # the driver passes logging.console_every_s to workers this way
+# Set by the driver when its own terminal is interactive: a worker's output is never a terminal, but
+# Ray can draw a worker's bar at the driver (ray.experimental.tqdm_ray).
+DRIVER_TTY_ENV = "DIST_TRAIN_DRIVER_TTY"
 
 
 def default_every_s() -> float:
@@ -38,6 +41,10 @@ class Progress:
 
             self.bar = tqdm(desc=desc, total=total, unit=f" {unit}" if unit else "it", file=self.stream,
                             leave=False, dynamic_ncols=True)
+        elif enabled and os.environ.get(DRIVER_TTY_ENV) == "1" and _in_ray_worker():
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            self.bar = ray_tqdm(desc=desc, total=total, unit=unit or "it")
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -75,3 +82,13 @@ class Progress:
             self.close()
         elif self.bar is not None:
             self.bar.close()
+
+
+def _in_ray_worker() -> bool:
+    import sys
+
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE

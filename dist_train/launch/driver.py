@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preem
 from dist_train.control import clear as clear_requests
 from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
-from dist_train.progress import EVERY_S_ENV
+from dist_train.progress import DRIVER_TTY_ENV, EVERY_S_ENV
 from dist_train.train.heartbeat import read_incidents
 
 REPORT = "report.json"
@@ -107,7 +108,9 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONUNBUFFERED": "1",
            # Ray Train's print patch would echo every line of rank 0 twice.
-           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", EVERY_S_ENV: str(cfg.logging.console_every_s)}
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", EVERY_S_ENV: str(cfg.logging.console_every_s),
+           # live bars drawn by the driver when it has a terminal; tqdm_ray must not patch print()
+           DRIVER_TTY_ENV: "1" if sys.stderr.isatty() else "0", "RAY_TQDM_PATCH_PRINT": "0"}
     if not cfg.ray.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, with the gloo backend
     return env

@@ -23,6 +23,15 @@ STATUS = "run.json"
 TICK_S = 30.0
 
 
+def outcome(e: BaseException | None) -> str:
+    """The final state a run ends in: completed, preempted (stopped on request, after a checkpoint) or failed."""
+    if e is None:
+        return "completed"
+    from dist_train.launch.driver import Preempted  # the driver imports this module
+
+    return "preempted" if isinstance(e, Preempted) else "failed"
+
+
 def read_status(out: Path) -> dict[str, Any] | None:
     try:
         return json.loads((out / STATUS).read_text())
@@ -59,11 +68,9 @@ def run_status(out: Path, stages: list[str], max_steps: dict[str, int]) -> Itera
     try:
         yield status
     except BaseException as e:
-        from dist_train.launch.driver import Preempted
-
         stop.set()
-        state = "preempted" if isinstance(e, Preempted) else "failed"
-        status.write(state=state, error=str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__)
+        status.write(state=outcome(e),
+                     error=str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__)
         raise
     else:
         stop.set()

@@ -17,6 +17,7 @@ import json
 import netrc
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from dist_train.checkpoint.manager import write_atomic
 from dist_train.config.loader import ConfigError
 from dist_train.config.schema import LoggingConfig
+from dist_train.launch.status import outcome
 
 STATE = "trackers.json"
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
@@ -101,9 +103,15 @@ class MlflowTracker:
             mlflow.log_dict(config, "config.json")
 
     def log(self, stage: str, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.mlflow.log_metrics({f"{stage}/{k}": v for k, v in numeric(row).items()}, step=int(row["step"]),
-                                    run_id=self.run_id)
+        """In batches (one request per 1000 values, MLflow's limit), stamped with each row's wall time."""
+        from mlflow.entities import Metric
+
+        now = time.time()
+        metrics = [Metric(f"{stage}/{k}", v, int(1000 * row.get("time", now)), int(row["step"]))
+                   for row in rows for k, v in numeric(row).items()]
+        client = self.mlflow.MlflowClient()
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def summary(self, report: dict[str, Any], report_path: Path) -> None:
         self.mlflow.log_metrics(final_metrics(report), run_id=self.run_id)
@@ -158,6 +166,7 @@ class Trackers:
                 tracker = (MlflowTracker(cfg, name, config, self.state.get(kind)) if kind == "mlflow"
                            else WandbTracker(cfg, name, config, self.state.get(kind), out))
             except Exception as e:  # a wrong URI or key: say so before any training time is spent
+                self.finish("failed")
                 raise ConfigError(f"logging.trackers: could not start a {kind} run: {one_line(e)}") from e
             self.state[kind] = tracker.run_id
             self.active.append(tracker)
@@ -230,14 +239,9 @@ def tracking(cfg: LoggingConfig, out: Path, config: dict[str, Any], log=print) -
         yield None
         return
     trackers = Trackers(cfg, out, config, log)
-    status = "failed"
     try:
         yield trackers
-        status = "completed"
     except BaseException as e:
-        from dist_train.launch.driver import Preempted
-
-        status = "preempted" if isinstance(e, Preempted) else "failed"
+        trackers.finish(outcome(e))
         raise
-    finally:
-        trackers.finish(status)
+    trackers.finish(outcome(None))

@@ -111,9 +111,9 @@ class Heartbeat:
             # save reports that), and peers' silent files prove nothing: judge no one.
             stuck = self._check() if self._beat() else None
             if stuck is not None:
-                self._report(stuck)
+                self._report(*stuck)
 
-    def _check(self) -> str | None:
+    def _check(self) -> tuple[int, str] | None:
         now = time.monotonic()
         for rank, (seq, seen_at, row) in self._seen.items():
             try:
@@ -129,18 +129,22 @@ class Heartbeat:
             if quiet > self.timeout_s:
                 where = (f"pid {row['pid']} on {row['host']}, last seen in {row['phase']} at step {row['step']}"
                          if row else "it never sent a heartbeat in this attempt")
-                return (f"rank {rank} is not responding: no heartbeat for {quiet:.0f} s ({where}); it is stopped, "
-                        f"frozen or dead. Rank {self.world.rank} ends its worker so the group restarts "
-                        "(ray.max_failures) or fails; ray.heartbeat_timeout_s sets this bound")
+                return rank, (f"rank {rank} is not responding: no heartbeat for {quiet:.0f} s ({where}); it is "
+                              f"stopped, frozen or dead. Rank {self.world.rank} ends its worker so the group "
+                              "restarts (ray.max_failures) or fails; ray.heartbeat_timeout_s sets this bound")
         return None
 
-    def _report(self, message: str) -> None:
-        print(f"[heartbeat] {message}", flush=True)
-        row = {"time": time.time(), "kind": "stuck_rank", "reporter": self.world.rank, "message": message}
+    def _report(self, stuck_rank: int, message: str) -> None:
+        """End this worker. Every healthy rank sees the stuck one and ends its worker, but only one of
+        them, the lowest rank other than the stuck one, says so: on 64 ranks, one line and one
+        incident, not 63."""
         try:
-            with open(self.stage_dir / INCIDENTS, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            if self.world.rank == (1 if stuck_rank == 0 else 0):
+                print(f"[heartbeat] {message}", flush=True)
+                row = {"time": time.time(), "kind": "stuck_rank", "reporter": self.world.rank, "message": message}
+                with open(self.stage_dir / INCIDENTS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
         finally:
             os._exit(STUCK_EXIT)

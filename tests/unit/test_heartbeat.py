@@ -9,7 +9,7 @@ from dist_train.world import World
 def _watcher(tmp_path, timeout=0.6, attempt=1.0):
     reports: list[str] = []
     hb = Heartbeat(tmp_path, World(rank=0, world_size=2), attempt, timeout)
-    hb._report = reports.append  # the real one ends the process
+    hb._report = lambda rank, message: reports.append(message)  # the real one ends the process
     return hb, reports
 
 

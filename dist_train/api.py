@@ -21,21 +21,24 @@ from dist_train.config.schema import RunConfig
 def load_config(source: str | Path | Mapping[str, Any] | None = None,
                 overrides: Sequence[str] | Mapping[str, Any] = ()) -> RunConfig:
     """A typed, validated config from a YAML path, a plain dict (as in the YAML) or the defaults
-    (None), with `a.b.c=value` overrides (a list of strings, or a dict {"a.b.c": value})."""
-    import json
+    (None), with overrides: `a.b.c=value` strings (values parsed as YAML, as on the command line),
+    or a dict {"a.b.c": value} of Python values, taken as they are."""
+    import copy
 
-    from dist_train.config.loader import ConfigError, apply_override, from_dict, interpolate, to_dict
-    from dist_train.config.loader import load_config as load_yaml
+    from dist_train.config.loader import ConfigError, apply_override, from_dict, interpolate, read_yaml, set_key
 
-    items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()] \
-        if isinstance(overrides, Mapping) else list(overrides)
     if source is None or isinstance(source, (str, Path)):
-        return load_yaml(source, items)
-    if not isinstance(source, Mapping):
+        raw = read_yaml(source) if source is not None else {}
+    elif isinstance(source, Mapping):
+        raw = copy.deepcopy(dict(source))
+    else:
         raise ConfigError(f"load_config takes a YAML path, a dict or None, not {type(source).__name__}")
-    raw = json.loads(json.dumps(to_dict(dict(source))))  # a deep copy of plain values
-    for item in items:
-        apply_override(raw, item)
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            set_key(raw, key, copy.deepcopy(value))
+    else:
+        for item in overrides:
+            apply_override(raw, item)
     return from_dict(interpolate(raw))
 
 
@@ -44,16 +47,11 @@ def run(config: RunConfig | str | Path | Mapping[str, Any], overrides: Sequence[
     """Validate, prepare, train the configured stages (or `stage` alone) and return the report
     (also written to OUTPUT_DIR/report.json). Ray starts locally unless ray.address (or
     RAY_ADDRESS) names a cluster; a Ray instance this process already started is reused."""
+    from dist_train.config.loader import to_dict
     from dist_train.launch.driver import run as run_driver
 
-    cfg = config if isinstance(config, RunConfig) and not overrides else load_config(
-        _as_source(config), overrides)
-    return run_driver(cfg, stage)
-
-
-def _as_source(config: Any) -> Any:
     if isinstance(config, RunConfig):
-        from dist_train.config.loader import to_dict
-
-        return to_dict(config)
-    return config
+        cfg = load_config(to_dict(config), overrides) if overrides else config
+    else:
+        cfg = load_config(config, overrides)
+    return run_driver(cfg, stage)

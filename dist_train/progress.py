@@ -85,8 +85,6 @@ class Progress:
 
 
 def _in_ray_worker() -> bool:
-    import sys
-
     if "ray" not in sys.modules:
         return False
     import ray

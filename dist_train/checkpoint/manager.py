@@ -23,6 +23,7 @@ from typing import Any
 
 from dist_train.data.ledger import Ledger, gather
 from dist_train.faults import Faults
+from dist_train.outputs import fsync_dir, write_atomic
 from dist_train.world import World
 
 META = "meta.json"
@@ -66,26 +67,7 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace a small file atomically: readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        fsync_dir(Path(dirpath))
 
 
 def latest_committed(root: Path) -> str | None:
@@ -341,7 +323,7 @@ class CheckpointManager:
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(staging_tag, final)  # the commit point: a step_* directory with meta.json
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._fault("renamed", step)
         write_atomic(self.root / LATEST, tag + "\n")
         self._fault("committed", step)

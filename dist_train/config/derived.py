@@ -133,7 +133,7 @@ def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopCon
     if ds.zero_stage > 0:
         # Bucket sizes follow the model's width (hidden², as HF Trainer's "auto"), with a floor for small
         # models: DeepSpeed's fixed defaults allocate a 5e8-element buffer even for a tiny model.
-        # overlap_comm helps only where a side stream exists (GPU); on CPU it measured 8% slower.
+        # overlap_comm helps only where a side stream exists (GPU); on CPU it measured 5–8% slower.
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True,
                     reduce_bucket_size=reduce_bucket_elements(hidden_size))
     if ds.zero_stage == 3:

@@ -26,24 +26,27 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML config (or start from defaults when path is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found: pass the path of a YAML file "
-                              "(e.g. configs/quickstart.yaml)")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}: not valid YAML{where}: fix the syntax") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
-        raw = loaded or {}
+    raw = read_yaml(path) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return from_dict(interpolate(raw))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML config file, with one-line errors for a missing file or bad YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found: pass the path of a YAML file "
+                          "(e.g. configs/quickstart.yaml)")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: fix the syntax") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+    return loaded or {}
 
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
@@ -86,13 +89,24 @@ def interpolate(raw: dict[str, Any]) -> dict[str, Any]:
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Set `a.b.c=value` in a raw nested dict; the value is parsed as YAML (`10`, `true`, `null`)."""
     key, sep, text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not sep or not _valid_key(key):
         raise ConfigError(f"override {item!r} is not of the form a.b.c=value "
                           "(e.g. pretrain.train.max_steps=10)")
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    set_key(raw, key, value)
+
+
+def _valid_key(key: str) -> bool:
+    return bool(key) and all(key.split("."))
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` to `value` in a raw nested dict, creating the sections on the way."""
+    if not _valid_key(key):
+        raise ConfigError(f"override key {key!r} is not of the form a.b.c (e.g. pretrain.train.max_steps)")
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

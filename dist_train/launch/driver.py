@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dist_train.checkpoint.manager import write_atomic
 from dist_train.config.checks import check_run, resolve
 from dist_train.config.derived import describe
 from dist_train.config.loader import ConfigError, to_dict
@@ -28,10 +27,9 @@ from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preem
 from dist_train.control import clear as clear_requests
 from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
+from dist_train.outputs import REPORT, RESULT, write_atomic
 from dist_train.progress import DRIVER_TTY_ENV, EVERY_S_ENV
 from dist_train.train.heartbeat import read_incidents
-
-REPORT = "report.json"
 
 
 class RunFailed(RuntimeError):
@@ -172,7 +170,7 @@ def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         why = incidents[-1]["message"] if incidents else (lines[-1] if lines else type(e).__name__)
         raise RunFailed(f"stage {stage} failed: {why}") from e
-    result = json.loads((Path(cfg.output_dir) / stage / "result.json").read_text())
+    result = json.loads((Path(cfg.output_dir) / stage / RESULT).read_text())
     if result.get("preempted"):
         raise Preempted(f"stage {stage} stopped at step {result['steps']} on request; checkpoint "
                         f"{result['checkpoint']} is committed. Rerun the same command to resume (exit status "

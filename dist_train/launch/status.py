@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dist_train.checkpoint.manager import write_atomic
+from dist_train.outputs import STATUS, write_atomic
 
-STATUS = "run.json"
 TICK_S = 30.0
 
 
@@ -30,13 +29,6 @@ def outcome(e: BaseException | None) -> str:
     from dist_train.launch.driver import Preempted  # the driver imports this module
 
     return "preempted" if isinstance(e, Preempted) else "failed"
-
-
-def read_status(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / STATUS).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class RunStatus:
@@ -68,13 +60,11 @@ def run_status(out: Path, stages: list[str], max_steps: dict[str, int]) -> Itera
     try:
         yield status
     except BaseException as e:
-        stop.set()
         status.write(state=outcome(e),
                      error=str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__)
         raise
     else:
-        stop.set()
-        status.write(state="completed")
-    finally:
+        status.write(state=outcome(None))
+    finally:  # a tick after the final write keeps the final state: write() only merges fields
         stop.set()
         thread.join()

@@ -22,20 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dist_train.checkpoint.manager import write_atomic
 from dist_train.config.loader import ConfigError
 from dist_train.config.schema import LoggingConfig
 from dist_train.launch.status import outcome
-
-STATE = "trackers.json"
-PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}
+from dist_train.outputs import METRICS, TRACKERS, parse_jsonl, write_atomic
 
 
 def check_trackers(cfg: LoggingConfig, env: dict[str, str] | None = None) -> None:
     """Before Ray starts: each chosen tracker is installed and has its credentials in the environment."""
     env = dict(os.environ) if env is None else env
     for name in cfg.trackers:
-        if importlib.util.find_spec(PACKAGES[name]) is None:
+        if importlib.util.find_spec(name) is None:
             raise ConfigError(f"logging.trackers includes {name}, which is not installed: "
                               f"pip install 'dist_train[{name}]'")
     if "mlflow" in cfg.trackers and not env.get("MLFLOW_TRACKING_URI"):
@@ -128,7 +125,7 @@ class WandbTracker:
                  directory: Path) -> None:
         import wandb
 
-        # quiet: W&B's banner and its closing history table would take 40 lines of the console
+        # quiet: W&B's banner and its closing history table took 35 lines of the quickstart's console
         self.run = wandb.init(project=cfg.project, name=run_name, id=run_id, resume="allow", config=config,
                               tags=[f"{k}:{v}" for k, v in cfg.tags.items()], dir=str(directory),
                               settings=wandb.Settings(quiet=True))
@@ -156,7 +153,7 @@ class Trackers:
 
     def __init__(self, cfg: LoggingConfig, out: Path, config: dict[str, Any], log=print) -> None:
         self.out, self.log_fn = out, log
-        self.state: dict[str, Any] = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else {}
+        self.state: dict[str, Any] = json.loads((out / TRACKERS).read_text()) if (out / TRACKERS).is_file() else {}
         self.state.setdefault("offsets", {})
         self.lock = threading.Lock()
         name = cfg.run_name or out.resolve().name
@@ -174,7 +171,7 @@ class Trackers:
         self.save()
 
     def save(self) -> None:
-        write_atomic(self.out / STATE, json.dumps(self.state, indent=1))
+        write_atomic(self.out / TRACKERS, json.dumps(self.state, indent=1))
 
     def call(self, method: str, *args: Any) -> None:
         for tracker in list(self.active):
@@ -188,7 +185,7 @@ class Trackers:
     def forward(self, stage: str) -> None:
         """Send the rows of <stage>/metrics.jsonl not sent yet (complete lines only)."""
         with self.lock:
-            path = self.out / stage / "metrics.jsonl"
+            path = self.out / stage / METRICS
             offset = self.state["offsets"].get(stage, 0)
             if not path.is_file() or path.stat().st_size <= offset:
                 return
@@ -196,7 +193,7 @@ class Trackers:
                 f.seek(offset)
                 data = f.read()
             complete = data[:data.rfind(b"\n") + 1]
-            rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+            rows = parse_jsonl(complete.decode())
             if rows:
                 self.call("log", stage, rows)
             self.state["offsets"][stage] = offset + len(complete)

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config.schema import STAGES
-
-REPORT, STATUS, METRICS, ATTEMPTS, RESULT = "report.json", "run.json", "metrics.jsonl", "attempts.json", "result.json"
+from dist_train.outputs import ATTEMPTS, INCIDENTS, METRICS, REPORT, RESULT, STATUS, read_jsonl
 
 
 class NotARun(ValueError):
@@ -27,18 +26,6 @@ def _json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line cut by a crash mid-write
-            continue
-    return rows
 
 
 @dataclass
@@ -61,6 +48,7 @@ class StageData:
     latest: str | None
     best: str | None
     heartbeat: dict[str, Any] | None  # the freshest rank heartbeat: step, phase, time
+    incidents: list[dict[str, Any]]  # stuck ranks the heartbeat reported
 
     @property
     def last_step(self) -> int:
@@ -138,9 +126,10 @@ def read_stage(out: Path, stage: str) -> StageData | None:
         return None
     beats = [b for b in (_json(p) for p in (d / "heartbeat").glob("rank_*.json")) if b]
     checkpoints, latest, best = read_checkpoints(d / "checkpoints")
-    return StageData(name=stage, rows=_rows(d / METRICS), attempts=_json(d / ATTEMPTS) or [],
+    return StageData(name=stage, rows=read_jsonl(d / METRICS), attempts=_json(d / ATTEMPTS) or [],
                      result=_json(d / RESULT), checkpoints=checkpoints, latest=latest, best=best,
-                     heartbeat=max(beats, key=lambda b: b.get("time", 0.0)) if beats else None)
+                     heartbeat=max(beats, key=lambda b: b.get("time", 0.0)) if beats else None,
+                     incidents=read_jsonl(d / INCIDENTS))
 
 
 def load_run(out: str | Path) -> RunData:

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dist_train.checkpoint.manager import write_atomic
 from dist_train.config.schema import EVAL_COUNTS
+from dist_train.outputs import write_atomic
 from dist_train.report import plots
 from dist_train.report.data import RunData, StageData, load_run
 from dist_train.report.runs import state_of
-from dist_train.train.heartbeat import read_incidents
 
 PLOT_DIR = "report"
 PLOT_TITLES = {"loss": "Loss and evaluation", "learning_rate": "Learning rate",
@@ -103,7 +102,7 @@ def restarts(run: RunData) -> list[Block]:
         for i, a in enumerate(s.attempts):
             rows.append([s.name, str(i + 1), when(a["start"]), f"{(a['end'] - a['start']) / 60:.1f} min"])
     incidents = [[s.name, when(i.get("time")), i.get("message", "")] for s in run.stages.values()
-                 for i in read_incidents(run.out / s.name)]
+                 for i in s.incidents]
     blocks: list[Block] = [("h2", "Attempts and restarts")]
     if not rows:
         return [*blocks, ("p", "No attempt was recorded.")]

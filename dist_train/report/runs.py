@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dist_train.config.schema import STAGES
+from dist_train.outputs import REPORT, STATUS
 from dist_train.report.data import NotARun, RunData, StageData, age, load_run
 
 STALE_S = 180.0  # well above run.json's 30 s tick and a log interval of a healthy run
@@ -40,7 +41,7 @@ class RunRow:
 def find_runs(root: Path, depth: int = MAX_DEPTH) -> list[Path]:
     """Directories under root (root included) that are run output_dirs. Does not descend into a run."""
     found: list[Path] = []
-    if (root / "run.json").is_file() or ((root / "report.json").is_file()
+    if (root / STATUS).is_file() or ((root / REPORT).is_file()
                                          and any((root / stage).is_dir() for stage in STAGES)):
         return [root]
     if depth == 0:

@@ -22,19 +22,15 @@ import threading
 import time
 from pathlib import Path
 
+from dist_train.outputs import INCIDENTS, read_jsonl
 from dist_train.world import World
 
 STUCK_EXIT = 43  # the watcher's exit status: distinguishes "named a stuck rank" from a crash
-INCIDENTS = "incidents.jsonl"
 
 
 def read_incidents(stage_dir: Path, since: float = 0.0) -> list[dict]:
     """Incidents recorded after `since` (unix time), oldest first."""
-    path = stage_dir / INCIDENTS
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("time", 0) >= since]
+    return [r for r in read_jsonl(stage_dir / INCIDENTS) if r.get("time", 0) >= since]
 
 
 class Heartbeat:

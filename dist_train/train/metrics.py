@@ -127,8 +127,6 @@ def goodput(tokens: int, steady_tokens_per_s: float, clock: RunClock) -> dict[st
             "attempts": len(clock.attempts)}
 
 
-
-
 def format_duration(seconds: float) -> str:
     """3:07:05, 7:05 or 5s: the ETA column."""
     s = round(max(seconds, 0.0))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dist_train.checkpoint.export import EXPORT_PHASES, describe_model, export_checkpoint
-from dist_train.checkpoint.manager import CheckpointManager, best_committed, restore_rng, write_atomic
+from dist_train.checkpoint.manager import CheckpointManager, best_committed, restore_rng
 from dist_train.config.derived import StageDerived
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import RunConfig, best_metric, higher_is_better
@@ -26,6 +26,7 @@ from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.faults import Faults
 from dist_train.model.build import flops_per_token
+from dist_train.outputs import ATTEMPTS, METRICS, RESULT, write_atomic
 from dist_train.progress import Progress
 from dist_train.train.engine import build_engine
 from dist_train.train.heartbeat import Heartbeat
@@ -33,9 +34,6 @@ from dist_train.train.loop import Cadence, EarlyStopping, StepBatch, TrainState,
 from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, RunClock, Throughput, device_peak_flops, goodput
 from dist_train.world import World
-
-RESULT = "result.json"
-ATTEMPTS = "attempts.json"  # wall time of each attempt at the stage, for goodput
 
 
 @dataclass
@@ -103,7 +101,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(section.deepspeed.precision),
                                           cfg.ray.cpus_per_worker)
     fpt = flops_per_token(parts.model, parts.seq_len)
-    log = MetricsLog(out / "metrics.jsonl" if world.is_main else None, stage, section.train.max_steps,
+    log = MetricsLog(out / METRICS if world.is_main else None, stage, section.train.max_steps,
                      sys.stdout if world.is_main else None, tensorboard=out / "tensorboard", clock=clock,
                      start_step=state.step, attempt=attempt)
     throughput = Throughput(skip=1)

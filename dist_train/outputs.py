@@ -1,0 +1,59 @@
+"""The names of the files a run writes under output_dir, a reader for its JSON-lines files, and
+the atomic write of its small files.
+
+One place for the layout that the driver, the workers, `dist-train report`, `dist-train runs`
+and the trackers all read; it imports nothing heavy, so the read-only commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPORT = "report.json"  # OUTPUT_DIR: resolved config, each stage's result, timings
+STATUS = "run.json"  # OUTPUT_DIR: the driver's state (launch/status.py)
+TRACKERS = "trackers.json"  # OUTPUT_DIR: tracker run ids and how far metrics were sent
+METRICS = "metrics.jsonl"  # OUTPUT_DIR/<stage>: one row per log interval
+ATTEMPTS = "attempts.json"  # OUTPUT_DIR/<stage>: wall time of each attempt at the stage, for goodput
+RESULT = "result.json"  # OUTPUT_DIR/<stage>: the stage's entry of report.json
+INCIDENTS = "incidents.jsonl"  # OUTPUT_DIR/<stage>: stuck ranks the heartbeat reported
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
+    """The rows of JSON-lines text. A line a crash cut short (and the next attempt's row appended
+    to it) is skipped, not an error: every other row still counts."""
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return parse_jsonl(path.read_text()) if path.is_file() else []
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small file atomically: readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -45,7 +45,8 @@ pretrain:
   deepspeed: {{zero_stage: 2, precision: bf16}}
   optim: {{lr: {lr}, warmup_steps: 2}}
   train: {{max_steps: {steps}, global_batch_size: {micro * workers}, micro_batch_size: {micro}, log_every: {log_every},
-          gradient_checkpointing: {str(checkpointing).lower()}, eval_every: 0, eval_batches: 1, save_every: 0}}
+          gradient_checkpointing: {str(checkpointing).lower()}, eval_every: 0, save_every: 0}}
+  eval: {{samples: {micro * workers}}}
 """
 
 

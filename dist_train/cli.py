@@ -1,4 +1,4 @@
-"""`dist-train`: run | validate | print-config | data build/plan/inspect | export | predict | ledger | report | runs.
+"""`dist-train`: run | validate | print-config | data build/plan/inspect | export | predict | eval | ledger | report.
 
 Expected user mistakes (ConfigError, DataError, ModelError) print one line and exit 2; no
 traceback. Heavy imports (torch, ray, deepspeed) happen only in the commands that need them.
@@ -85,6 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="write here instead of stdout")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--max-new-tokens", type=int, default=64, help="sft: length of generated responses")
+
+    ev = sub.add_parser("eval", help="score a causal-LM export on standard benchmarks (lm-evaluation-harness; "
+                                     "pip install 'dist_train[eval]')")
+    ev.add_argument("export_dir", help="a Hugging Face causal-LM directory, e.g. <output_dir>/pretrain/export")
+    ev.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag,arc_easy")
+    ev.add_argument("--include-path", help="a directory of your own task YAMLs (e.g. over local jsonl files)")
+    ev.add_argument("--limit", type=int, help="score only the first N examples of each task (a quick look)")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
+    ev.add_argument("--output", help="also write the results as JSON to this file")
 
     led = sub.add_parser("ledger", help="check what was trained on").add_subparsers(dest="ledger_cmd", required=True)
     lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
@@ -179,6 +190,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.output:
             print(f"wrote {n} predictions to {args.output}")
         return 0
+    if args.cmd == "eval":
+        return _eval(args)
     if args.cmd == "ledger":
         return _ledger_verify(args.output_dir, args.stage)
     if args.cmd in ("report", "runs"):
@@ -195,6 +208,32 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(text, end="")
         return 0
     raise AssertionError(args.cmd)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dist_train.config.loader import ConfigError
+    from dist_train.evaluate.harness import format_results, run_harness
+    from dist_train.outputs import write_atomic
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks names no task: e.g. --tasks hellaswag,arc_easy")
+    for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError("--num-fewshot must be 0 or more")
+    if args.output and Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output!r} is a directory: name a JSON file to write")
+    results = run_harness(args.export_dir, tasks, include_path=args.include_path, limit=args.limit,
+                          num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device)
+    print(format_results(results))
+    if args.output:
+        write_atomic(Path(args.output), json.dumps({"model": str(args.export_dir), "results": results}, indent=1))
+        print(f"wrote {args.output}")
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ METRICS = "metrics.jsonl"  # OUTPUT_DIR/<stage>: one row per log interval
 ATTEMPTS = "attempts.json"  # OUTPUT_DIR/<stage>: wall time of each attempt at the stage, for goodput
 RESULT = "result.json"  # OUTPUT_DIR/<stage>: the stage's entry of report.json
 INCIDENTS = "incidents.jsonl"  # OUTPUT_DIR/<stage>: stuck ranks the heartbeat reported
+TEST_STATS = "test_stats.npz"  # OUTPUT_DIR/finetune: per-example test statistics (finetune.compare_base)
+COMPARE_BASE = "compare_base"  # OUTPUT_DIR/compare_base/: the unadapted model's fine-tune (finetune.compare_base)
 
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:

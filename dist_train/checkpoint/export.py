@@ -97,14 +97,60 @@ def _with_task_head(model: Any, model_cls: Any, config: Any, hf: Path) -> Any:
 
 
 EXPORT_PHASES = 3  # weights read, model saved, tokenizer saved: the units of an export's progress
+CARRIED_FILE = "model-carried.safetensors"  # a sharded export's extra shard of carried weights
+
+
+def source_tensors(source: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors `keys` of the safetensors checkpoint in directory `source` (those it holds)."""
+    from safetensors import safe_open
+
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(source).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in set(keys) & set(f.keys()):
+                found[key] = f.get_tensor(key).float().contiguous()
+    return found
+
+
+def carry_weights(export: Path, source: str, keys: tuple[str, ...], prefix: str) -> list[str]:
+    """Add to a saved export the weights of the starting checkpoint that the trained model did not use
+    (BERT's pooler under a masked-LM head), so a fine-tune from the export starts with them as a
+    fine-tune from the original model would. A headless checkpoint's names get the export's base-model
+    prefix. Returns the names written."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = source_tensors(source, keys)
+    if not tensors:
+        return []
+    single, index = export / "model.safetensors", export / "model.safetensors.index.json"
+    if single.is_file():
+        with safe_open(str(single), "pt") as f:
+            present = set(f.keys())
+    else:
+        present = set(json.loads(index.read_text())["weight_map"])
+    prefixed = prefix and any(k.startswith(prefix + ".") for k in present)
+    headless = prefix and not any(k.startswith(prefix + ".") for k in tensors)
+    carried = {(f"{prefix}.{k}" if prefixed and headless else k): v for k, v in tensors.items()}
+    carried = {k: v for k, v in carried.items() if k not in present}
+    if single.is_file() and carried:
+        save_file({**load_file(str(single)), **carried}, str(single), metadata={"format": "pt"})
+    elif carried:
+        save_file(carried, str(export / CARRIED_FILE), metadata={"format": "pt"})
+        meta = json.loads(index.read_text())
+        meta["weight_map"].update(dict.fromkeys(carried, CARRIED_FILE))
+        index.write_text(json.dumps(meta, indent=2))
+    return sorted(carried)
 
 
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
-                      progress: Progress | None = None) -> Path:
+                      progress: Progress | None = None,
+                      carry: tuple[str | None, tuple[str, ...]] | None = None) -> Path:
     """Write `out_dir` from a committed checkpoint directory; returns it. A LoRA checkpoint is
     exported with its adapters merged into a plain HF model, or (`adapter_only`) as a peft adapter
-    directory (adapter and task head weights) for the base model it names. `progress` counts
-    EXPORT_PHASES."""
+    directory (adapter and task head weights) for the base model it names. `carry`: (starting
+    checkpoint, names) of weights it held that the model did not use, added to the export
+    (carry_weights). `progress` counts EXPORT_PHASES."""
     import transformers
 
     progress = progress or Progress("export", enabled=False)
@@ -138,6 +184,8 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
     elif hasattr(model, "peft_config"):
         model = _with_task_head(model, model_cls, config, hf)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    if carry is not None and carry[0] and carry[1] and not hasattr(model, "peft_config"):
+        carry_weights(tmp, carry[0], carry[1], getattr(model, "base_model_prefix", ""))
     progress.update()
     if hasattr(model, "peft_config"):  # name the base model the adapter was trained on, not this export
         saved = json.loads((tmp / ADAPTER_CONFIG).read_text())

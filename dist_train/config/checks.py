@@ -13,7 +13,14 @@ from pathlib import Path
 
 from dist_train.config.derived import derive_stage, stage_section
 from dist_train.config.loader import ConfigError
-from dist_train.config.schema import DeepSpeedSection, RunConfig, best_metric, stage_metrics
+from dist_train.config.schema import (
+    DeepSpeedSection,
+    RunConfig,
+    baseline_on,
+    best_metric,
+    measures_forgetting,
+    stage_metrics,
+)
 
 
 def _abs(path: str | None) -> str | None:
@@ -62,9 +69,11 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         def source(path: str) -> str:
             return path if is_url(path) else _abs(path)
 
-        data = cfg.pretrain.data
+        data, ev = cfg.pretrain.data, cfg.pretrain.eval
         cfg = rep(cfg, pretrain=rep(cfg.pretrain, data=rep(
-            data, shards=source(data.shards), mix=tuple(rep(m, shards=source(m.shards)) for m in data.mix))))
+            data, shards=source(data.shards), mix=tuple(rep(m, shards=source(m.shards)) for m in data.mix)),
+            eval=rep(ev, sets=tuple(rep(s, path=source(s.path)) for s in ev.sets),
+                     lm_eval=rep(ev.lm_eval, include_path=_abs(ev.lm_eval.include_path)))))
     if cfg.finetune is not None:
         d = cfg.finetune.data
         init = cfg.finetune.init_from
@@ -103,7 +112,9 @@ def embed_deepspeed_file(ds: DeepSpeedSection, stage: str) -> DeepSpeedSection:
 # written by another worker count is converted to DeepSpeed's universal format on load.
 RESUME_IDENTITY = ("seed", "model", "{stage}.data.shards", "{stage}.data.seq_len", "{stage}.data.window_shards",
                    "{stage}.data.train", "{stage}.data.max_length", "{stage}.deepspeed.zero_stage",
-                   "{stage}.train.global_batch_size")
+                   "{stage}.train.global_batch_size", "{stage}.train.head_warmup_steps",
+                   # the step-0 baseline in a checkpoint is of these sets: others would not compare
+                   "{stage}.eval.sets", "{stage}.eval.samples")
 
 
 def pin_resumed_lanes(cfg: RunConfig) -> RunConfig:
@@ -276,6 +287,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         if max_pos is not None and data.seq_len > max_pos:
             raise ConfigError(f"pretrain.data.seq_len={data.seq_len} exceeds model.arch.max_position_embeddings="
                               f"{max_pos}: lower seq_len or raise max_position_embeddings")
+        notes += _check_eval_sets(cfg)
 
     if "finetune" in stages:
         ft = cfg.finetune
@@ -291,7 +303,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
             if "pretrain" not in stages and not (export / "config.json").is_file():
                 raise ConfigError(f"finetune.init_from=pretrain but {export} holds no export: run the "
                                   "pretrain stage first, or set finetune.init_from to an HF model directory")
-        elif init is None and model.name_or_path is None:
+        elif init is None and model.name_or_path is None and model.arch is None:
             raise ConfigError("finetune.init_from is null and model.name_or_path is unset: "
                               "name the weights to fine-tune")
         elif init is not None and not (Path(init) / "config.json").is_file():
@@ -303,7 +315,59 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
             raise ConfigError(f"finetune.data.max_length={ft.data.max_length} exceeds "
                               f"model.arch.max_position_embeddings={max_pos}: lower it")
         notes += _check_finetune_task(cfg, tokenizer)
+        _check_compare_base(cfg)
     return notes
+
+
+def _check_eval_sets(cfg: RunConfig) -> list[str]:
+    """Every evaluation set exists and is tokenized like the training data (text corpora: readable),
+    and the forgetting options have something to act on."""
+    from dist_train.data.build import expand_inputs
+    from dist_train.data.evalsets import check_fits, eval_sources
+    from dist_train.data.manifest import read_manifest
+
+    sec = cfg.pretrain
+    sources = eval_sources(cfg)
+    main = None if _pending(cfg, sec.data.shards) else read_manifest(sec.data.shards, allow_pipe=sec.data.allow_pipe)
+    for s in sources:
+        if s.is_corpus:
+            expand_inputs(s.path)  # exists, and of a kind data build reads
+        elif main is not None and not _pending(cfg, s.path):
+            check_fits(s.name, read_manifest(s.path, allow_pipe=sec.data.allow_pipe), main)
+    general = [s.name for s in sources if s.role == "general"]
+    if sec.eval.stop_on_forgetting and not measures_forgetting(cfg):
+        raise ConfigError("pretrain.eval.stop_on_forgetting needs a general evaluation set (a pretrain.data.mix "
+                          "source or a pretrain.eval.sets entry with role: general), the baseline "
+                          "(pretrain.eval.baseline) and pretrain.eval.max_forgetting")
+    if sec.train.best_metric == "adapted_loss" and not measures_forgetting(cfg):
+        raise ConfigError("pretrain.train.best_metric=adapted_loss ranks by domain loss within the forgetting limit, "
+                          "which needs a general evaluation set, the baseline and pretrain.eval.max_forgetting: add "
+                          "them, or rank by loss")
+    lm = sec.eval.lm_eval
+    if lm.tasks:
+        from dist_train.evaluate.harness import check_harness
+
+        if sec.objective != "clm":
+            raise ConfigError("pretrain.eval.lm_eval scores causal LMs, and this stage trains a masked LM "
+                              "(pretrain.objective=mlm): drop lm_eval.tasks for encoders")
+        check_harness(lm.include_path)
+    return [f"pretrain evaluation: {', '.join(f'{s.name} ({s.role})' for s in sources)}"
+            + ("; baseline at step 0" if baseline_on(cfg) else "; no baseline (pretrain.eval.baseline)")
+            + (f"; forgetting limit {sec.eval.max_forgetting:.0%} on {', '.join(general)}"
+               if general and sec.eval.max_forgetting is not None and baseline_on(cfg) else "")]
+
+
+def _check_compare_base(cfg: RunConfig) -> None:
+    ft = cfg.finetune
+    if not ft.compare_base:
+        return
+    if not ft.data.test and not ft.data.test_fraction:
+        raise ConfigError("finetune.compare_base compares the two fine-tunes on the test set, and there is none: set "
+                          "finetune.data.test or finetune.data.test_fraction")
+    if ft.init_from is None or (cfg.model.name_or_path and ft.init_from == cfg.model.name_or_path):
+        raise ConfigError("finetune.compare_base compares a fine-tune of the adapted model with one of "
+                          "model.name_or_path, but finetune.init_from already is that model: set "
+                          "finetune.init_from: pretrain (or an adapted export), or drop compare_base")
 
 
 def _check_finetune_task(cfg: RunConfig, tokenizer) -> list[str]:

@@ -107,7 +107,6 @@ class TrainLoopConfig:
     log_every: int = doc("Steps between metric lines (loss is read from the device only then).", 10,
                          ge=1)
     eval_every: int = doc("Steps between evaluations; 0 evaluates only at the end.", 50, ge=0)
-    eval_batches: int = doc("Micro batches per worker per evaluation (pretrain); 0 = all.", 8, ge=0)
     save_every: int = doc("Steps between checkpoints; 0 saves only at the end.", 50, ge=0)
     keep_checkpoints: int = doc("Newest committed checkpoints kept (the best one by best_metric is kept too).",
                                 2, ge=1)
@@ -124,6 +123,12 @@ class TrainLoopConfig:
                                           ge=0)
     export: Literal["last", "best"] = doc("Which checkpoint becomes <stage>/export: the last one, or the best by "
                                           "best_metric (the last when none was evaluated).", "last")
+    head_warmup_steps: int | None = doc("Train only the parameters the starting checkpoint lacks (a masked-LM or "
+                                        "LM head missing from it, a new task head) for this many steps, then "
+                                        "everything: the random head's first gradients then never reach the "
+                                        "pretrained body. The learning-rate warmup starts over for the body when it "
+                                        "joins. null: auto (pretrain: 10% of max_steps, at least 10 and at most "
+                                        "200, when the checkpoint lacks a head; finetune: 0).", None, ge=0)
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,8 @@ class MixSource:
     """A further corpus mixed into every lane, e.g. general-domain replay against forgetting."""
 
     shards: str = doc("Its shard source (as pretrain.data.shards), tokenized with the same tokenizer.", REQUIRED)
+    name: str | None = doc("Its name in evaluations and reports; null: general (general_2, ... for further "
+                           "sources).", None)
     weight: float = doc("Its share of all samples (0-1); the main corpus gets what the mix leaves.", REQUIRED,
                         gt=0, le=1)
 
@@ -157,12 +164,66 @@ class PretrainData:
 
 
 @dataclass(frozen=True)
+class EvalSet:
+    """A named held-out set evaluated at every pretrain evaluation (and at step 0 for the baseline)."""
+
+    name: str = doc("Its name in metrics, reports and plots (letters, digits, _ and -).", REQUIRED)
+    path: str = doc("A shard directory built by `dist-train data build` (its validation split, or its training "
+                    "split when it has none), or a .jsonl/.txt/.parquet/.csv corpus that the run packs with the "
+                    "stage's tokenizer into OUTPUT_DIR/pretrain/eval_sets/<name>/ at start.", REQUIRED)
+    role: Literal["domain", "general"] = doc("domain: text of the domain you adapt to (its loss should fall); "
+                                             "general: text the model knew before (its rise is forgetting).",
+                                             "domain")
+    text_field: str = doc("The text field of a .jsonl/.parquet/.csv corpus.", "text")
+
+
+@dataclass(frozen=True)
+class LmEvalSection:
+    """Standard benchmarks through EleutherAI's lm-evaluation-harness (pip install 'dist_train[eval]'),
+    scored on rank 0 on Hugging Face directories: the starting model and the export. Causal LMs only."""
+
+    tasks: tuple[str, ...] = doc("Harness task names (e.g. [hellaswag, arc_easy], or your own from include_path); "
+                                 "empty: none.", ())
+    include_path: str | None = doc("A directory of your own task YAMLs (e.g. multiple choice over local jsonl "
+                                   "files), added to the harness's registry.", None)
+    at: tuple[Literal["start", "end"], ...] = doc("Which models to score: start (the starting model, before any "
+                                                  "update) and/or end (the stage's export).", ("start", "end"))
+    limit: int | None = doc("Score only the first N examples of each task (a quick look; not comparable to "
+                            "published figures).", None, ge=1)
+    num_fewshot: int | None = doc("Few-shot examples per prompt; null: each task's default.", None, ge=0)
+    batch_size: int = doc("Examples per forward pass.", 8, ge=1)
+
+
+@dataclass(frozen=True)
+class PretrainEval:
+    """What continued pretraining is measured on: per-set loss and perplexity from step 0, and forgetting."""
+
+    sets: tuple[EvalSet, ...] = doc("Held-out sets; empty: the main corpus's validation split (domain, named "
+                                    "domain) and the validation split of every pretrain.data.mix source "
+                                    "(general, named by its name).", ())
+    samples: int = doc("Held-out samples evaluated per set (the first ones, the same at every evaluation and on "
+                       "any worker count); 0: all.", 256, ge=0)
+    baseline: bool | None = doc("Evaluate every set at step 0, before the first update, so each evaluation "
+                                "compares with the starting model. null: on when model.name_or_path gives a "
+                                "pretrained model.", None)
+    max_forgetting: float | None = doc("Largest tolerated relative perplexity increase on the general sets "
+                                       "(0.10: 10% above the baseline): warned about when exceeded, and the limit "
+                                       "of best_metric=adapted_loss. null: no limit.", 0.10, gt=0)
+    stop_on_forgetting: bool = doc("Stop the stage (with a checkpoint) at the first evaluation whose forgetting "
+                                   "exceeds max_forgetting; with export=best and best_metric=adapted_loss the "
+                                   "export is the best checkpoint within the limit.", False)
+    lm_eval: LmEvalSection = doc("Standard benchmarks (lm-evaluation-harness) on the starting model and the export.",
+                                 factory=LmEvalSection)
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     objective: Literal["clm", "mlm"] = doc("Continued-pretraining objective: causal LM (decoders) or masked LM "
                                            "(encoders, BERT's 80/10/10 dynamic masking).", "clm")
     mlm_probability: float = doc("Share of tokens chosen for prediction (mlm).", 0.15, gt=0, le=0.9)
     whole_word_masking: bool = doc("Choose whole words rather than sub-tokens (mlm).", False)
     data: PretrainData = doc("Token shards.", REQUIRED)
+    eval: PretrainEval = doc("Evaluation sets, the step-0 baseline and forgetting.", factory=PretrainEval)
     deepspeed: DeepSpeedSection = doc("ZeRO and precision.", factory=DeepSpeedSection)
     optim: OptimConfig = doc("Optimizer and schedule.", factory=OptimConfig)
     train: TrainLoopConfig = doc("Steps, batch and cadence.", factory=TrainLoopConfig)
@@ -217,13 +278,18 @@ class FinetuneConfig:
     class_weights: Literal["none", "balanced"] = doc("balanced: weight each class's loss by n / (classes × "
                                                      "its count), against imbalance.", "none")
     lora: LoraSection = doc("Low-rank adapters.", factory=LoraSection)
+    compare_base: bool = doc("Also fine-tune the unadapted model (model.name_or_path, or the same architecture "
+                             "freshly initialised) with identical settings and seed, in OUTPUT_DIR/compare_base/, and "
+                             "report the test-set difference with a paired bootstrap 95% interval: did adaptation "
+                             "help? Needs test data.", False)
     quantize_int8: bool = doc("Also write export-int8/: a dynamically int8-quantized copy for CPU inference, "
                               "with its test-set metric delta in the report.", False)
     deepspeed: DeepSpeedSection = doc("ZeRO and precision.", factory=DeepSpeedSection)
     optim: OptimConfig = doc("Optimizer and schedule.",
                              factory=lambda: OptimConfig(lr=5.0e-5, weight_decay=0.01, warmup_steps=5))
     train: TrainLoopConfig = doc("Steps, batch and cadence.",
-                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True, export="best"))
+                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True, export="best",
+                                                                 head_warmup_steps=0))
 
 
 @dataclass(frozen=True)
@@ -296,8 +362,16 @@ class RunConfig:
 
 
 STAGES = ("pretrain", "finetune")
-PRETRAIN_METRICS = ("loss", "perplexity")  # what the pretrain evaluation reports
+PRETRAIN_METRICS = ("loss", "perplexity", "adapted_loss")  # what the pretrain evaluation reports
 EVAL_COUNTS = ("tokens", "examples", "majority_rate")  # evaluation entries that are sizes or baselines: not on consoles
+CONSOLE_HIDDEN = (*EVAL_COUNTS, "adapted_loss", "general_loss")  # in metrics.jsonl and reports, not on consoles
+
+
+def headline(evaluation: dict[str, Any]) -> dict[str, float]:
+    """An evaluation's figures for a console line: pooled ones only (per-set "<set>/loss" stay in the
+    files and reports), no counts."""
+    return {k: v for k, v in evaluation.items() if "/" not in k and k not in CONSOLE_HIDDEN
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
 HIGHER_IS_BETTER = ("accuracy", "f1", "macro_f1", "micro_f1", "exact_match", "precision", "recall", "pearson",
                     "tag_accuracy")
 
@@ -311,10 +385,28 @@ def stage_metrics(cfg: Any, stage: str) -> tuple[str, ...]:
     return task_class(cfg.finetune.task).metrics_names
 
 
+def baseline_on(cfg: Any) -> bool:
+    """pretrain.eval.baseline resolved: null means on for a pretrained starting model."""
+    flag = cfg.pretrain.eval.baseline
+    return cfg.model.name_or_path is not None if flag is None else flag
+
+
+def measures_forgetting(cfg: Any) -> bool:
+    """Whether the pretrain evaluation can tell forgetting: general sets, a baseline and a limit."""
+    sec = cfg.pretrain
+    general = any(s.role == "general" for s in sec.eval.sets) if sec.eval.sets else bool(sec.data.mix)
+    return general and baseline_on(cfg) and sec.eval.max_forgetting is not None
+
+
 def best_metric(cfg: Any, stage: str) -> str | None:
-    """train.best_metric with "auto" resolved."""
+    """train.best_metric with "auto" resolved: pretrain ranks by adapted_loss (domain loss within the
+    forgetting limit) when forgetting is measured, by loss otherwise; finetune by the task's main metric."""
     metric = getattr(cfg, stage).train.best_metric
-    return stage_metrics(cfg, stage)[0] if metric == "auto" else metric
+    if metric != "auto":
+        return metric
+    if stage == "pretrain" and measures_forgetting(cfg):
+        return "adapted_loss"
+    return stage_metrics(cfg, stage)[0]
 
 
 def higher_is_better(metric: str, mode: str = "auto") -> bool:

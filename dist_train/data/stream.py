@@ -225,32 +225,6 @@ def pretrain_batches(mans: list[Manifest], mix: Mixture, *, world_size: int, ran
         step += 1
 
 
-def validation_batches(man: Manifest, *, micro_batch: int, world_size: int, rank: int,
-                       max_batches: int) -> Iterator[np.ndarray]:
-    """This rank's share of the held-out samples (every world_size-th), as (micro, T) arrays.
-
-    Every rank yields the same number of batches, so evaluation collectives never hang.
-    """
-    total = sum(s.samples for s in man.validation)
-    batches = total // world_size // micro_batch
-    if max_batches:
-        batches = min(batches, max_batches)
-    wanted = batches * micro_batch
-    rows: list[np.ndarray] = []
-    index = taken = 0
-    for shard in man.validation:
-        for arr in read_shard(man.path(shard), samples=shard.samples, seq_len=man.seq_len, sha256=shard.sha256):
-            if index % world_size == rank and taken < wanted:
-                rows.append(arr)
-                taken += 1
-                if len(rows) == micro_batch:
-                    yield np.stack(rows)
-                    rows = []
-            index += 1
-        if taken >= wanted:
-            return
-
-
 class Prefetcher:
     """Runs an iterator in a background thread, `depth` items ahead, and times the waits.
 

@@ -22,7 +22,7 @@ from typing import Any
 from dist_train.config.checks import check_run, resolve
 from dist_train.config.derived import describe
 from dist_train.config.loader import ConfigError, to_dict
-from dist_train.config.schema import EVAL_COUNTS, STAGES, RunConfig
+from dist_train.config.schema import STAGES, RunConfig, headline
 from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preemption
 from dist_train.control import clear as clear_requests
 from dist_train.launch.status import run_status
@@ -212,11 +212,20 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
                                 f"(exit status {REQUEUE_EXIT} asks a Slurm script to requeue)")
             t = time.time()
             status.write(stage=stage)
+            if stage == "pretrain":
+                pack_eval_sets(cfg)
             with trackers.follow(stage) if trackers else contextlib.nullcontext():
                 result = fit_stage(cfg, stage)
             timings[f"{stage}_s"] = time.time() - t
             results[stage] = result
             log(f"[{stage}] done: {summary_line(result)}")
+            if stage == "pretrain" and "adaptation" in result:
+                log(f"[pretrain] adaptation: {result['adaptation']['summary']}")
+            if stage == "finetune" and cfg.finetune.compare_base:
+                t = time.time()
+                status.write(stage="finetune (unadapted model, compare_base)")
+                results[stage] = result = compare_with_base(cfg, result, log)
+                timings["compare_base_s"] = time.time() - t
         timings["total_s"] = time.time() - t0
         report = {"config": to_dict(cfg), "stages": results, "timings": timings}
         write_atomic(report_path, json.dumps(report, indent=1))
@@ -226,11 +235,37 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     return report
 
 
+def pack_eval_sets(cfg: RunConfig) -> None:
+    """Pack the text corpora named in pretrain.eval.sets with the stage's tokenizer (once)."""
+    from dist_train.data.evalsets import eval_sources, pack_corpus
+
+    for s in eval_sources(cfg):
+        if s.is_corpus:
+            pack_corpus(s, cfg.output_dir, cfg.model.tokenizer or cfg.model.name_or_path, cfg.pretrain.data.seq_len)
+
+
+def compare_with_base(cfg: RunConfig, result: dict[str, Any], log=print) -> dict[str, Any]:
+    """Fine-tune the unadapted model too (OUTPUT_DIR/compare_base/), compare the two on the test set,
+    and return the fine-tune's result with `compare_base` (also written to its result.json)."""
+    from dist_train.launch.compare import base_config, compare
+
+    base_cfg = base_config(cfg)
+    base = cfg.model.name_or_path or "model.arch, freshly initialised"
+    log(f"[finetune] compare_base: fine-tuning the unadapted model ({base}) with the same settings in "
+        f"{base_cfg.output_dir}")
+    base = fit_stage(base_cfg, "finetune")
+    comparison = compare(cfg, base_cfg)
+    comparison.update(base_export_dir=base["export_dir"], base_test=base.get("test"), base_steps=base["steps"])
+    result = {**result, "compare_base": comparison}
+    write_atomic(Path(cfg.output_dir) / "finetune" / RESULT, json.dumps(result, indent=1))
+    log(f"[finetune] {comparison['summary']}")
+    return result
+
+
 def summary_line(result: dict[str, Any]) -> str:
     ev = result.get("eval") or {}
     parts = [f"steps={result['steps']}", f"loss={result['final_train_loss']:.4f}",
              f"tokens/s={result['tokens_per_s']:.0f}", f"mfu={result['mfu']:.1%}"]
-    parts += [f"eval_{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float) and k not in EVAL_COUNTS]
-    parts += [f"test_{k}={v:.4g}" for k, v in (result.get("test") or {}).items()
-              if isinstance(v, float) and k not in EVAL_COUNTS]
+    parts += [f"eval_{k}={v:.4g}" for k, v in headline(ev).items()]
+    parts += [f"test_{k}={v:.4g}" for k, v in headline(result.get("test") or {}).items()]
     return " ".join(parts) + f" export={result['export_dir']}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,48 +120,90 @@ def _pretrained_config(name_or_path: str, dropout: float | None, trust_remote_co
                         dropout)
 
 
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading pretrained weights found: parameters the checkpoint lacked (so they start random:
+    a masked-LM head missing from an encoder checkpoint, a new task head) and tensors of the checkpoint
+    the model does not use (e.g. BERT's pooler under a masked-LM head)."""
+
+    source: str | None = None
+    new: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
+
+    def new_line(self, stage: str) -> str | None:
+        """The one line that names the randomly initialised parameters, or None."""
+        if not self.new:
+            return None
+        names = ", ".join(self.new[:6]) + (f", … ({len(self.new)} in all)" if len(self.new) > 6 else "")
+        return f"[{stage}] not in {self.source}, so initialised at random: {names}"
+
+
+def _load_report(source: str, info: dict[str, Any]) -> LoadReport:
+    return LoadReport(source=source, new=tuple(sorted(info.get("missing_keys") or ())),
+                      unused=tuple(sorted(info.get("unexpected_keys") or ())))
+
+
 def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
              pad_token_id: int | None, eos_token_id: int | None, seed: int,
              gradient_checkpointing: bool, dropout: float | None = None,
-             trust_remote_code: bool = False) -> torch.nn.Module:
+             trust_remote_code: bool = False) -> tuple[torch.nn.Module, LoadReport]:
     """A causal ('clm') or masked ('mlm') LM: pretrained weights from name_or_path, or random
-    init (seeded, identical on every rank) from arch."""
+    init (seeded, identical on every rank) from arch; and what loading the weights found."""
     _offline()
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM
     torch.manual_seed(seed)
+    report = LoadReport()
     try:
         if arch is not None:
             model = auto.from_config(with_dropout(arch_config(arch, vocab_size, pad_token_id, eos_token_id), dropout))
         else:
-            model = auto.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                         config=_pretrained_config(name_or_path, dropout, trust_remote_code))
+            model, info = auto.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                               config=_pretrained_config(name_or_path, dropout, trust_remote_code),
+                                               output_loading_info=True)
+            report = _load_report(name_or_path, info)
     except ValueError as e:  # e.g. a BERT model asked for a causal LM
         raise ModelError(f"the model cannot do pretrain.objective={objective} ({str(e).splitlines()[0][:100]}): "
                          f"use {'mlm' if objective == 'clm' else 'clm'} for this architecture") from None
-    return _finish(model, gradient_checkpointing)
+    return _finish(model, gradient_checkpointing), report
 
 
-def build_task_model(auto_class: str, *, init_from: str, model_kwargs: dict[str, Any], pad_token_id: int | None,
-                     seed: int, gradient_checkpointing: bool, dropout: float | None = None, lora: Any = None,
-                     peft_task_type: str = "SEQ_CLS", trust_remote_code: bool = False) -> torch.nn.Module:
+def build_task_model(auto_class: str, *, init_from: str | None, model_kwargs: dict[str, Any],
+                     pad_token_id: int | None, seed: int, gradient_checkpointing: bool, dropout: float | None = None,
+                     lora: Any = None, peft_task_type: str = "SEQ_CLS", trust_remote_code: bool = False,
+                     arch: TinyArch | None = None, vocab_size: int = 0,
+                     eos_token_id: int | None = None) -> tuple[torch.nn.Module, LoadReport]:
     """A fine-tuning model from an HF directory (weights only): `auto_class` (e.g.
     AutoModelForSequenceClassification) with a fresh seeded head, optionally wrapped in LoRA
-    adapters (`lora`: a LoraSection) with the head trained fully."""
+    adapters (`lora`: a LoraSection) with the head trained fully; and what loading found. With
+    init_from None, the inline `arch` freshly initialised (seeded): the unadapted baseline of a
+    from-scratch run."""
     _offline()
     import transformers
 
     torch.manual_seed(seed)
     auto = getattr(transformers, auto_class)
-    config = _pretrained_config(init_from, dropout, trust_remote_code, **model_kwargs)
-    check_model_fits(auto_class, config, init_from)
-    model = auto.from_pretrained(init_from, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    report = LoadReport()
+    if init_from is None:
+        if arch is None:
+            raise ModelError("nothing to fine-tune from: set finetune.init_from or model.name_or_path")
+        config = with_dropout(arch_config(arch, vocab_size, pad_token_id, eos_token_id), dropout)
+        for key, value in model_kwargs.items():
+            setattr(config, key, value)
+        check_model_fits(auto_class, config, f"model.arch ({arch.family})")
+        model = auto.from_config(config)
+    else:
+        config = _pretrained_config(init_from, dropout, trust_remote_code, **model_kwargs)
+        check_model_fits(auto_class, config, init_from)
+        model, info = auto.from_pretrained(init_from, config=config, dtype=torch.float32,
+                                           trust_remote_code=trust_remote_code, output_loading_info=True)
+        report = _load_report(init_from, info)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if lora is not None:
         model = with_lora(model, lora, peft_task_type)
-    return _finish(model, gradient_checkpointing)
+    return _finish(model, gradient_checkpointing), report
 
 
 def check_model_fits(auto_class: str, config: Any, name: str) -> None:
@@ -234,13 +277,29 @@ def _finish(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Mo
     return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay for biases, norms and embeddings-free 1-D tensors."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def new_parameters(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The trainable parameters a LoadReport names as new (a tied alias counts once)."""
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    found = {id(p): p for n in names if (p := by_name.get(n)) is not None and p.requires_grad}
+    return list(found.values())
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 head: list[torch.nn.Parameter] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for biases, norms and embeddings-free 1-D tensors. With `head` (the
+    parameters a head warm-up trains first) those come first, in groups of their own, and the
+    others' groups are marked `body`, so their learning rate can be held at 0 and ramped later."""
+    head_ids = {id(p) for p in head or ()}
+    groups = []
+    for is_head in ((True, False) if head_ids else (False,)):
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if p.requires_grad and (id(p) in head_ids) == is_head:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        extra = {"body": not is_head} if head_ids else {}
+        groups += [{"params": decay, "weight_decay": weight_decay, **extra},
+                   {"params": no_decay, "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]] if head_ids else groups
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:

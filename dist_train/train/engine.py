@@ -54,6 +54,15 @@ class Engine:
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
+    def scale_lr(self, mark: str, factor: float) -> None:
+        """For the next optimizer step, the parameter groups marked `mark` (model/build.py's
+        param_groups) get the schedule's learning rate times `factor`. The schedule computes every
+        value from its step count, so this never compounds."""
+        scheduled = self.ds.lr_scheduler.get_lr()
+        for group, lr in zip(self.ds.optimizer.param_groups, scheduled, strict=True):
+            if group.get(mark):
+                group["lr"] = lr * factor
+
     @property
     def grad_norm(self) -> float:
         norm = self.ds.get_global_grad_norm()
@@ -122,8 +131,10 @@ def init_distributed() -> None:
         deepspeed.init_distributed()
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float) -> Engine:
-    """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py)."""
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float,
+                 head: list[torch.nn.Parameter] | None = None) -> Engine:
+    """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py). `head`: the
+    parameters a head warm-up trains first, in parameter groups of their own (the rest marked body)."""
     import deepspeed
 
     init_distributed()
@@ -136,6 +147,6 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay
         for p in model.parameters():
             if dtype is not None and not hasattr(p, "ds_id") and p.is_floating_point():
                 p.data = p.data.to(dtype)
-    ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay, head),
                                               config=ds_config)
     return Engine(ds_engine)

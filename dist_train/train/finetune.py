@@ -19,8 +19,10 @@ from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
 from dist_train.data.tasks import eval_shard, step_indices
 from dist_train.model.build import build_task_model, load_tokenizer
+from dist_train.outputs import TEST_STATS
 from dist_train.progress import Progress
 from dist_train.tasks import Task, build_task
+from dist_train.tasks.compare import ExampleStats
 from dist_train.tasks.records import read_splits, task_spec
 from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
@@ -28,8 +30,9 @@ from dist_train.train.stage import StageParts
 from dist_train.world import World
 
 
-def resolve_init_from(cfg: RunConfig) -> str:
-    """The HF directory whose weights the fine-tune starts from (weights only)."""
+def resolve_init_from(cfg: RunConfig) -> str | None:
+    """The HF directory whose weights the fine-tune starts from (weights only); None: the inline
+    model.arch, freshly initialised."""
     init = cfg.finetune.init_from
     if init == "pretrain":
         return str(Path(cfg.output_dir) / "pretrain" / "export")
@@ -37,9 +40,11 @@ def resolve_init_from(cfg: RunConfig) -> str:
 
 
 def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], Any], records: list[dict],
-                     world: World, micro_batch: int, desc: str = "[finetune] eval") -> dict[str, Any]:
+                     world: World, micro_batch: int, desc: str = "[finetune] eval",
+                     per_example: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
     """Metrics of `forward` on `records`: each rank takes an equal share (padding rows weigh 0), and
-    the task's statistics are summed over ranks, so the result is exact on any worker count."""
+    the task's statistics are summed over ranks, so the result is exact on any worker count. With
+    `per_example` (a dict), each of this rank's examples' own statistics are put in it by index."""
     shard = eval_shard(len(records), world.world_size, world.rank)
     total: np.ndarray | None = None
     batches = -(-len(shard) // micro_batch)
@@ -49,8 +54,14 @@ def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], An
             part = shard[j:j + micro_batch]
             batch = task.encode([records[i] for i, _ in part])
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            s = task.stats(forward(inputs).logits, batch, np.array([w for _, w in part], dtype=np.float64))
+            logits = forward(inputs).logits
+            weights = np.array([w for _, w in part], dtype=np.float64)
+            s = task.stats(logits, batch, weights)
             total = s if total is None else total + s
+            if per_example is not None:  # an example's statistics: the batch's, weighted by it alone
+                for k, (i, w) in enumerate(part):
+                    if w:
+                        per_example[i] = task.stats(logits, batch, np.eye(len(part))[k])
     summed = np.array(world.all_reduce_sum(total.tolist()))
     return task.metrics(summed)
 
@@ -58,17 +69,19 @@ def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], An
 def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.finetune
     init_from = resolve_init_from(cfg)
-    tokenizer = load_tokenizer(init_from if (Path(init_from) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(init_from if init_from and (Path(init_from) / "tokenizer_config.json").exists()
                                else cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     train, validation, test = read_splits(cfg)
     spec = task_spec(cfg)
     task = build_task(sec.task, spec, tokenizer, train)
     with model_construction(d.deepspeed):
-        model = build_task_model(task.auto_class, init_from=init_from, model_kwargs=task.model_kwargs(),
-                                 pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
-                                 gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout,
-                                 lora=sec.lora if sec.lora.enabled else None, peft_task_type=task.peft_task_type,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+        model, loaded = build_task_model(task.auto_class, init_from=init_from, model_kwargs=task.model_kwargs(),
+                                         pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
+                                         gradient_checkpointing=sec.train.gradient_checkpointing,
+                                         dropout=cfg.model.dropout, lora=sec.lora if sec.lora.enabled else None,
+                                         peft_task_type=task.peft_task_type,
+                                         trust_remote_code=cfg.model.trust_remote_code, arch=cfg.model.arch,
+                                         vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
 
     def batches(start_step: int) -> Iterator[StepBatch]:
         step = start_step
@@ -95,8 +108,14 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             from dist_train.tasks.predict import load_export
 
             model, _, _ = load_export(export_dir, device=world.device)
+            own: dict[int, np.ndarray] | None = {} if sec.compare_base else None
             out["test"] = evaluate_records(task, lambda b: model(**{k: v.to(model.device) for k, v in b.items()}),
-                                           test, world, d.micro_batch_size, desc="[finetune] test")
+                                           test, world, d.micro_batch_size, desc="[finetune] test", per_example=own)
+            if own is not None:  # for the paired bootstrap against the unadapted model (launch/compare.py)
+                every = world.all_gather_object(own)
+                if world.is_main:
+                    merged = {i: v for part in every for i, v in part.items()}
+                    ExampleStats.from_dense(merged, len(test)).save(export_dir.parent / TEST_STATS)
         if sec.quantize_int8:
             out.update(int8_copy(export_dir, test))
             if test:  # what quantization costs, metric by metric
@@ -120,7 +139,7 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         return result
 
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate, final=final,
-                      loss_fn=task.loss, seq_len=sec.data.max_length,
+                      loss_fn=task.loss, seq_len=sec.data.max_length, loaded=loaded,
                       export_adapter_only=sec.lora.enabled and sec.lora.export == "adapter",
                       run_info={"task": {"name": sec.task, "peft_task_type": task.peft_task_type, **spec,
                                          **task.describe()}})

@@ -44,6 +44,9 @@ class TrainState:
     last_loss: float = float("nan")
     last_eval: dict[str, float] = field(default_factory=dict)
     eval_step: int = -1  # the step last_eval was measured at
+    baseline: dict[str, float] = field(default_factory=dict)  # the evaluation at step 0, before any update
+    reference: dict[str, float] = field(default_factory=dict)  # what "before" means: the baseline, or the
+    reference_step: int = -1  # evaluation at the end of a head warm-up (the body still the starting model's)
     best: float | None = None  # early stopping: the best value of its metric so far
     bad_evals: int = 0  # evaluations since it last improved
     stopped_early: bool = False
@@ -55,6 +58,7 @@ class TrainState:
         return json.loads(json.dumps(
             {"step": self.step, "tokens": self.tokens, "replaced_samples": self.replaced_samples,
              "last_loss": self.last_loss, "last_eval": self.last_eval, "eval_step": self.eval_step,
+             "baseline": self.baseline, "reference": self.reference, "reference_step": self.reference_step,
              "best": self.best, "bad_evals": self.bad_evals, "stopped_early": self.stopped_early}, default=float))
 
     def load_state_dict(self, d: dict) -> None:
@@ -62,6 +66,8 @@ class TrainState:
         self.replaced_samples = int(d.get("replaced_samples", 0))
         self.last_eval = dict(d.get("last_eval", {}))
         self.eval_step = int(d.get("eval_step", -1))
+        self.baseline, self.reference = dict(d.get("baseline", {})), dict(d.get("reference", {}))
+        self.reference_step = int(d.get("reference_step", -1))
         self.best, self.bad_evals = d.get("best"), int(d.get("bad_evals", 0))
         self.stopped_early = bool(d.get("stopped_early", False))
 
@@ -72,9 +78,13 @@ class Cadence:
     log_every: int
     eval_every: int  # 0: only at the end
     save_every: int  # 0: only at the end
+    also_eval: tuple[int, ...] = ()  # further evaluation steps (the end of a head warm-up)
 
     def due(self, step: int, every: int) -> bool:
         return step == self.max_steps or (every > 0 and step % every == 0)
+
+    def eval_due(self, step: int) -> bool:
+        return self.due(step, self.eval_every) or step in self.also_eval
 
 
 @dataclass(frozen=True)
@@ -97,11 +107,32 @@ class EarlyStopping:
         return state.bad_evals >= self.patience
 
 
+@dataclass(frozen=True)
+class ForgettingLimit:
+    """Stop at the first evaluation whose forgetting (pretrain: the general sets' relative perplexity
+    increase over the starting model) exceeds `limit`."""
+
+    limit: float
+
+    def should_stop(self, state: TrainState, evaluation: dict[str, float]) -> bool:
+        return evaluation.get("forgetting", 0.0) > self.limit
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Stop when any rule says so; every rule sees every evaluation (early stopping keeps count)."""
+
+    rules: tuple[EarlyStopping | ForgettingLimit, ...]
+
+    def should_stop(self, state: TrainState, evaluation: dict[str, float]) -> bool:
+        return any([rule.should_stop(state, evaluation) for rule in self.rules])
+
+
 def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn, state: TrainState,
                cadence: Cadence,
                evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
                ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
-               throughput: Throughput, early_stopping: EarlyStopping | None = None,
+               throughput: Throughput, early_stopping: EarlyStopping | AnyOf | None = None,
                stop_requested: Callable[[], bool] = lambda: False,
                after_step: Callable[[int], None] = lambda step: None) -> TrainState:
     """Train until `cadence.max_steps` (or early stopping, or a stop request); every rank runs the
@@ -133,7 +164,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         step_s += time.perf_counter() - t0
         wait_s += t_data
 
-        do_eval = cadence.due(state.step, cadence.eval_every)
+        do_eval = cadence.eval_due(state.step)
         do_save = cadence.due(state.step, cadence.save_every) or stop > 0
         if do_eval or do_save or state.step % cadence.log_every == 0:
             loss_sum, n, global_tokens, global_replaced = world.all_reduce_sum(

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
-from dist_train.config.schema import EVAL_COUNTS
+from dist_train.config.schema import headline
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s), from the vendors' data sheets.
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -135,16 +135,28 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}" if m else f"{sec}s"
 
 
+def format_eval(evaluation: dict[str, Any], sep: str = " ") -> str:
+    """An evaluation's headline figures, forgetting as a percentage."""
+    return " ".join(f"{k}{sep}{v:+.1%}" if k == "forgetting" else f"{k}{sep}{v:.4g}"
+                    for k, v in headline(evaluation).items())
+
+
+def eval_part(row: dict[str, Any]) -> str:
+    evals = format_eval({k[5:]: v for k, v in row.items() if k.startswith("eval_")})
+    return f" | eval {evals}" if evals else ""
+
+
 def console_line(stage: str, row: dict[str, Any], max_steps: int, eta_s: float | None) -> str:
     """One compact line per log interval: stage, step/max, loss, lr, tokens/s, MFU, ETA, then the
-    evaluation's metrics when there was one."""
+    evaluation's metrics when there was one. A row of an evaluation alone (the step-0 baseline)
+    gives its phase and figures."""
+    if "loss" not in row:
+        return f"[{stage}] {row['step']}/{max_steps} {row.get('phase', 'evaluation')}{eval_part(row)}"
     line = (f"[{stage}] {row['step']}/{max_steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
             f"{row['tokens_per_s']:,.0f} tok/s mfu {row['mfu']:.1%}")
     if eta_s is not None:
         line += f" eta {format_duration(eta_s)}"
-    evals = [f"{k[5:]} {v:.4g}" for k, v in row.items()
-             if k.startswith("eval_") and k[5:] not in EVAL_COUNTS and isinstance(v, (int, float))]
-    return line + (f" | eval {' '.join(evals)}" if evals else "")
+    return line + eval_part(row)
 
 
 class MetricsLog:
@@ -183,7 +195,9 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     name = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                     self.tb.add_scalar(f"{self.stage}/{name}", value, row["step"], walltime=now)
-        if self.console is not None:
+        if self.console is not None and "loss" not in row:
+            print(console_line(self.stage, row, self.max_steps, None), file=self.console, flush=True)
+        elif self.console is not None:
             done = row["step"] - self.start_step
             eta = (now - self.start) / done * (self.max_steps - row["step"]) if done > 0 else None
             line = console_line(self.stage, row, self.max_steps, eta)

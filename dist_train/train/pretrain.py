@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from dist_train.config.derived import StageDerived
-from dist_train.config.schema import RunConfig
+from dist_train.config.schema import RunConfig, baseline_on
+from dist_train.data.evalsets import EvalSource, check_fits, eval_sources, read_samples, set_size, shard_source
 from dist_train.data.manifest import DataError, Manifest, read_manifest
 from dist_train.data.mixture import Mixture, shard_name
-from dist_train.data.stream import pretrain_batches, validation_batches
+from dist_train.data.stream import pretrain_batches
+from dist_train.data.tasks import eval_shard
 from dist_train.model.build import build_lm, load_tokenizer
 from dist_train.progress import Progress
 from dist_train.train.engine import model_construction
@@ -34,9 +38,9 @@ def lm_micro(rows: np.ndarray) -> dict[str, torch.Tensor]:
 
 def count_targets(batch: dict[str, torch.Tensor], objective: str) -> int:
     """Predicted tokens of an LM batch: every position but the first (clm: HF shifts the labels
-    by one), the chosen positions (mlm)."""
+    by one), the chosen positions (mlm); labels of -100 never count."""
     labels = batch["labels"]
-    return int(labels[:, 1:].numel()) if objective == "clm" else int((labels != -100).sum())
+    return int((labels[:, 1:] != -100).sum()) if objective == "clm" else int((labels != -100).sum())
 
 
 def make_micro(cfg: RunConfig, tokenizer: Any):
@@ -82,7 +86,7 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     man = mans[0]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     with model_construction(d.deepspeed):
-        model = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
+        model, loaded = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
                          vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
                          gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout,
@@ -108,27 +112,111 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             yield StepBatch(micro, targets=[count_targets(b, sec.objective) for b in micro], tokens=int(rows.size),
                             ids=named, replaced=replaced)
 
-    def evaluate(engine: Any) -> dict[str, float]:
-        engine.train(False)
-        loss_tokens, tokens = 0.0, 0
-        with torch.no_grad(), Progress("[pretrain] eval", unit="batches", enabled=world.is_main) as bar:
-            for b, rows in enumerate(validation_batches(man, micro_batch=d.micro_batch_size,
-                                                        world_size=world.world_size, rank=world.rank,
-                                                        max_batches=sec.train.eval_batches)):
-                bar.update()
-                # the same masks at every evaluation, so the losses compare
-                batch = to_batch(rows, [(cfg.seed, EVAL_SEED, world.rank, b, j) for j in range(len(rows))])
-                labels = batch.pop("labels")
-                loss_tokens += float(loss_fn(engine.forward(batch).logits, labels.to(engine.ds.device)))
-                tokens += count_targets({"labels": labels}, sec.objective)
-        total, count = world.all_reduce_sum([loss_tokens, tokens])
-        if count == 0:
-            return {}
-        loss = total / count
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    sets = read_eval_sets(cfg, man)
+    evaluate = make_evaluate(sets, to_batch, loss_fn, sec.objective, world, d.micro_batch_size, cfg.seed,
+                             sec.eval.samples)
 
     plan = {"lanes": mix.lanes, "window_shards": sec.data.window_shards, "seed": cfg.seed,
             "global_batch": mix.global_batch, "shards": sec.data.shards,
             "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix]}
+    def final(export_dir: Path) -> dict[str, Any]:
+        """Standard benchmarks (pretrain.eval.lm_eval) of the starting model and the export, on rank 0."""
+        lm = sec.eval.lm_eval
+        if not lm.tasks:
+            return {}
+        results: dict[str, Any] = {}
+        if world.is_main:
+            from dist_train.evaluate.harness import format_results, run_harness
+
+            models = {"start": cfg.model.name_or_path, "end": str(export_dir)}
+            for when in lm.at:
+                if models[when] is None:  # a from-scratch run has no starting model worth scoring
+                    continue
+                with Progress(f"[pretrain] lm_eval {when}", total=1, unit="models") as bar:
+                    results[when] = run_harness(models[when], list(lm.tasks), include_path=lm.include_path,
+                                                limit=lm.limit, num_fewshot=lm.num_fewshot,
+                                                batch_size=lm.batch_size, device=world.device, seed=cfg.seed)
+                    bar.update()
+                print("\n".join(f"[pretrain] lm_eval {when}: {line}"
+                                for line in format_results(results[when]).splitlines()), flush=True)
+        world.barrier()
+        return {"lm_eval": results}
+
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
-                      final=lambda export_dir: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan})
+                      final=final, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan},
+                      loaded=loaded, eval_roles={s.name: s.role for s, _ in sets}, baseline=baseline_on(cfg),
+                      max_forgetting=sec.eval.max_forgetting, stop_on_forgetting=sec.eval.stop_on_forgetting,
+                      carry_unused=True)
+
+
+def read_eval_sets(cfg: RunConfig, main: Manifest) -> list[tuple[EvalSource, Manifest]]:
+    """Every evaluation set with its manifest (text corpora were packed by the driver at start)."""
+    out = []
+    for s in eval_sources(cfg):
+        man = read_manifest(shard_source(s, cfg.output_dir), allow_pipe=cfg.pretrain.data.allow_pipe)
+        check_fits(s.name, man, main)
+        out.append((s, man))
+    return out
+
+
+def make_evaluate(sets: list[tuple[EvalSource, Manifest]], to_batch: Callable, loss_fn: Callable, objective: str,
+                  world: World, micro: int, seed: int, limit: int) -> Callable[[Any], dict[str, float]]:
+    """engine -> per-set loss, perplexity and tokens ("<set>/loss", ...), and the domain sets pooled
+    ("loss", "perplexity", "tokens") and the general ones ("general_loss", "general_perplexity").
+
+    Each set's samples are its first `limit`; rank r evaluates every world_size-th of them (padded to
+    equal counts with rows that weigh 0, so every rank runs the same forwards). A sample's mlm mask is
+    seeded by (seed, set, index): the figures are the same at every evaluation and on any worker count."""
+    plans = []
+    for s, man in sets:
+        size = set_size(man, limit)
+        share = eval_shard(size, world.world_size, world.rank)
+        plans.append((s, man, size, share, zlib.crc32(s.name.encode())))
+
+    def evaluate(engine: Any) -> dict[str, float]:
+        engine.train(False)
+        sums: list[float] = []
+        with torch.no_grad(), Progress("[pretrain] eval", total=sum(-(-len(p[3]) // micro) for p in plans),
+                                       unit="batches", enabled=world.is_main) as bar:
+            for _, man, size, share, key in plans:
+                rows = dict(read_samples(man, {i for i, w in share if w}, size))
+                loss_tokens, tokens = 0.0, 0
+                for j in range(0, len(share), micro):
+                    bar.update()
+                    part = share[j:j + micro]
+                    pad = np.zeros(man.seq_len, dtype=np.int64)
+                    batch = to_batch(np.stack([rows[i] if w else pad for i, w in part]).astype(np.int64),
+                                     [(seed, EVAL_SEED, key, i) for i, _ in part])
+                    labels = batch.pop("labels").clone()  # clm: the same tensor as input_ids
+                    labels[torch.tensor([w == 0 for _, w in part])] = -100  # padding rows weigh 0
+                    loss_tokens += float(loss_fn(engine.forward(batch).logits, labels.to(engine.ds.device)))
+                    tokens += count_targets({"labels": labels}, objective)
+                sums += [loss_tokens, tokens]
+        totals = world.all_reduce_sum(sums)
+        return pooled_metrics({s.name: (totals[2 * k], totals[2 * k + 1]) for k, (s, *_) in enumerate(plans)},
+                              {s.name: s.role for s, *_ in plans})
+
+    return evaluate
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def pooled_metrics(sums: dict[str, tuple[float, float]], roles: dict[str, str]) -> dict[str, float]:
+    """Metrics from each set's (summed loss, target tokens): per set, and pooled by role (token-weighted)."""
+    out: dict[str, float] = {}
+    pools: dict[str, list[float]] = {"domain": [0.0, 0.0], "general": [0.0, 0.0]}
+    for name, (loss_sum, count) in sums.items():
+        if count:
+            out.update({f"{name}/loss": loss_sum / count, f"{name}/perplexity": perplexity(loss_sum / count),
+                        f"{name}/tokens": count})
+        pools[roles[name]][0] += loss_sum
+        pools[roles[name]][1] += count
+    for role, prefix in (("domain", ""), ("general", "general_")):
+        loss_sum, count = pools[role]
+        if count:
+            out.update({f"{prefix}loss": loss_sum / count, f"{prefix}perplexity": perplexity(loss_sum / count)})
+            if role == "domain":
+                out["tokens"] = count
+    return out

@@ -25,12 +25,14 @@ from dist_train.control import preemption_requested
 from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.faults import Faults
-from dist_train.model.build import flops_per_token
+from dist_train.model.build import LoadReport, flops_per_token, new_parameters
 from dist_train.outputs import ATTEMPTS, METRICS, RESULT, write_atomic
 from dist_train.progress import Progress
+from dist_train.train import adaptation
 from dist_train.train.engine import build_engine
+from dist_train.train.head_warmup import HeadWarmup, warmup_steps
 from dist_train.train.heartbeat import Heartbeat
-from dist_train.train.loop import Cadence, EarlyStopping, StepBatch, TrainState, train_loop
+from dist_train.train.loop import AnyOf, Cadence, EarlyStopping, ForgettingLimit, StepBatch, TrainState, train_loop
 from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, RunClock, Throughput, device_peak_flops, goodput
 from dist_train.world import World
@@ -49,6 +51,12 @@ class StageParts:
     seq_len: int  # for the attention term of FLOPs/token
     run_info: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint's meta.json
     export_adapter_only: bool = False  # LoRA: export the adapter alone instead of merging it
+    loaded: LoadReport = field(default_factory=LoadReport)  # what loading the starting weights found
+    eval_roles: dict[str, str] = field(default_factory=dict)  # pretrain: evaluation set -> domain | general
+    baseline: bool = False  # evaluate at step 0, before the first update
+    max_forgetting: float | None = None
+    stop_on_forgetting: bool = False
+    carry_unused: bool = False  # the export keeps the starting checkpoint's unused weights (BERT's pooler)
 
 
 def after_step(step: int, heartbeat: Heartbeat | None, faults: Faults | None) -> None:
@@ -85,7 +93,9 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     if tag is not None:
         load_dir, universal = ckpt.load_source(tag)  # converted when the worker count changed
         ds_config = {**ds_config, "checkpoint": {"load_universal": universal}}
-    engine = build_engine(parts.model, ds_config, section.optim.weight_decay)
+    head = new_parameters(parts.model, parts.loaded.new)
+    head_steps = warmup_steps(section.train.head_warmup_steps, section.train.max_steps, bool(head))
+    engine = build_engine(parts.model, ds_config, section.optim.weight_decay, head if head_steps else None)
     state = TrainState()
     resumed_from = None
     if tag is not None:
@@ -97,6 +107,15 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
             gather(ckpt.root / tag, out)  # in case the last run stopped between commit and gather
             print(f"[{stage}] resumed from {resumed_from} at step {state.step} "
                   f"(written by {ckpt.meta(tag)['world_size']} workers, now {world.world_size})", flush=True)
+    warm = None
+    if head_steps:
+        head_ids = {id(p) for p in head}
+        body = [p for p in parts.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        warm = HeadWarmup(engine, body, head_steps, section.optim.warmup_steps)
+        warm.at(state.step)
+    if world.is_main and (line := parts.loaded.new_line(stage)):
+        print(line + (f"; only they train for the first {head_steps} steps (train.head_warmup_steps), then "
+                      "everything" if head_steps else ""), flush=True)
 
     peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(section.deepspeed.precision),
                                           cfg.ray.cpus_per_worker)
@@ -105,6 +124,32 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                      sys.stdout if world.is_main else None, tensorboard=out / "tensorboard", clock=clock,
                      start_step=state.step, attempt=attempt)
     throughput = Throughput(skip=1)
+    warned: list[bool] = []
+
+    def evaluate() -> dict[str, float]:
+        """The stage's evaluation; pretrain adds forgetting against the starting model, and keeps the
+        evaluation that ends a head warm-up as that reference."""
+        evaluation = parts.evaluate(engine)
+        if not parts.eval_roles:
+            return evaluation
+        if head_steps and state.step == head_steps:
+            state.reference, state.reference_step = evaluation, state.step
+        scored = adaptation.score(evaluation, state.reference or None, parts.eval_roles, parts.max_forgetting)
+        limit = parts.max_forgetting
+        if world.is_main and limit is not None and scored.get("forgetting", 0.0) > limit and not warned:
+            warned.append(True)
+            print(f"[{stage}] warning: at step {state.step} the general sets' perplexity is "
+                  f"{scored['forgetting']:+.1%} over the starting model's (pretrain.eval.max_forgetting={limit:.0%}): "
+                  "lower the learning rate, raise the replay share (pretrain.data.mix weights), or stop here "
+                  "(pretrain.eval.stop_on_forgetting)", flush=True)
+        return scored
+
+    if parts.baseline and state.step == 0 and not state.baseline:
+        state.baseline = evaluate()
+        if not head_steps:
+            state.reference, state.reference_step = state.baseline, 0
+        log.log({"step": 0, "phase": "baseline (the starting model)",
+                 **{f"eval_{k}": v for k, v in state.baseline.items()}})
     batches = Prefetcher(parts.batches(state.step))
     t_loop = time.time()
 
@@ -114,17 +159,24 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         ckpt.save(engine, step, {"train_state": state.state_dict(), "data_state": {"next_step": step}},
                   evaluation=state.last_eval if state.eval_step == step else None)
 
+    def stepped(step: int) -> None:
+        if warm is not None:
+            warm.at(step)
+        after_step(step, heartbeat, faults)
+
+    rules = []
+    if section.train.early_stopping_patience and metric:
+        rules.append(EarlyStopping(metric, higher, section.train.early_stopping_patience,
+                                   section.train.early_stopping_min_delta))
+    if parts.stop_on_forgetting and parts.max_forgetting is not None:
+        rules.append(ForgettingLimit(parts.max_forgetting))
     train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
                cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
-                               section.train.save_every),
-               evaluate=lambda: parts.evaluate(engine), save=save, log=log, ledger=ledger, world=world,
-               flops_per_token=fpt,
-               peak_flops=peak, throughput=throughput,
-               early_stopping=EarlyStopping(metric, higher, section.train.early_stopping_patience,
-                                            section.train.early_stopping_min_delta)
-               if section.train.early_stopping_patience and metric else None,
-               stop_requested=lambda: preemption_requested(cfg.output_dir),
-               after_step=lambda step: after_step(step, heartbeat, faults))
+                               section.train.save_every, also_eval=(head_steps,) if head_steps else ()),
+               evaluate=evaluate, save=save, log=log, ledger=ledger, world=world,
+               flops_per_token=fpt, peak_flops=peak, throughput=throughput,
+               early_stopping=AnyOf(tuple(rules)) if rules else None,
+               stop_requested=lambda: preemption_requested(cfg.output_dir), after_step=stepped)
     log.close()
     if state.preempted:
         result = {"preempted": True, "steps": state.step, "checkpoint": ckpt.latest}
@@ -143,7 +195,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     world.barrier()
     if world.is_main:
         with Progress(f"[{stage}] export {exported}", total=EXPORT_PHASES, unit="phases") as bar:
-            export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only, progress=bar)
+            export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only, progress=bar,
+                              carry=(parts.loaded.source, parts.loaded.unused) if parts.carry_unused else None)
     world.barrier()
     extra = parts.final(export_dir)
     tps = throughput.tokens_per_s
@@ -157,6 +210,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         "skipped_steps": engine.skipped_steps,
         "export_dir": str(export_dir), "exported_checkpoint": exported,
         "stopped_early": state.stopped_early, "best_metric": metric,
+        "new_parameters": list(parts.loaded.new), "head_warmup_steps": head_steps,
         "resumed_from": resumed_from, "data_wait_frac": batches.wait_s / max(time.time() - t_loop, 1e-9),
         **extra,
         "timings": {"setup_s": t_loop - t_start, "train_s": t_export - t_loop,
@@ -165,5 +219,18 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     if world.is_main:
         clock.tick()
         result.update(goodput(state.tokens, tps, clock))
+        if parts.eval_roles and state.reference:
+            result["baseline"] = state.baseline
+            result["adaptation"] = adaptation_of(state, ckpt.meta(exported), parts, head_steps)
         write_atomic(out / RESULT, json.dumps(result, indent=1))
     return result
+
+
+def adaptation_of(state: TrainState, exported: dict[str, Any], parts: StageParts, head_steps: int) -> dict[str, Any]:
+    """Before (the starting model) against after: the evaluation of the exported checkpoint, which is
+    what ships, or the last evaluation when that checkpoint was not evaluated at its step."""
+    after, after_step = state.last_eval, state.eval_step
+    if exported.get("eval"):
+        after, after_step = exported["eval"], int(exported["step"])
+    return adaptation.summarize(state.reference, state.reference_step, after, after_step, parts.eval_roles,
+                                parts.max_forgetting, head_steps)

@@ -69,5 +69,5 @@ def test_best_metric_is_checked_against_the_stage(tmp_path):
 
     cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", "pretrain.train.best_metric=accuracy"])
     with pytest.raises(ConfigError, match=r"pretrain.train.best_metric='accuracy' is not a metric the pretrain "
-                                          r"evaluation reports: use one of \['loss', 'perplexity'\]"):
+                                          r"evaluation reports: use one of \['loss', 'perplexity', 'adapted_loss'\]"):
         check_run(resolve(cfg), ["pretrain"])

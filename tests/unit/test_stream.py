@@ -8,7 +8,8 @@ import pytest
 from dist_train.data.manifest import read_manifest
 from dist_train.data.mixture import Mixture
 from dist_train.data.plan import PlanSpec, rank_step_samples
-from dist_train.data.stream import Prefetcher, pretrain_batches, read_shard, validation_batches
+from dist_train.data.evalsets import read_samples, set_size
+from dist_train.data.stream import Prefetcher, pretrain_batches, read_shard
 
 
 def all_samples(man):
@@ -45,12 +46,19 @@ def test_dataloader_workers_deliver_the_same_batches(shards_dir):
         assert ia == ib
 
 
-def test_validation_batches_are_equal_in_number_on_every_rank(shards_dir):
+def test_eval_samples_are_the_first_ones_whatever_the_worker_count(shards_dir):
+    """An evaluation set is its first `limit` held-out samples; ranks split them without overlap or gap."""
     man = read_manifest(shards_dir)
-    per_rank = [list(validation_batches(man, micro_batch=2, world_size=3, rank=r, max_batches=0)) for r in range(3)]
-    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 0
-    capped = list(validation_batches(man, micro_batch=2, world_size=3, rank=0, max_batches=1))
-    assert len(capped) == 1
+    size = set_size(man, 5)
+    assert size == 5 and set_size(man, 0) == sum(s.samples for s in man.validation)
+    whole = dict(read_samples(man, set(range(size)), size))
+    assert sorted(whole) == list(range(5))
+    for world in (1, 2, 3):
+        parts = [dict(read_samples(man, set(range(r, size, world)), size)) for r in range(world)]
+        merged = {i: row for part in parts for i, row in part.items()}
+        assert sorted(merged) == list(range(5))
+        for i, row in merged.items():
+            np.testing.assert_array_equal(row, whole[i])
 
 
 def test_prefetcher_passes_items_and_errors():

@@ -1,0 +1,1 @@
+"""Evaluation of exported models beyond the training loop: standard benchmarks (lm-evaluation-harness)."""

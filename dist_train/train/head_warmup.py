@@ -1,0 +1,50 @@
+"""Head warm-up: train only the parameters a checkpoint lacked (a random head) for the first N steps,
+then everything, in one run.
+
+While the head warms up, the body's gradients are zeroed as they are computed (so neither the
+gradient-norm clip nor Adam's moments see them) and its learning rate is 0 (so decoupled weight decay
+cannot move it either): the body stays bit for bit the starting model's. From step N its learning
+rate ramps up over the configured warmup steps. Everything is a function of the step, so a resume
+at any step lands in the same phase.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_train.train.engine import Engine
+
+MIN_AUTO, MAX_AUTO, AUTO_SHARE = 10, 200, 0.1
+
+
+def warmup_steps(configured: int | None, max_steps: int, has_new_head: bool) -> int:
+    """The head warm-up of a stage: as configured, or (null) 10% of max_steps within [10, 200] when the
+    checkpoint lacked a head; never more than half the stage."""
+    if configured is None:
+        configured = min(max(round(AUTO_SHARE * max_steps), MIN_AUTO), MAX_AUTO) if has_new_head else 0
+    return min(configured, max_steps // 2) if has_new_head else 0
+
+
+def body_lr_factor(step: int, head_steps: int, ramp: int) -> float:
+    """The body's share of the scheduled learning rate at (0-based) optimizer step `step`."""
+    if step < head_steps:
+        return 0.0
+    return min(1.0, (step - head_steps + 1) / ramp) if ramp > 0 else 1.0
+
+
+class HeadWarmup:
+    """Holds the body still for `steps` steps, then lets it join with a learning-rate ramp."""
+
+    def __init__(self, engine: Engine, body: list[torch.nn.Parameter], steps: int, ramp: int) -> None:
+        self.engine, self.steps, self.ramp = engine, steps, ramp
+        self.frozen = False
+        for p in body:
+            p.register_hook(self._grad)
+
+    def _grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad) if self.frozen else grad
+
+    def at(self, step: int) -> None:
+        """Set the phase of the optimizer step that comes next (`step` steps are done)."""
+        self.frozen = step < self.steps
+        self.engine.scale_lr("body", body_lr_factor(step, self.steps, self.ramp))

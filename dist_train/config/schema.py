@@ -129,6 +129,8 @@ class TrainLoopConfig:
                                         "pretrained body. The learning-rate warmup starts over for the body when it "
                                         "joins. null: auto (pretrain: 10% of max_steps, at least 10 and at most "
                                         "200, when the checkpoint lacks a head; finetune: 0).", None, ge=0)
+    head_lr: float | None = doc("Learning rate of the new parameters during the head warm-up (constant: nothing "
+                                "else moves, so it can be high); null: 10 × optim.lr.", None, gt=0)
 
 
 @dataclass(frozen=True)

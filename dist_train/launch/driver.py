@@ -223,7 +223,6 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
                 log(f"[pretrain] adaptation: {result['adaptation']['summary']}")
             if stage == "finetune" and cfg.finetune.compare_base:
                 t = time.time()
-                status.write(stage="finetune (unadapted model, compare_base)")
                 results[stage] = result = compare_with_base(cfg, result, log)
                 timings["compare_base_s"] = time.time() - t
         timings["total_s"] = time.time() - t0

@@ -77,6 +77,19 @@ def final_metrics(report: dict[str, Any]) -> dict[str, float]:
                 out[f"{stage}/final/{key}"] = float(r[key])
         for group in ("eval", "test"):
             out.update({f"{stage}/final/{group}_{k}": v for k, v in numeric(r.get(group) or {}).items()})
+        adapted = r.get("adaptation") or {}
+        for name, e in (adapted.get("sets") or {}).items():
+            for when in ("before", "after"):
+                out.update({f"{stage}/adaptation/{name}/{when}_{k}": v for k, v in numeric(e.get(when) or {}).items()})
+            if isinstance(e.get("forgetting"), float):
+                out[f"{stage}/adaptation/{name}/forgetting"] = e["forgetting"]
+        for key in ("domain_gain", "forgetting"):
+            if isinstance(adapted.get(key), float):
+                out[f"{stage}/adaptation/{key}"] = adapted[key]
+        compared = r.get("compare_base") or {}
+        if compared:
+            out.update({f"{stage}/compare_base/{k}": float(compared[k]) for k in ("adapted", "base", "difference")})
+            out[f"{stage}/compare_base/ci95_low"], out[f"{stage}/compare_base/ci95_high"] = compared["ci95"]
     return out
 
 

@@ -295,7 +295,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
         decay, no_decay = [], []
         for _, p in model.named_parameters():
             if p.requires_grad and (id(p) in head_ids) == is_head:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                # a parameter partitioned by ZeRO-3 is an empty 1-D placeholder: its shape is ds_shape
+                (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
         extra = {"body": not is_head} if head_ids else {}
         groups += [{"params": decay, "weight_decay": weight_decay, **extra},
                    {"params": no_decay, "weight_decay": 0.0, **extra}]

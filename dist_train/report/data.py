@@ -70,6 +70,11 @@ class StageData:
     def evals(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if any(k.startswith("eval_") for k in r)]
 
+    @property
+    def train_rows(self) -> list[dict[str, Any]]:
+        """The rows of training steps (not the step-0 baseline, an evaluation alone)."""
+        return [r for r in self.rows if "loss" in r]
+
 
 @dataclass
 class RunData:

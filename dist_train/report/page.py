@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dist_train.config.schema import EVAL_COUNTS
+from dist_train.config.schema import headline as headline_metrics
 from dist_train.outputs import write_atomic
 from dist_train.report import plots
 from dist_train.report.data import RunData, StageData, load_run
 from dist_train.report.runs import state_of
 
 PLOT_DIR = "report"
-PLOT_TITLES = {"loss": "Loss and evaluation", "learning_rate": "Learning rate",
-               "throughput": "Throughput and MFU over time", "memory": "Memory"}
+PLOT_TITLES = {"adaptation": "What adaptation bought", "loss": "Loss and evaluation",
+               "learning_rate": "Learning rate", "throughput": "Throughput and MFU over time", "memory": "Memory"}
 
 Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"table"|"img", payload)
 
@@ -81,11 +81,12 @@ def summary(run: RunData) -> list[Block]:
                      f"{r['goodput']:.0%}" if "goodput" in r else "-", fmt(len(s.attempts)),
                      Path(r["resumed_from"]).name if r.get("resumed_from") else "-"])
         for split in ("eval", "test", "test_int8"):
-            metrics = {k: v for k, v in (r.get(split) or {}).items() if isinstance(v, (int, float))}
+            metrics = r.get(split) or {}
             if not metrics and split == "eval" and s.evals:
                 metrics = {k[5:]: v for k, v in s.evals[-1].items() if k.startswith("eval_")}
-            if metrics:
-                evals.append([s.name, split, " · ".join(f"{k} {fmt(v)}" for k, v in metrics.items())])
+            if headline_metrics(metrics):  # per-set figures are in the adaptation table
+                evals.append([s.name, split, " · ".join(f"{k} {pct(v) if k == 'forgetting' else fmt(v)}"
+                                                        for k, v in headline_metrics(metrics).items())])
     blocks: list[Block] = [("h2", "Final metrics"), ("table", (head, rows))]
     if evals:
         blocks.append(("table", (["stage", "split", "metrics"], evals)))
@@ -93,6 +94,55 @@ def summary(run: RunData) -> list[Block]:
                for s in run.stages.values() if (s.result or {}).get("export_dir")]
     if exports:
         blocks += [("p", "Exports (Hugging Face directories):"), ("table", (["stage", "directory", "from"], exports))]
+    return blocks
+
+
+def pct(v: Any) -> str:
+    return f"{v:+.1%}" if isinstance(v, (int, float)) else "-"
+
+
+def adaptation(run: RunData, images: dict[str, Path]) -> list[Block]:
+    """Per evaluation set: before, after, change and forgetting; the verdict; the fine-tune against the
+    unadapted model; standard benchmarks. Empty when the run measured none of it."""
+    pre = (run.stages["pretrain"].result or {}) if "pretrain" in run.stages else {}
+    ft = (run.stages["finetune"].result or {}) if "finetune" in run.stages else {}
+    summary, compared, lm = pre.get("adaptation") or {}, ft.get("compare_base") or {}, pre.get("lm_eval") or {}
+    if not (summary or compared or lm or "adaptation" in images):
+        return []
+    blocks: list[Block] = [("h2", PLOT_TITLES["adaptation"])]
+    if summary:
+        limit = summary.get("max_forgetting")
+        ref = f"step {summary['before_step']}"
+        if summary.get("head_warmup_steps"):
+            ref += (f", after the {summary['head_warmup_steps']}-step head warm-up (the body still the starting "
+                    "model's)")
+        blocks.append(("p", f"**Continued pretraining:** {summary['summary']} (verdict: {summary['verdict']}). "
+                            f"Before: {ref}; after: step {summary['after_step']} (the exported checkpoint)."))
+        rows = []
+        for name, e in summary["sets"].items():
+            b, a, c = e.get("before") or {}, e.get("after") or {}, e.get("change") or {}
+            rows.append([name, e["role"], fmt(b.get("perplexity")), fmt(a.get("perplexity")),
+                         pct(c.get("perplexity_rel")), fmt(c.get("loss")),
+                         (pct(e["forgetting"]) + (" over the limit" if limit is not None and e["forgetting"] > limit
+                                                  else "")) if "forgetting" in e else "-"])
+        blocks.append(("table", (["set", "role", "perplexity before", "after", "change", "loss change",
+                                  "forgetting"], rows)))
+    if compared:
+        lo, hi = compared["ci95"]
+        blocks.append(("p", f"**Fine-tuning, adapted against unadapted** ({compared['base_model']}, same settings "
+                            f"and seed): {compared['summary']}."))
+        blocks.append(("table", (["test metric", "adapted", "unadapted", "difference", "95% interval (paired "
+                                  "bootstrap)", "verdict"],
+                                 [[compared["metric"], fmt(compared["adapted"]), fmt(compared["base"]),
+                                   f"{compared['difference']:+.4g}", f"{lo:+.4g} to {hi:+.4g}",
+                                   compared["verdict"].replace("_", " ")]])))
+    if lm:
+        rows = [[when, task, " · ".join(f"{k} {fmt(v)}" for k, v in metrics.items() if not k.endswith("_stderr"))]
+                for when, tasks in lm.items() for task, metrics in tasks.items()]
+        blocks += [("p", "**Standard benchmarks** (lm-evaluation-harness; start: the starting model, end: the "
+                         "export):"), ("table", (["model", "task", "metrics"], rows))]
+    if "adaptation" in images:
+        blocks.append(("img", (f"{PLOT_DIR}/{images['adaptation'].name}", PLOT_TITLES["adaptation"])))
     return blocks
 
 
@@ -121,16 +171,16 @@ def checkpoints(s: StageData) -> list[Block]:
     for c in reversed(s.checkpoints):
         marks = ", ".join(m for m, tag in (("latest", s.latest), ("best", s.best)) if tag == c.tag)
         rows.append([c.tag, fmt(c.step), when(c.time), size(c.size_bytes), fmt(c.world_size),
-                     " · ".join(f"{k} {fmt(v)}" for k, v in c.eval.items() if k not in EVAL_COUNTS) or "-",
+                     " · ".join(f"{k} {fmt(v)}" for k, v in headline_metrics(c.eval).items()) or "-",
                      marks or ""])
     return [("p", f"**{s.name}** (`{s.name}/checkpoints/`):"),
             ("table", (["checkpoint", "step", "written", "size", "workers", "evaluation", ""], rows))]
 
 
 def build_blocks(run: RunData, images: dict[str, Path]) -> list[Block]:
-    blocks = headline(run) + summary(run)
+    blocks = headline(run) + summary(run) + adaptation(run, images)
     for key, title in PLOT_TITLES.items():
-        if key in images:
+        if key in images and key != "adaptation":
             blocks += [("h2", title), ("img", (f"{PLOT_DIR}/{images[key].name}", title))]
     blocks += restarts(run)
     blocks.append(("h2", "Checkpoints kept"))

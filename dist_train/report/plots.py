@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dist_train.config.schema import CONSOLE_HIDDEN
 from dist_train.report.data import RunData, StageData
 
 RESTART_STYLE = {"color": "tab:red", "linestyle": "--", "linewidth": 1, "alpha": 0.8}
@@ -34,13 +35,14 @@ def _mark_resumes(ax: Any, stage: StageData) -> None:
 
 def loss(run: RunData, path: Path) -> Path | None:
     """Train and eval loss per stage over steps, and each stage's other eval metrics; restarts marked."""
-    stages = [s for s in run.stages.values() if s.rows]
+    stages = [s for s in run.stages.values() if s.train_rows]
     if not stages:
         return None
     plt = _plt()
     fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.4 * len(stages)), squeeze=False)
     for (ax, ax_eval), s in zip(axes, stages, strict=True):
-        ax.plot([r["step"] for r in s.rows], [r["loss"] for r in s.rows], label="train loss", color="tab:blue")
+        ax.plot([r["step"] for r in s.train_rows], [r["loss"] for r in s.train_rows], label="train loss",
+                color="tab:blue")
         evals = [r for r in s.evals if "eval_loss" in r]
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss",
@@ -50,7 +52,8 @@ def loss(run: RunData, path: Path) -> Path | None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         others = sorted({k for r in s.evals for k, v in r.items() if k.startswith("eval_") and k != "eval_loss"
-                         and k[5:] not in ("tokens", "examples") and isinstance(v, (int, float))})
+                         and "/" not in k and k[5:] not in (*CONSOLE_HIDDEN, "perplexity", "general_perplexity",
+                                                           "forgetting") and isinstance(v, (int, float))})
         for key in others:
             points = [r for r in s.evals if key in r]
             ax_eval.plot([r["step"] for r in points], [r[key] for r in points], "o-", label=key[5:])
@@ -63,13 +66,13 @@ def loss(run: RunData, path: Path) -> Path | None:
 
 
 def learning_rate(run: RunData, path: Path) -> Path | None:
-    stages = [s for s in run.stages.values() if s.rows]
+    stages = [s for s in run.stages.values() if s.train_rows]
     if not stages:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.2), squeeze=False)
     for ax, s in zip(axes[0], stages, strict=True):
-        ax.plot([r["step"] for r in s.rows], [r["lr"] for r in s.rows], color="tab:green")
+        ax.plot([r["step"] for r in s.train_rows], [r["lr"] for r in s.train_rows], color="tab:green")
         _mark_resumes(ax, s)
         ax.set(title=f"{s.name}: learning rate", xlabel="step", ylabel="lr")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
@@ -78,7 +81,7 @@ def learning_rate(run: RunData, path: Path) -> Path | None:
 
 
 def _timeline(run: RunData) -> tuple[float, list[StageData]]:
-    stages = [s for s in run.stages.values() if any("time" in r for r in s.rows)]
+    stages = [s for s in run.stages.values() if any("time" in r for r in s.train_rows)]
     starts = [a["start"] for s in stages for a in s.attempts]
     starts += [r["time"] for s in stages for r in s.rows if "time" in r]
     starts += [run.status["started"]] if run.status and "started" in run.status else []
@@ -105,7 +108,7 @@ def throughput(run: RunData, path: Path) -> Path | None:
     plt = _plt()
     fig, (ax, ax_mfu) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     for s in stages:
-        rows = [r for r in s.rows if "time" in r]
+        rows = [r for r in s.train_rows if "time" in r]
         minutes = [(r["time"] - t0) / 60 for r in rows]
         ax.plot(minutes, [r["tokens_per_s"] for r in rows], ".-", label=f"{s.name} tokens/s")
         ax_mfu.plot(minutes, [100 * r["mfu"] for r in rows], ".-", label=f"{s.name} MFU")
@@ -140,4 +143,96 @@ def memory(run: RunData, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-PLOTS = {"loss": loss, "learning_rate": learning_rate, "throughput": throughput, "memory": memory}
+def adaptation(run: RunData, path: Path) -> Path | None:
+    """What adaptation bought: each evaluation set's perplexity from step 0 with the starting model's as a
+    dashed line, before/after bars with the relative change, and the fine-tune against the unadapted
+    model's with the bootstrap interval."""
+    pre = run.stages.get("pretrain")
+    sets = pretrain_sets(pre) if pre else {}
+    summary = ((pre.result or {}).get("adaptation") or {}) if pre else {}
+    compared = ((run.stages["finetune"].result or {}).get("compare_base") or {}) if "finetune" in run.stages else {}
+    panels = [name for name, shown in (("curves", sets), ("bars", summary.get("sets")), ("compare", compared)) if shown]
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
+    ax_of = dict(zip(panels, axes[0], strict=True))
+    if "curves" in ax_of:
+        _set_curves(ax_of["curves"], pre, sets, summary)
+    if "bars" in ax_of:
+        _before_after(ax_of["bars"], summary)
+    if "compare" in ax_of:
+        _compare_base(ax_of["compare"], compared)
+    return _save(fig, path)
+
+
+def pretrain_sets(stage: StageData) -> dict[str, str]:
+    """Evaluation set -> role, from the result (or, while running, from the metric names)."""
+    result = (stage.result or {}).get("adaptation") or {}
+    if result.get("sets"):
+        return {name: e["role"] for name, e in result["sets"].items()}
+    names = sorted({k[5:].split("/")[0] for r in stage.evals for k in r if k.startswith("eval_") and "/" in k})
+    return dict.fromkeys(names, "domain")
+
+
+def _set_curves(ax: Any, stage: StageData, sets: dict[str, str], summary: dict[str, Any]) -> None:
+    for i, (name, role) in enumerate(sets.items()):
+        key = f"eval_{name}/perplexity"
+        points = {r["step"]: r[key] for r in stage.evals if key in r}  # a redone step: its last evaluation
+        if not points:
+            continue
+        color = f"C{i}"
+        ax.plot(list(points), list(points.values()), "o-", color=color, label=f"{name} ({role})")
+        before = ((summary.get("sets") or {}).get(name) or {}).get("before", {}).get("perplexity")
+        if before is None and 0 in points:
+            before = points[0]
+        if before is not None:
+            ax.axhline(before, color=color, linestyle="--", linewidth=1, alpha=0.8)
+    warm = summary.get("head_warmup_steps")
+    if warm:
+        ax.axvline(warm, color="gray", linestyle=":", label=f"head warm-up ends (step {warm})")
+    _mark_resumes(ax, stage)
+    ax.set_yscale("log")
+    ax.set(title="pretrain: perplexity per evaluation set\n(dashed: the starting model)", xlabel="step",
+           ylabel="perplexity (log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def _before_after(ax: Any, summary: dict[str, Any]) -> None:
+    """One row per set: the starting model's perplexity (gray) and the adapted model's (blue), joined by
+    an arrow and labelled with the relative change (green when it fell, red when it rose)."""
+    names = [n for n, e in summary["sets"].items() if e.get("before") and e.get("after")]
+    for y, n in enumerate(names):
+        e = summary["sets"][n]
+        b, a, change = e["before"]["perplexity"], e["after"]["perplexity"], e["change"]["perplexity_rel"]
+        color = "tab:green" if change < 0 else "tab:red"
+        ax.annotate("", xy=(a, y), xytext=(b, y), arrowprops={"arrowstyle": "->", "color": color, "lw": 1.5})
+        ax.plot([b], [y], "o", color="tab:gray", label="before" if y == 0 else None)
+        ax.plot([a], [y], "o", color="tab:blue", label="after" if y == 0 else None)
+        ax.annotate(f"{change:+.1%}", (max(a, b), y), xytext=(6, 4), textcoords="offset points", fontsize=9,
+                    color=color)
+    ax.set_yticks(range(len(names)), [f"{n}\n({summary['sets'][n]['role']})" for n in names])
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.margins(x=0.25)
+    ax.set(title=f"before (step {summary['before_step']}) and after (step {summary['after_step']})\n"
+                 f"verdict: {summary.get('verdict', '-')}", xlabel="perplexity (log)")
+    ax.grid(alpha=0.3, axis="x", which="both")
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _compare_base(ax: Any, c: dict[str, Any]) -> None:
+    lo, hi = c["ci95"]
+    ax.bar([0, 1], [c["base"], c["adapted"]], color=["tab:gray", "tab:blue"], width=0.6)
+    for i, v in enumerate((c["base"], c["adapted"])):
+        ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=9)
+    ax.set_xticks([0, 1], ["unadapted", "adapted"])
+    ax.set(title=f"finetune: test {c['metric']}\ndifference {c['difference']:+.3g}, 95% CI {lo:+.3g} to {hi:+.3g}\n"
+                 f"{c['verdict'].replace('_', ' ')}", ylabel=c["metric"])
+    ax.grid(alpha=0.3, axis="y")
+
+
+PLOTS = {"adaptation": adaptation, "loss": loss, "learning_rate": learning_rate, "throughput": throughput,
+         "memory": memory}

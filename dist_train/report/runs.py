@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dist_train.config.schema import STAGES
+from dist_train.config.schema import STAGES, headline
 from dist_train.outputs import REPORT, STATUS
 from dist_train.report.data import NotARun, RunData, StageData, age, load_run
 
@@ -96,7 +96,7 @@ def best_of(stage: StageData, metric: str | None) -> str:
     if not evaluation:
         evals = stage.evals
         evaluation = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
-    metric = metric if metric in evaluation else next(iter(evaluation), None)
+    metric = metric if metric in evaluation else next(iter(headline(evaluation)), next(iter(evaluation), None))
     if metric is None:
         return "-"
     at = f" @{best.step}" if best else ""

@@ -52,24 +52,23 @@ def summarize(before: dict[str, float], before_step: int, after: dict[str, float
             if role == "general":
                 entry["forgetting"] = entry["change"]["perplexity_rel"]
         sets[name] = entry
-    forgot = [e["forgetting"] for e in sets.values() if "forgetting" in e]
-    domain = [e["change"]["perplexity_rel"] for e in sets.values() if e["role"] == "domain" and "change" in e]
-    worst = max(forgot, default=None)
-    gain = -(sum(domain) / len(domain)) if domain else None  # mean relative perplexity drop on the domain
+    general = {n: e for n, e in sets.items() if "forgetting" in e}
+    worst_set = max(general, key=lambda n: general[n]["forgetting"], default=None)
+    worst = general[worst_set]["forgetting"] if worst_set else None
+    ppl_before, ppl_after = before.get("perplexity"), after.get("perplexity")  # the domain sets pooled
+    gain = 1.0 - ppl_after / ppl_before if ppl_before and ppl_after is not None else None
     over = worst is not None and max_forgetting is not None and worst > max_forgetting
     if gain is None:
-        verdict, sentence = "unknown", "no before/after evaluation to compare"
-    elif gain <= 0:
-        verdict, sentence = "no_gain", f"domain perplexity did not improve ({-gain:+.1%})"
-    elif over:
-        verdict = "forgetting"
-        sentence = (f"domain perplexity {-gain:+.1%}, but general perplexity rose {worst:+.1%}, over the "
-                    f"{max_forgetting:.0%} limit")
+        verdict, sentence = "unknown", "no before/after evaluation of the domain sets to compare"
     else:
-        verdict = "adapted"
-        sentence = f"domain perplexity {-gain:+.1%}" + (
-            f", general {worst:+.1%}" + (f" (limit {max_forgetting:.0%})" if max_forgetting is not None else "")
-            if worst is not None else "")
+        verdict = "no_gain" if gain <= 0 else "forgetting" if over else "adapted"
+        sentence = f"domain perplexity {ppl_before:.4g} → {ppl_after:.4g} ({-gain:+.1%})"
+        if worst_set is not None:
+            g = sets[worst_set]
+            limit = f", limit {max_forgetting:.0%}" if max_forgetting is not None else ""
+            sentence += (f", general{'' if len(general) == 1 else ' ' + worst_set} {g['before']['perplexity']:.4g} "
+                         f"→ {g['after']['perplexity']:.4g} ({worst:+.1%}{limit}"
+                         + (", over the limit)" if over else ")"))
     return {"before_step": before_step, "after_step": after_step, "head_warmup_steps": head_warmup_steps,
             "sets": sets, "domain_gain": gain, "forgetting": worst, "max_forgetting": max_forgetting,
             "verdict": verdict, "summary": sentence}

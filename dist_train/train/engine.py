@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -54,14 +54,13 @@ class Engine:
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
-    def scale_lr(self, mark: str, factor: float) -> None:
-        """For the next optimizer step, the parameter groups marked `mark` (model/build.py's
-        param_groups) get the schedule's learning rate times `factor`. The schedule computes every
-        value from its step count, so this never compounds."""
+    def set_group_lrs(self, lr_of: Callable[[dict[str, Any], float], float]) -> None:
+        """For the next optimizer step, each parameter group's learning rate is `lr_of(group, the
+        schedule's value)`; groups carry the marks of model/build.py's param_groups. The schedule
+        computes every value from its step count, so this never compounds."""
         scheduled = self.ds.lr_scheduler.get_lr()
         for group, lr in zip(self.ds.optimizer.param_groups, scheduled, strict=True):
-            if group.get(mark):
-                group["lr"] = lr * factor
+            group["lr"] = lr_of(group, lr)
 
     @property
     def grad_norm(self) -> float:

@@ -3,9 +3,10 @@ then everything, in one run.
 
 While the head warms up, the body's gradients are zeroed as they are computed (so neither the
 gradient-norm clip nor Adam's moments see them) and its learning rate is 0 (so decoupled weight decay
-cannot move it either): the body stays bit for bit the starting model's. From step N its learning
-rate ramps up over the configured warmup steps. Everything is a function of the step, so a resume
-at any step lands in the same phase.
+cannot move it either): the body stays bit for bit the starting model's, and the head trains at a
+constant `head_lr`, high because nothing else moves. From step N the head follows the schedule and
+the body's learning rate ramps up over the configured warmup steps. Everything is a function of the
+step, so a resume at any step lands in the same phase.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from dist_train.train.engine import Engine
 
 MIN_AUTO, MAX_AUTO, AUTO_SHARE = 10, 200, 0.1
+HEAD_LR_SCALE = 10.0  # head_lr null: this many times optim.lr
 
 
 def warmup_steps(configured: int | None, max_steps: int, has_new_head: bool) -> int:
@@ -33,10 +35,11 @@ def body_lr_factor(step: int, head_steps: int, ramp: int) -> float:
 
 
 class HeadWarmup:
-    """Holds the body still for `steps` steps, then lets it join with a learning-rate ramp."""
+    """Holds the body still for `steps` steps while the head trains at `head_lr`, then lets the body
+    join with a learning-rate ramp."""
 
-    def __init__(self, engine: Engine, body: list[torch.nn.Parameter], steps: int, ramp: int) -> None:
-        self.engine, self.steps, self.ramp = engine, steps, ramp
+    def __init__(self, engine: Engine, body: list[torch.nn.Parameter], steps: int, ramp: int, head_lr: float) -> None:
+        self.engine, self.steps, self.ramp, self.head_lr = engine, steps, ramp, head_lr
         self.frozen = False
         for p in body:
             p.register_hook(self._grad)
@@ -47,4 +50,8 @@ class HeadWarmup:
     def at(self, step: int) -> None:
         """Set the phase of the optimizer step that comes next (`step` steps are done)."""
         self.frozen = step < self.steps
-        self.engine.scale_lr("body", body_lr_factor(step, self.steps, self.ramp))
+        body = body_lr_factor(step, self.steps, self.ramp)
+        if self.frozen:
+            self.engine.set_group_lrs(lambda group, lr: 0.0 if group.get("body") else self.head_lr)
+        else:
+            self.engine.set_group_lrs(lambda group, lr: lr * body if group.get("body") else lr)

@@ -30,7 +30,7 @@ from dist_train.outputs import ATTEMPTS, METRICS, RESULT, write_atomic
 from dist_train.progress import Progress
 from dist_train.train import adaptation
 from dist_train.train.engine import build_engine
-from dist_train.train.head_warmup import HeadWarmup, warmup_steps
+from dist_train.train.head_warmup import HEAD_LR_SCALE, HeadWarmup, warmup_steps
 from dist_train.train.heartbeat import Heartbeat
 from dist_train.train.loop import AnyOf, Cadence, EarlyStopping, ForgettingLimit, StepBatch, TrainState, train_loop
 from dist_train.train.loss import LossFn
@@ -111,7 +111,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     if head_steps:
         head_ids = {id(p) for p in head}
         body = [p for p in parts.model.parameters() if p.requires_grad and id(p) not in head_ids]
-        warm = HeadWarmup(engine, body, head_steps, section.optim.warmup_steps)
+        warm = HeadWarmup(engine, body, head_steps, section.optim.warmup_steps,
+                          section.train.head_lr or HEAD_LR_SCALE * section.optim.lr)
         warm.at(state.step)
     if world.is_main and (line := parts.loaded.new_line(stage)):
         print(line + (f"; only they train for the first {head_steps} steps (train.head_warmup_steps), then "

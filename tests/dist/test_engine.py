@@ -185,3 +185,38 @@ def test_lora_finetune_exports_reproduce_the_engine(tmp_path, task_dir, minilm_d
     assert res["adapter_vs_merged"] < 1e-4
     assert "adapter_model.safetensors" in res["adapter_files"] and "model.safetensors" in res["merged_files"]
     assert "adapter_config.json" not in res["merged_files"]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_head_warmup_trains_only_the_new_head_then_everything(tmp_path, encoder_shards, minilm_dir, zero):
+    """all-MiniLM-L6-v2 ships no masked-LM head: it is named, trained alone for the warm-up (the pretrained
+    body bit for bit unchanged, under ZeRO-2 and ZeRO-3), then the body joins."""
+    cfg = tiny_config(tmp_path, encoder_shards, minilm_dir, f"model.name_or_path={minilm_dir}", "model.arch=null",
+                      "pretrain.objective=mlm", f"pretrain.deepspeed.zero_stage={zero}", "pretrain.eval.samples=8",
+                      "pretrain.optim.lr=1.0e-3")
+    out = tmp_path / "r.json"
+    mp.spawn(workers.head_warmup, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    res = json.loads(out.read_text())
+    assert "cls.predictions.transform.dense.weight" in res["new"] and "cls.predictions.bias" in res["new"]
+    assert res["head_names"] and all(n.startswith("cls.predictions.") for n in res["head_names"])
+    assert res["body_moved_in_warmup"] == [], "the pretrained body must not move while the head warms up"
+    assert res["head_moved_in_warmup"] == res["head_names"]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in res["body_moved_after"]
+    assert res["groups"] == [False, False, True, True], "head groups first (the logged lr is the schedule's)"
+    assert res["evaluation"]["domain/loss"] > 9, "a random head predicts about ln(30522) = 10.3"
+
+
+def test_evaluation_is_the_same_on_one_and_two_ranks(tmp_path, encoder_shards, minilm_dir):
+    """An evaluation set is its first N samples, masks seeded by sample: 1 and 2 ranks (with a padded
+    share: 7 samples) measure the same loss over the same tokens."""
+    results = {}
+    for world in (1, 2):
+        cfg = tiny_config(tmp_path / str(world), encoder_shards, minilm_dir, f"model.name_or_path={minilm_dir}",
+                          "model.arch=null", "pretrain.objective=mlm", "pretrain.deepspeed.precision=fp32",
+                          "pretrain.eval.samples=7", "pretrain.train.global_batch_size=4",
+                          f"pretrain.train.micro_batch_size={4 // world}")
+        out = tmp_path / f"w{world}.json"
+        mp.spawn(workers.head_warmup, args=(world, free_port(), cfg, str(out)), nprocs=world, join=True)
+        results[world] = json.loads(out.read_text())["evaluation"]
+    assert results[1]["domain/tokens"] == results[2]["domain/tokens"] > 0
+    assert results[1]["domain/loss"] == pytest.approx(results[2]["domain/loss"], rel=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -380,3 +381,60 @@ def collective_timeout(rank: int, world_size: int, port: int, out: str):
                                              "behind": hb.others_behind(), "step": step}))
             break
     hb.stop()
+
+
+def full_params(engine) -> dict:
+    """Every parameter, whole (gathered under ZeRO-3), as fp32 on CPU."""
+    import deepspeed
+    import torch
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext():
+            out[name] = p.detach().float().clone()
+    return out
+
+
+def head_warmup(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """The checkpoint lacks the masked-LM head: during a 2-step warm-up only the head moves (the body
+    stays bit for bit), then everything trains. Also: the evaluation before any step, on this world size."""
+    import torch
+
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import from_dict
+    from dist_train.model.build import new_parameters
+    from dist_train.train.engine import build_engine
+    from dist_train.train.head_warmup import HeadWarmup
+    from dist_train.train.pretrain import build_pretrain
+
+    world = init_process(rank, world_size, port)
+    cfg = from_dict(cfg_dict)
+    d = derive_stage(cfg, "pretrain", world.world_size)
+    parts = build_pretrain(cfg, d, world)
+    head = new_parameters(parts.model, parts.loaded.new)
+    head_ids = {id(p) for p in head}
+    body = [p for p in parts.model.parameters() if id(p) not in head_ids]
+    engine = build_engine(parts.model, d.deepspeed, cfg.pretrain.optim.weight_decay, head)
+    head_names = {n for n, p in engine.module.named_parameters() if id(p) in head_ids}
+    warm = HeadWarmup(engine, body, steps=2, ramp=2, head_lr=1e-2)
+    evaluation = parts.evaluate(engine)
+    engine.train()
+    batches = parts.batches(0)
+    snapshots = [full_params(engine)]
+    for step in range(4):
+        warm.at(step)
+        run_steps(engine, parts.loss_fn, batches, 1)
+        snapshots.append(full_params(engine))
+
+    def moved(a: dict, b: dict, names: set) -> list:
+        return sorted(n for n in names if not torch.equal(a[n], b[n]))
+
+    body_names = set(snapshots[0]) - head_names
+    report = {"new": list(parts.loaded.new), "head_names": sorted(head_names), "evaluation": evaluation,
+              "body_moved_in_warmup": moved(snapshots[0], snapshots[2], body_names),
+              "head_moved_in_warmup": moved(snapshots[0], snapshots[2], head_names),
+              "body_moved_after": moved(snapshots[2], snapshots[4], body_names),
+              "groups": [bool(g.get("body")) for g in engine.ds.optimizer.param_groups]}
+    if world.is_main:
+        Path(out).write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()

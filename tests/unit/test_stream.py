@@ -5,10 +5,10 @@ from itertools import islice
 import numpy as np
 import pytest
 
+from dist_train.data.evalsets import read_samples, set_size
 from dist_train.data.manifest import read_manifest
 from dist_train.data.mixture import Mixture
 from dist_train.data.plan import PlanSpec, rank_step_samples
-from dist_train.data.evalsets import read_samples, set_size
 from dist_train.data.stream import Prefetcher, pretrain_batches, read_shard
 
 

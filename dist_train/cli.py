@@ -227,6 +227,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("--num-fewshot must be 0 or more")
     if args.output and Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output!r} is a directory: name a JSON file to write")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
     results = run_harness(args.export_dir, tasks, include_path=args.include_path, limit=args.limit,
                           num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device)
     print(format_results(results))

@@ -27,7 +27,9 @@ def request_preemption(output_dir: str | Path, reason: str) -> None:
 
 
 def preemption_requested(output_dir: str | Path) -> bool:
-    return _path(output_dir, PREEMPT).is_file()
+    """A request to this run, or to the run it is nested in (finetune.compare_base's OUTPUT_DIR/compare_base/
+    stops with its parent)."""
+    return _path(output_dir, PREEMPT).is_file() or _path(Path(output_dir).parent, PREEMPT).is_file()
 
 
 def clear(output_dir: str | Path) -> None:

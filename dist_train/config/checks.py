@@ -137,9 +137,12 @@ def pin_resumed_lanes(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+ABSENT = object()  # a key a config (of an older version) does not have
+
+
 def _lookup(tree: dict, dotted: str):
     for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
+        tree = tree.get(part, ABSENT) if isinstance(tree, dict) else ABSENT
     return tree
 
 
@@ -160,9 +163,11 @@ def check_resume(cfg: RunConfig, stage: str) -> str | None:
     tag, meta = found
     old, new = meta.get("config", {}), to_dict(cfg)
     for key in (k.format(stage=stage) for k in RESUME_IDENTITY):
-        if _lookup(old, key) != _lookup(new, key):
+        was, now = _lookup(old, key), _lookup(new, key)
+        if was is not ABSENT and was != now:  # absent: a checkpoint of a version without the key
+            shown = f"no {key}" if now is ABSENT else json.dumps(now)
             raise ConfigError(f"{cfg.output_dir} holds a {stage} checkpoint ({tag}) made with {key}="
-                              f"{json.dumps(_lookup(old, key))}, but this config has {json.dumps(_lookup(new, key))}: "
+                              f"{json.dumps(was)}, but this config has {shown}: "
                               f"use a new output_dir, or restore {key} to resume")
     return tag
 
@@ -251,6 +256,10 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
             raise ConfigError(f"{stage}.deepspeed.precision=fp16 needs native fp16 kernels, which this CPU lacks "
                               "(DeepSpeed refuses it): use bf16, or fp16 with ray.use_gpu=true")
         notes += _check_best_metric(cfg, stage)
+        train = getattr(cfg, stage).train
+        if train.head_warmup_steps is not None and train.head_warmup_steps >= train.max_steps:
+            raise ConfigError(f"{stage}.train.head_warmup_steps={train.head_warmup_steps} leaves no step for the rest "
+                              f"of the model (max_steps={train.max_steps}): use fewer warm-up steps")
         if (tag := check_resume(cfg, stage)) is not None:
             notes.append(f"{stage} will resume from {tag}")
 
@@ -323,17 +332,25 @@ def _check_eval_sets(cfg: RunConfig) -> list[str]:
     """Every evaluation set exists and is tokenized like the training data (text corpora: readable),
     and the forgetting options have something to act on."""
     from dist_train.data.build import expand_inputs
-    from dist_train.data.evalsets import check_fits, eval_sources
+    from dist_train.data.evalsets import check_fits, eval_sources, usable
     from dist_train.data.manifest import read_manifest
 
     sec = cfg.pretrain
     sources = eval_sources(cfg)
     main = None if _pending(cfg, sec.data.shards) else read_manifest(sec.data.shards, allow_pipe=sec.data.allow_pipe)
+    notes, skipped = [], []
     for s in sources:
         if s.is_corpus:
             expand_inputs(s.path)  # exists, and of a kind data build reads
         elif main is not None and not _pending(cfg, s.path):
-            check_fits(s.name, read_manifest(s.path, allow_pipe=sec.data.allow_pipe), main)
+            man = read_manifest(s.path, allow_pipe=sec.data.allow_pipe)
+            if not usable(s, man):
+                skipped.append(s.name)
+                notes.append(f"pretrain evaluation: {s.path} has no validation split, so {s.name!r} is not evaluated "
+                             "(rebuild it with --val-fraction, or name a held-out set in pretrain.eval.sets)")
+                continue
+            check_fits(s.name, man, main)
+    sources = [s for s in sources if s.name not in skipped]
     general = [s.name for s in sources if s.role == "general"]
     if sec.eval.stop_on_forgetting and not measures_forgetting(cfg):
         raise ConfigError("pretrain.eval.stop_on_forgetting needs a general evaluation set (a pretrain.data.mix "
@@ -351,10 +368,15 @@ def _check_eval_sets(cfg: RunConfig) -> list[str]:
             raise ConfigError("pretrain.eval.lm_eval scores causal LMs, and this stage trains a masked LM "
                               "(pretrain.objective=mlm): drop lm_eval.tasks for encoders")
         check_harness(lm.include_path)
-    return [f"pretrain evaluation: {', '.join(f'{s.name} ({s.role})' for s in sources)}"
-            + ("; baseline at step 0" if baseline_on(cfg) else "; no baseline (pretrain.eval.baseline)")
-            + (f"; forgetting limit {sec.eval.max_forgetting:.0%} on {', '.join(general)}"
-               if general and sec.eval.max_forgetting is not None and baseline_on(cfg) else "")]
+    if sec.eval.stop_on_forgetting and sec.train.export != "best":
+        notes.append("pretrain.eval.stop_on_forgetting with train.export=last exports the checkpoint that crossed the "
+                     "forgetting limit: set pretrain.train.export=best to export the best one within it")
+    if sources:
+        notes.append(f"pretrain evaluation: {', '.join(f'{s.name} ({s.role})' for s in sources)}"
+                     + ("; baseline at step 0" if baseline_on(cfg) else "; no baseline (pretrain.eval.baseline)")
+                     + (f"; forgetting limit {sec.eval.max_forgetting:.0%} on {', '.join(general)}"
+                        if general and sec.eval.max_forgetting is not None and baseline_on(cfg) else ""))
+    return notes
 
 
 def _check_compare_base(cfg: RunConfig) -> None:

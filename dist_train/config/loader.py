@@ -152,7 +152,16 @@ def dataclass_in(tp: Any) -> type | None:
     return None
 
 
+MOVED = {  # keys of earlier versions: where their meaning lives now
+    "pretrain.train.eval_batches": "it became pretrain.eval.samples (held-out samples per evaluation set, the same "
+                                   "on any worker count)",
+    "finetune.train.eval_batches": "fine-tuning evaluates its whole validation set",
+}
+
+
 def _suggest(path: str) -> str:
+    if path in MOVED:
+        return f": {MOVED[path]}"
     candidates = all_keys()
     match = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
     if not match:  # the right (or a near) leaf under another section, e.g. train.max_steps

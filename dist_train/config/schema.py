@@ -138,8 +138,8 @@ class MixSource:
     """A further corpus mixed into every lane, e.g. general-domain replay against forgetting."""
 
     shards: str = doc("Its shard source (as pretrain.data.shards), tokenized with the same tokenizer.", REQUIRED)
-    name: str | None = doc("Its name in evaluations and reports; null: general (general_2, ... for further "
-                           "sources).", None)
+    name: str | None = doc("Its name in evaluations and reports; null: general when it is the only source, else "
+                           "general_1, general_2, ...", None)
     weight: float = doc("Its share of all samples (0-1); the main corpus gets what the mix leaves.", REQUIRED,
                         gt=0, le=1)
 

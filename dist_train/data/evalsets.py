@@ -32,6 +32,7 @@ class EvalSource:
     role: str  # "domain" | "general"
     path: str  # shard source, or the text corpus to pack
     text_field: str = "text"
+    default: bool = False  # a corpus the run trains on: evaluated on its validation split only, if it has one
 
     @property
     def is_corpus(self) -> bool:
@@ -56,8 +57,9 @@ def eval_sources(cfg: Any) -> list[EvalSource]:
         sources = [EvalSource(s.name, s.role, s.path, s.text_field) for s in sec.eval.sets]
     else:
         mix = sec.data.mix
-        sources = [EvalSource("domain", "domain", sec.data.shards)]
-        sources += [EvalSource(mix_name(m.name, i, len(mix)), "general", m.shards) for i, m in enumerate(mix)]
+        sources = [EvalSource("domain", "domain", sec.data.shards, default=True)]
+        sources += [EvalSource(mix_name(m.name, i, len(mix)), "general", m.shards, default=True)
+                    for i, m in enumerate(mix)]
     seen: set[str] = set()
     for s in sources:
         if not NAME.match(s.name):
@@ -92,22 +94,31 @@ def pack_corpus(s: EvalSource, output_dir: str | Path, tokenizer_name: str, seq_
     _, files = expand_inputs(s.path)
     stamp = {"inputs": [[f, Path(f).stat().st_size, Path(f).stat().st_mtime] for f in files],
              "tokenizer": tokenizer_name, "seq_len": seq_len, "text_field": s.text_field}
-    marker = out.parent / f"{s.name}.{SOURCE_FILE}"
-    if marker.is_file() and json.loads(marker.read_text()) == stamp and (out / "manifest.json").is_file():
+    marker = out.parent / f"{s.name}.{SOURCE_FILE}"  # written before packing: the directory is ours
+    ours = marker.is_file()
+    if ours and json.loads(marker.read_text()) == stamp and (out / "manifest.json").is_file():
         return read_manifest(out)
-    marker.unlink(missing_ok=True)
     if out.exists():
-        shutil.rmtree(out)  # our own earlier packing of other inputs (the marker above names it)
+        if not ours:
+            raise DataError(f"{out} exists but was not packed by dist-train (no {marker.name} beside it): move it "
+                            "away, or rename the evaluation set")
+        shutil.rmtree(out)  # our own packing of other inputs
     out.parent.mkdir(parents=True, exist_ok=True)
-    man = build_shards(input_spec=s.path, output=out, tokenizer_name=tokenizer_name, seq_len=seq_len,
-                       text_field=s.text_field, samples_per_shard=1000, val_fraction=0.0, progress=progress)
     marker.write_text(json.dumps(stamp))
-    return man
+    return build_shards(input_spec=s.path, output=out, tokenizer_name=tokenizer_name, seq_len=seq_len,
+                        text_field=s.text_field, samples_per_shard=1000, val_fraction=0.0, progress=progress)
 
 
 def held_out(man: Manifest) -> list[ShardInfo]:
-    """The shards a set is evaluated on: its validation split, or its training split when it has none."""
+    """The shards a set is evaluated on: its validation split, or its training split when it has none
+    (a set named in pretrain.eval.sets; a corpus the run trains on is never evaluated on what it trains on:
+    `usable`)."""
     return man.validation or man.train
+
+
+def usable(s: EvalSource, man: Manifest) -> bool:
+    """False for a corpus the run trains on that has no validation split: it is not evaluated."""
+    return not s.default or bool(man.validation)
 
 
 def set_size(man: Manifest, limit: int) -> int:

@@ -63,12 +63,19 @@ def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | 
         raise HarnessError(f"lm_eval task {unknown[0]!r} is not in the harness{hint}: check the name "
                            "(lm-eval ls tasks lists them)")
     # The harness narrates loading and progress on stdout/stderr: our caller prints what matters.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        out = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=list(tasks),
-            task_manager=manager, batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot,
-            log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            out = lm_eval.simple_evaluate(
+                model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=list(tasks),
+                task_manager=manager, batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot,
+                log_samples=False, bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+                torch_random_seed=seed, fewshot_random_seed=seed)
+    except Exception as e:  # a missing dataset, a device that is not there, a broken task YAML: one line
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        text = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        hint = (": the harness's own tasks download their data; where a hub is reachable set HF_HUB_OFFLINE=0 and "
+                "HF_DATASETS_OFFLINE=0" if any(w in text.lower() for w in ("offline", "connect", "hub")) else "")
+        raise HarnessError(f"lm-evaluation-harness could not score {model_dir} ({text[:300]}){hint}") from None
     return {task: clean(values) for task, values in (out or {}).get("results", {}).items()}
 
 

@@ -1,9 +1,13 @@
-"""finetune.compare_base: fine-tune the unadapted model beside the adapted one and compare them.
+"""What adaptation bought, measured by the driver once a stage's workers are done.
 
-The unadapted run is the same fine-tune (settings, seed, data) started from model.name_or_path, or
-from the inline architecture freshly initialised, in OUTPUT_DIR/compare_base/ (its own checkpoints,
-export and resume). Both runs leave per-example test statistics; the driver compares them with a
-paired bootstrap (tasks/compare.py).
+finetune.compare_base: the unadapted run is the same fine-tune (settings, seed, data) started from
+model.name_or_path, or from the inline architecture freshly initialised, in OUTPUT_DIR/compare_base/
+(its own checkpoints, export and resume). Both runs leave per-example test statistics; the driver
+compares them with a paired bootstrap (tasks/compare.py).
+
+pretrain.eval.lm_eval: the starting model and the export are scored by lm-evaluation-harness in a Ray
+task with one worker's resources (its GPU, when workers have one), so no rank waits in a collective
+while a benchmark runs.
 """
 
 from __future__ import annotations
@@ -47,3 +51,41 @@ def compare(cfg: RunConfig, base_cfg: RunConfig, resamples: int = 2000) -> dict[
     result["base_model"] = cfg.model.name_or_path or "model.arch, freshly initialised"
     result["summary"] = sentence(result)
     return result
+
+
+def _harness_task(model_dir: str, tasks: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    from dist_train.evaluate.harness import run_harness
+
+    return run_harness(model_dir, tasks, **options)
+
+
+def benchmarks(cfg: RunConfig, export_dir: str, env: dict[str, str], log=print) -> dict[str, Any]:
+    """pretrain.eval.lm_eval: {"start": {task: metrics}, "end": {...}}, or {"error": the reason} when the
+    harness failed (the stage's training stands either way)."""
+    import ray
+
+    from dist_train.evaluate.harness import format_results
+
+    lm = cfg.pretrain.eval.lm_eval
+    models = {"start": cfg.model.name_or_path, "end": export_dir}
+    options = {"include_path": lm.include_path, "limit": lm.limit, "num_fewshot": lm.num_fewshot,
+               "batch_size": lm.batch_size, "device": "cuda" if cfg.ray.use_gpu else "cpu", "seed": cfg.seed}
+    task = ray.remote(num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0)(_harness_task)
+    results: dict[str, Any] = {}
+    for when in lm.at:
+        if models[when] is None:  # a from-scratch run has no starting model worth scoring
+            continue
+        log(f"[pretrain] lm_eval: scoring the {'starting model' if when == 'start' else 'export'} on "
+            f"{', '.join(lm.tasks)}")
+        try:
+            results[when] = ray.get(task.options(runtime_env={"env_vars": env}).remote(
+                models[when], list(lm.tasks), options))
+        except Exception as e:  # the harness's own failure, in one line: training is not undone by it
+            cause = getattr(e, "cause", None) or e
+            lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+            reason = f"{type(cause).__name__}: {lines[-1] if lines else ''}"
+            log(f"[pretrain] lm_eval failed on {models[when]}: {reason}")
+            return {**results, "error": reason}
+        for line in format_results(results[when]).splitlines():
+            log(f"[pretrain] lm_eval {when}: {line}")
+    return results

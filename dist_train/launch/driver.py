@@ -221,6 +221,12 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
             log(f"[{stage}] done: {summary_line(result)}")
             if stage == "pretrain" and "adaptation" in result:
                 log(f"[pretrain] adaptation: {result['adaptation']['summary']}")
+            if stage == "pretrain" and cfg.pretrain.eval.lm_eval.tasks:
+                from dist_train.launch.compare import benchmarks
+
+                results[stage] = result = {**result, "lm_eval": benchmarks(cfg, result["export_dir"],
+                                                                            worker_env(cfg), log)}
+                write_atomic(Path(cfg.output_dir) / stage / RESULT, json.dumps(result, indent=1))
             if stage == "finetune" and cfg.finetune.compare_base:
                 t = time.time()
                 results[stage] = result = compare_with_base(cfg, result, log)

@@ -278,9 +278,11 @@ def _finish(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Mo
 
 
 def new_parameters(model: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """The trainable parameters a LoadReport names as new (a tied alias counts once)."""
-    by_name = dict(model.named_parameters(remove_duplicate=False))
-    found = {id(p): p for n in names if (p := by_name.get(n)) is not None and p.requires_grad}
+    """The trainable parameters a LoadReport names as new (a tied alias counts once), also once the
+    model is wrapped (peft's LoRA puts `base_model.model.` before every name)."""
+    wanted = set(names)
+    found = {id(p): p for n, p in model.named_parameters(remove_duplicate=False)
+             if p.requires_grad and (n in wanted or any(n.endswith("." + k) for k in wanted))}
     return list(found.values())
 
 

@@ -40,6 +40,13 @@ class ExampleStats:
 
         return cls(examples, dim, cat(rows, np.int64), cat(cols, np.int64), cat(vals, np.float64))
 
+    @classmethod
+    def merged(cls, parts: list[ExampleStats]) -> ExampleStats:
+        """The statistics of disjoint sets of examples (each rank's share) as one."""
+        return cls(max(p.examples for p in parts), max(p.dim for p in parts),
+                   np.concatenate([p.rows for p in parts]), np.concatenate([p.cols for p in parts]),
+                   np.concatenate([p.vals for p in parts]))
+
     def summed(self, counts: np.ndarray) -> np.ndarray:
         """The statistics of a resample that takes example i counts[i] times."""
         return np.bincount(self.cols, weights=self.vals * counts[self.rows], minlength=self.dim)
@@ -71,11 +78,13 @@ def paired_bootstrap(adapted: ExampleStats, base: ExampleStats, metrics: Callabl
     for r in range(resamples):
         counts = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
         diffs[r] = metrics(adapted.summed(counts))[metric] - metrics(base.summed(counts))[metric]
-    lo, hi = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
+    # a resample can leave a metric undefined (a correlation of constant values): it is left out, and counted
+    lo, hi = (float(x) for x in np.nanpercentile(diffs, [2.5, 97.5]))
     better, worse = (lo > 0, hi < 0) if higher_is_better else (hi < 0, lo > 0)
     verdict = "helped" if better else "hurt" if worse else "no_clear_difference"
     return {"metric": metric, "higher_is_better": higher_is_better, "adapted": a, "base": b, "difference": a - b,
-            "ci95": [lo, hi], "resamples": resamples, "examples": n, "verdict": verdict}
+            "ci95": [lo, hi], "resamples": resamples, "undefined_resamples": int(np.isnan(diffs).sum()), "examples": n,
+            "verdict": verdict}
 
 
 def sentence(c: dict[str, Any]) -> str:

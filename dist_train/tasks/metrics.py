@@ -20,6 +20,11 @@ def confusion(pred: np.ndarray, gold: np.ndarray, n: int, weight: np.ndarray) ->
     return m
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped (exp(50)) so a diverged model gives a number rather than an overflow."""
+    return math.exp(min(loss, 50.0))
+
+
 def ratio(a: float, b: float) -> float:
     """a / b, and 0 for an empty denominator (a class never predicted has precision 0)."""
     return a / b if b > 0 else 0.0

@@ -8,13 +8,13 @@ loss. Metrics: loss and perplexity per response token.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from dist_train.data.manifest import DataError
+from dist_train.tasks import metrics as M
 
 IGNORE = -100
 
@@ -84,7 +84,7 @@ class SFT:
 
     def metrics(self, stats: np.ndarray) -> dict[str, Any]:
         loss = stats[0] / stats[1] if stats[1] else float("nan")
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "response_tokens": float(stats[1]),
+        return {"loss": loss, "perplexity": M.perplexity(loss), "response_tokens": float(stats[1]),
                 "examples": float(stats[2])}
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:

@@ -112,10 +112,9 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             out["test"] = evaluate_records(task, lambda b: model(**{k: v.to(model.device) for k, v in b.items()}),
                                            test, world, d.micro_batch_size, desc="[finetune] test", per_example=own)
             if own is not None:  # for the paired bootstrap against the unadapted model (launch/compare.py)
-                every = world.all_gather_object(own)
+                every = world.all_gather_object(ExampleStats.from_dense(own, len(test)))  # sparse: small to send
                 if world.is_main:
-                    merged = {i: v for part in every for i, v in part.items()}
-                    ExampleStats.from_dense(merged, len(test)).save(export_dir.parent / TEST_STATS)
+                    ExampleStats.merged(every).save(export_dir.parent / TEST_STATS)
         if sec.quantize_int8:
             out.update(int8_copy(export_dir, test))
             if test:  # what quantization costs, metric by metric

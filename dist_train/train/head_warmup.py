@@ -2,8 +2,9 @@
 then everything, in one run.
 
 While the head warms up, the body's gradients are zeroed as they are computed (so neither the
-gradient-norm clip nor Adam's moments see them) and its learning rate is 0 (so decoupled weight decay
-cannot move it either): the body stays bit for bit the starting model's, and the head trains at a
+gradient-norm clip nor Adam's moments see them; Adam's step count does advance, which only shifts
+its bias correction) and its learning rate is 0 (so decoupled weight decay cannot move it either):
+the body stays bit for bit the starting model's, and the head trains at a
 constant `head_lr`, high because nothing else moves. From step N the head follows the schedule and
 the body's learning rate ramps up over the configured warmup steps. Everything is a function of the
 step, so a resume at any step lands in the same phase.
@@ -19,12 +20,15 @@ MIN_AUTO, MAX_AUTO, AUTO_SHARE = 10, 200, 0.1
 HEAD_LR_SCALE = 10.0  # head_lr null: this many times optim.lr
 
 
-def warmup_steps(configured: int | None, max_steps: int, has_new_head: bool) -> int:
-    """The head warm-up of a stage: as configured, or (null) 10% of max_steps within [10, 200] when the
-    checkpoint lacked a head; never more than half the stage."""
+def warmup_steps(configured: int | None, max_steps: int, has_new_head: bool, auto: bool = True) -> int:
+    """The head warm-up of a stage: as configured (fewer than max_steps: config/checks.py), or (null,
+    with `auto`) 10% of max_steps within [10, 200] and at most half the stage when the checkpoint
+    lacked a head; 0 when it lacked none."""
+    if not has_new_head:
+        return 0
     if configured is None:
-        configured = min(max(round(AUTO_SHARE * max_steps), MIN_AUTO), MAX_AUTO) if has_new_head else 0
-    return min(configured, max_steps // 2) if has_new_head else 0
+        return min(max(round(AUTO_SHARE * max_steps), MIN_AUTO), MAX_AUTO, max_steps // 2) if auto else 0
+    return configured
 
 
 def body_lr_factor(step: int, head_steps: int, ramp: int) -> float:

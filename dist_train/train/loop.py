@@ -99,10 +99,11 @@ class EarlyStopping:
 
     def should_stop(self, state: TrainState, evaluation: dict[str, float]) -> bool:
         value = evaluation.get(self.metric)
-        if value is None or value != value:  # no validation data, or NaN: nothing to judge by
+        if not evaluation or (value is not None and value != value):  # no validation data, or NaN: nothing to judge
             return False
-        better = state.best is None or (value > state.best + self.min_delta if self.higher_is_better
-                                        else value < state.best - self.min_delta)
+        # an evaluation without the metric (adapted_loss over the forgetting limit) is no improvement
+        better = value is not None and (state.best is None or (
+            value > state.best + self.min_delta if self.higher_is_better else value < state.best - self.min_delta))
         state.best, state.bad_evals = (value, 0) if better else (state.best, state.bad_evals + 1)
         return state.bad_evals >= self.patience
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,13 +11,22 @@ import torch
 
 from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig, baseline_on
-from dist_train.data.evalsets import EvalSource, check_fits, eval_sources, read_samples, set_size, shard_source
+from dist_train.data.evalsets import (
+    EvalSource,
+    check_fits,
+    eval_sources,
+    read_samples,
+    set_size,
+    shard_source,
+    usable,
+)
 from dist_train.data.manifest import DataError, Manifest, read_manifest
 from dist_train.data.mixture import Mixture, shard_name
 from dist_train.data.stream import pretrain_batches
 from dist_train.data.tasks import eval_shard
 from dist_train.model.build import build_lm, load_tokenizer
 from dist_train.progress import Progress
+from dist_train.tasks.metrics import perplexity
 from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
 from dist_train.train.loss import loss_for
@@ -119,43 +126,22 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     plan = {"lanes": mix.lanes, "window_shards": sec.data.window_shards, "seed": cfg.seed,
             "global_batch": mix.global_batch, "shards": sec.data.shards,
             "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix]}
-    def final(export_dir: Path) -> dict[str, Any]:
-        """Standard benchmarks (pretrain.eval.lm_eval) of the starting model and the export, on rank 0."""
-        lm = sec.eval.lm_eval
-        if not lm.tasks:
-            return {}
-        results: dict[str, Any] = {}
-        if world.is_main:
-            from dist_train.evaluate.harness import format_results, run_harness
-
-            models = {"start": cfg.model.name_or_path, "end": str(export_dir)}
-            for when in lm.at:
-                if models[when] is None:  # a from-scratch run has no starting model worth scoring
-                    continue
-                with Progress(f"[pretrain] lm_eval {when}", total=1, unit="models") as bar:
-                    results[when] = run_harness(models[when], list(lm.tasks), include_path=lm.include_path,
-                                                limit=lm.limit, num_fewshot=lm.num_fewshot,
-                                                batch_size=lm.batch_size, device=world.device, seed=cfg.seed)
-                    bar.update()
-                print("\n".join(f"[pretrain] lm_eval {when}: {line}"
-                                for line in format_results(results[when]).splitlines()), flush=True)
-        world.barrier()
-        return {"lm_eval": results}
-
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
-                      final=final, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan},
+                      final=lambda export_dir: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan},
                       loaded=loaded, eval_roles={s.name: s.role for s, _ in sets}, baseline=baseline_on(cfg),
                       max_forgetting=sec.eval.max_forgetting, stop_on_forgetting=sec.eval.stop_on_forgetting,
                       carry_unused=True)
 
 
 def read_eval_sets(cfg: RunConfig, main: Manifest) -> list[tuple[EvalSource, Manifest]]:
-    """Every evaluation set with its manifest (text corpora were packed by the driver at start)."""
+    """Every evaluation set with its manifest (text corpora were packed by the driver at start); a corpus
+    the run trains on without a validation split is left out (validate says so)."""
     out = []
     for s in eval_sources(cfg):
         man = read_manifest(shard_source(s, cfg.output_dir), allow_pipe=cfg.pretrain.data.allow_pipe)
-        check_fits(s.name, man, main)
-        out.append((s, man))
+        if usable(s, man):
+            check_fits(s.name, man, main)
+            out.append((s, man))
     return out
 
 
@@ -179,13 +165,14 @@ def make_evaluate(sets: list[tuple[EvalSource, Manifest]], to_batch: Callable, l
         with torch.no_grad(), Progress("[pretrain] eval", total=sum(-(-len(p[3]) // micro) for p in plans),
                                        unit="batches", enabled=world.is_main) as bar:
             for _, man, size, share, key in plans:
-                rows = dict(read_samples(man, {i for i, w in share if w}, size))
+                # the share's samples in index order (padding last), streamed: a set of any size fits
+                stream = (row for _, row in read_samples(man, {i for i, w in share if w}, size))
+                pad = np.zeros(man.seq_len, dtype=np.int64)
                 loss_tokens, tokens = 0.0, 0
                 for j in range(0, len(share), micro):
                     bar.update()
                     part = share[j:j + micro]
-                    pad = np.zeros(man.seq_len, dtype=np.int64)
-                    batch = to_batch(np.stack([rows[i] if w else pad for i, w in part]).astype(np.int64),
+                    batch = to_batch(np.stack([next(stream) if w else pad for _, w in part]).astype(np.int64),
                                      [(seed, EVAL_SEED, key, i) for i, _ in part])
                     labels = batch.pop("labels").clone()  # clm: the same tensor as input_ids
                     labels[torch.tensor([w == 0 for _, w in part])] = -100  # padding rows weigh 0
@@ -197,10 +184,6 @@ def make_evaluate(sets: list[tuple[EvalSource, Manifest]], to_batch: Callable, l
                               {s.name: s.role for s, *_ in plans})
 
     return evaluate
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
 
 
 def pooled_metrics(sums: dict[str, tuple[float, float]], roles: dict[str, str]) -> dict[str, float]:

@@ -94,7 +94,11 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         load_dir, universal = ckpt.load_source(tag)  # converted when the worker count changed
         ds_config = {**ds_config, "checkpoint": {"load_universal": universal}}
     head = new_parameters(parts.model, parts.loaded.new)
-    head_steps = warmup_steps(section.train.head_warmup_steps, section.train.max_steps, bool(head))
+    head_steps = warmup_steps(section.train.head_warmup_steps, section.train.max_steps, bool(head),
+                              auto=stage == "pretrain")
+    if tag is not None:  # the warm-up this run started with (max_steps may have changed); 0 before warm-ups
+        head_steps = world.broadcast_object(ckpt.meta(tag).get("head_warmup_steps", 0) if world.is_main else None)
+    ckpt.run_info["head_warmup_steps"] = head_steps  # every checkpoint records it
     engine = build_engine(parts.model, ds_config, section.optim.weight_decay, head if head_steps else None)
     state = TrainState()
     resumed_from = None

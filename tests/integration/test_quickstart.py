@@ -52,6 +52,9 @@ def test_report_matches_the_contract(quickstart):
     pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
     assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is True
     assert pre["eval"]["loss"] < 7.5  # ln(4096) = 8.3 at random init: it learned the domain
+    domain = pre["adaptation"]["sets"]["domain"]  # the quickstart evaluates the random initialisation at step 0
+    assert domain["before"]["loss"] > 8.0 and domain["after"]["loss"] == pytest.approx(pre["eval"]["loss"])
+    assert domain["change"]["perplexity_rel"] < -0.5 and pre["adaptation"]["verdict"] == "adapted"
     assert ft["eval"]["accuracy"] > ft["eval"]["majority_rate"] + 0.1
     assert ft["test"]["accuracy"] > ft["test"]["majority_rate"] + 0.1
     assert {"pretrain_s", "finetune_s", "total_s"} <= report["timings"].keys()
@@ -68,6 +71,7 @@ def test_report_and_runs_read_the_quickstart(quickstart):
     assert all((out / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
     page = (out / "report.md").read_text()
     for needle in ("**State:** completed", "| pretrain | 120/120 |", "| finetune | test | accuracy ",
+                   "## What adaptation bought", "| domain | domain | ",
                    "No restarts.", "| step_00000120 | 120 |", "![Throughput and MFU over time](report/throughput.png)"):
         assert needle in page, needle
     assert (out / "report.html").read_text().count("<img ") == 5

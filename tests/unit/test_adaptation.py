@@ -89,6 +89,7 @@ def test_head_warmup_holds_the_body_then_ramps_it():
     assert warmup_steps(None, 10_000, True) == 200 and warmup_steps(None, 10, True) == 5, "never over half"
     assert warmup_steps(None, 1000, False) == 0 and warmup_steps(50, 1000, False) == 0, "no new head: nothing"
     assert warmup_steps(0, 1000, True) == 0 and warmup_steps(30, 1000, True) == 30
+    assert warmup_steps(None, 1000, True, auto=False) == 0, "finetune: no warm-up unless asked for"
     factors = [body_lr_factor(s, 3, 4) for s in range(9)]
     assert factors == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
     assert body_lr_factor(3, 3, 0) == 1.0
@@ -128,3 +129,60 @@ def test_paired_bootstrap_finds_a_real_gain_and_not_a_fake_one(tmp_path):
     assert sentence(c).startswith("adaptation helped: test accuracy ")
     with pytest.raises(ValueError, match="differ in size"):
         paired_bootstrap(a, stats_of(classification_stats(gold[:10], good[:10], 3)), accuracy(3), "accuracy", True)
+
+
+def test_export_keeps_the_pooler_the_masked_lm_does_not_use(tmp_path):
+    """A BERT checkpoint with a pooler, adapted as a masked LM (which has none): the export carries the
+    pooler, so a classifier fine-tuned from it starts with the trained pooler, not a random one."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+
+    from dist_train.checkpoint.export import carry_weights
+    from dist_train.model.build import _load_report
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path / "start")  # headless: pooler.dense.weight, no "bert." prefix
+    mlm, info = BertForMaskedLM.from_pretrained(tmp_path / "start", output_loading_info=True)
+    report = _load_report(str(tmp_path / "start"), info)
+    assert "pooler.dense.weight" in report.unused and "cls.predictions.transform.dense.weight" in report.new
+    mlm.save_pretrained(tmp_path / "export")
+    assert carry_weights(tmp_path / "export", report.source, report.unused, mlm.base_model_prefix) == [
+        "bert.pooler.dense.bias", "bert.pooler.dense.weight"]
+    clf, info = BertForSequenceClassification.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["classifier.bias", "classifier.weight"], "the pooler came along"
+    start = BertModel.from_pretrained(tmp_path / "start")
+    assert np.array_equal(clf.bert.pooler.dense.weight.detach().numpy(), start.pooler.dense.weight.detach().numpy())
+    assert carry_weights(tmp_path / "export", report.source, report.unused, "bert") == [], "carried once"
+
+
+def test_packing_a_corpus_never_replaces_a_directory_it_did_not_make(tmp_path, tokenizer_dir, corpus_jsonl):
+    from dist_train.data.evalsets import EvalSource, built_dir, pack_corpus
+
+    s = EvalSource("legal", "domain", str(corpus_jsonl))
+    theirs = built_dir(tmp_path, "legal")
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="exists but was not packed by dist-train"):
+        pack_corpus(s, tmp_path, str(tokenizer_dir), 32, progress=False)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    (theirs / "notes.txt").unlink()
+    theirs.rmdir()
+    man = pack_corpus(s, tmp_path, str(tokenizer_dir), 32, progress=False)
+    assert man.train and not man.validation, "all of it is held out: val split off"
+    again = pack_corpus(s, tmp_path, str(tokenizer_dir), 32, progress=False)
+    assert again.train == man.train
+
+
+def test_early_stopping_counts_an_evaluation_over_the_forgetting_limit_as_no_improvement():
+    from dist_train.train.loop import EarlyStopping, TrainState
+
+    rule, state = EarlyStopping("adapted_loss", False, patience=2), TrainState()
+    assert not rule.should_stop(state, {"loss": 3.0, "adapted_loss": 3.0})
+    assert not rule.should_stop(state, {"loss": 2.0, "forgetting": 0.3})  # over the limit: no adapted_loss
+    assert rule.should_stop(state, {"loss": 1.9, "forgetting": 0.4})
+    assert not EarlyStopping("accuracy", True, patience=1).should_stop(TrainState(), {}), "no validation data"
+
+
+def test_a_removed_key_says_where_it_went():
+    with pytest.raises(ConfigError, match="it became pretrain.eval.samples"):
+        load_config(QUICKSTART, ["pretrain.train.eval_batches=8"])

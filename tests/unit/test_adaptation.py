@@ -184,5 +184,5 @@ def test_early_stopping_counts_an_evaluation_over_the_forgetting_limit_as_no_imp
 
 
 def test_a_removed_key_says_where_it_went():
-    with pytest.raises(ConfigError, match="it became pretrain.eval.samples"):
+    with pytest.raises(ConfigError, match=r"it became pretrain\.eval\.samples"):
         load_config(QUICKSTART, ["pretrain.train.eval_batches=8"])

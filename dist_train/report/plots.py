@@ -200,27 +200,27 @@ def _set_curves(ax: Any, stage: StageData, sets: dict[str, str], summary: dict[s
 
 
 def _before_after(ax: Any, summary: dict[str, Any]) -> None:
-    """One row per set: the starting model's perplexity (gray) and the adapted model's (blue), joined by
-    an arrow and labelled with the relative change (green when it fell, red when it rose)."""
+    """A bar per set: the relative change of its perplexity from before to after (green when it fell,
+    red when it rose), labelled with the two perplexities; the forgetting limit marked on general sets."""
     names = [n for n, e in summary["sets"].items() if e.get("before") and e.get("after")]
-    for y, n in enumerate(names):
+    changes = [100 * summary["sets"][n]["change"]["perplexity_rel"] for n in names]
+    ax.barh(range(len(names)), changes, color=["tab:green" if c < 0 else "tab:red" for c in changes], height=0.6)
+    for y, (n, c) in enumerate(zip(names, changes, strict=True)):
         e = summary["sets"][n]
-        b, a, change = e["before"]["perplexity"], e["after"]["perplexity"], e["change"]["perplexity_rel"]
-        color = "tab:green" if change < 0 else "tab:red"
-        ax.annotate("", xy=(a, y), xytext=(b, y), arrowprops={"arrowstyle": "->", "color": color, "lw": 1.5})
-        ax.plot([b], [y], "o", color="tab:gray", label="before" if y == 0 else None)
-        ax.plot([a], [y], "o", color="tab:blue", label="after" if y == 0 else None)
-        ax.annotate(f"{change:+.1%}", (max(a, b), y), xytext=(6, 4), textcoords="offset points", fontsize=9,
-                    color=color)
+        ax.annotate(f"{e['before']['perplexity']:.4g} → {e['after']['perplexity']:.4g}", (c, y),
+                    xytext=(4 if c >= 0 else -4, 0), textcoords="offset points", va="center",
+                    ha="left" if c >= 0 else "right", fontsize=8)
+    limit = summary.get("max_forgetting")
+    if limit is not None and any(summary["sets"][n]["role"] == "general" for n in names):
+        ax.axvline(100 * limit, color="tab:red", linestyle=":", label=f"forgetting limit (+{limit:.0%})")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(names)), [f"{n}\n({summary['sets'][n]['role']})" for n in names])
-    ax.set_ylim(-0.6, len(names) - 0.4)
     ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.margins(x=0.25)
-    ax.set(title=f"before (step {summary['before_step']}) and after (step {summary['after_step']})\n"
-                 f"verdict: {summary.get('verdict', '-')}", xlabel="perplexity (log)")
-    ax.grid(alpha=0.3, axis="x", which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.45)
+    ax.set(title=f"perplexity change, step {summary['before_step']} → {summary['after_step']}\n"
+                 f"verdict: {summary.get('verdict', '-')}", xlabel="change (%)")
+    ax.grid(alpha=0.3, axis="x")
 
 
 def _compare_base(ax: Any, c: dict[str, Any]) -> None:

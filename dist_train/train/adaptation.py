@@ -66,7 +66,8 @@ def summarize(before: dict[str, float], before_step: int, after: dict[str, float
         if worst_set is not None:
             g = sets[worst_set]
             limit = f", limit {max_forgetting:.0%}" if max_forgetting is not None else ""
-            sentence += (f", general{'' if len(general) == 1 else ' ' + worst_set} {g['before']['perplexity']:.4g} "
+            which = "" if len(general) == 1 else f" (worst: {worst_set})"
+            sentence += (f", general{which} {g['before']['perplexity']:.4g} "
                          f"→ {g['after']['perplexity']:.4g} ({worst:+.1%}{limit}"
                          + (", over the limit)" if over else ")"))
     return {"before_step": before_step, "after_step": after_step, "head_warmup_steps": head_warmup_steps,

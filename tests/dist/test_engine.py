@@ -193,7 +193,7 @@ def test_head_warmup_trains_only_the_new_head_then_everything(tmp_path, encoder_
     body bit for bit unchanged, under ZeRO-2 and ZeRO-3), then the body joins."""
     cfg = tiny_config(tmp_path, encoder_shards, minilm_dir, f"model.name_or_path={minilm_dir}", "model.arch=null",
                       "pretrain.objective=mlm", f"pretrain.deepspeed.zero_stage={zero}", "pretrain.eval.samples=8",
-                      "pretrain.optim.lr=1.0e-3")
+                      "pretrain.optim.lr=1.0e-3", "model.dropout=0.0")
     out = tmp_path / "r.json"
     mp.spawn(workers.head_warmup, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
     res = json.loads(out.read_text())
@@ -203,6 +203,7 @@ def test_head_warmup_trains_only_the_new_head_then_everything(tmp_path, encoder_
     assert res["head_moved_in_warmup"] == res["head_names"]
     assert "bert.encoder.layer.0.attention.self.query.weight" in res["body_moved_after"]
     assert res["groups"] == [False, False, True, True], "head groups first (the logged lr is the schedule's)"
+    assert res["resumed_differs"] == [], "resumed inside the warm-up, it ends where the uninterrupted run does"
     assert res["evaluation"]["domain/loss"] > 9, "a random head predicts about ln(30522) = 10.3"
 
 

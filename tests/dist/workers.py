@@ -395,28 +395,40 @@ def full_params(engine) -> dict:
     return out
 
 
-def head_warmup(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
-    """The checkpoint lacks the masked-LM head: during a 2-step warm-up only the head moves (the body
-    stays bit for bit), then everything trains. Also: the evaluation before any step, on this world size."""
-    import torch
-
-    from dist_train.config.derived import derive_stage
-    from dist_train.config.loader import from_dict
+def warmed_engine(cfg, d, world):
+    """The stage's model and an engine with a 2-step head warm-up (ramp 2)."""
     from dist_train.model.build import new_parameters
     from dist_train.train.engine import build_engine
     from dist_train.train.head_warmup import HeadWarmup
     from dist_train.train.pretrain import build_pretrain
 
-    world = init_process(rank, world_size, port)
-    cfg = from_dict(cfg_dict)
-    d = derive_stage(cfg, "pretrain", world.world_size)
     parts = build_pretrain(cfg, d, world)
     head = new_parameters(parts.model, parts.loaded.new)
     head_ids = {id(p) for p in head}
     body = [p for p in parts.model.parameters() if id(p) not in head_ids]
     engine = build_engine(parts.model, d.deepspeed, cfg.pretrain.optim.weight_decay, head)
+    return parts, engine, HeadWarmup(engine, body, steps=2, ramp=2, head_lr=1e-2), head_ids
+
+
+def head_warmup(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """The checkpoint lacks the masked-LM head: during a 2-step warm-up only the head moves (the body
+    stays bit for bit), then everything trains; a run resumed from a checkpoint inside the warm-up ends
+    where the uninterrupted one does. Also: the evaluation before any step, on this world size."""
+    import torch
+
+    from dist_train.checkpoint.export import describe_model
+    from dist_train.checkpoint.manager import CheckpointManager
+    from dist_train.config.derived import derive_stage
+    from dist_train.config.loader import from_dict
+
+    world = init_process(rank, world_size, port)
+    cfg = from_dict(cfg_dict)
+    d = derive_stage(cfg, "pretrain", world.world_size)
+    parts, engine, warm, head_ids = warmed_engine(cfg, d, world)
     head_names = {n for n, p in engine.module.named_parameters() if id(p) in head_ids}
-    warm = HeadWarmup(engine, body, steps=2, ramp=2, head_lr=1e-2)
+    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2,
+                             run_info={"stage": "pretrain", "config": cfg_dict, "head_warmup_steps": 2},
+                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d))
     evaluation = parts.evaluate(engine)
     engine.train()
     batches = parts.batches(0)
@@ -425,6 +437,16 @@ def head_warmup(rank: int, world_size: int, port: int, cfg_dict: dict, out: str)
         warm.at(step)
         run_steps(engine, parts.loss_fn, batches, 1)
         snapshots.append(full_params(engine))
+        if step == 0:  # a checkpoint inside the warm-up
+            ckpt.save(engine, 1, {"train_state": {"step": 1}})
+    _, engine2, warm2, _ = warmed_engine(cfg, d, world)
+    engine2.load(str(ckpt.root), ckpt.resume_tag())
+    engine2.train()
+    batches2 = parts.batches(1)
+    for step in range(1, 4):
+        warm2.at(step)
+        run_steps(engine2, parts.loss_fn, batches2, 1)
+    resumed = full_params(engine2)
 
     def moved(a: dict, b: dict, names: set) -> list:
         return sorted(n for n in names if not torch.equal(a[n], b[n]))
@@ -434,6 +456,7 @@ def head_warmup(rank: int, world_size: int, port: int, cfg_dict: dict, out: str)
               "body_moved_in_warmup": moved(snapshots[0], snapshots[2], body_names),
               "head_moved_in_warmup": moved(snapshots[0], snapshots[2], head_names),
               "body_moved_after": moved(snapshots[2], snapshots[4], body_names),
+              "resumed_differs": moved(resumed, snapshots[4], set(resumed)),
               "groups": [bool(g.get("body")) for g in engine.ds.optimizer.param_groups]}
     if world.is_main:
         Path(out).write_text(json.dumps(report))

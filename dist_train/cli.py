@@ -227,8 +227,15 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("--num-fewshot must be 0 or more")
     if args.output and Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output!r} is a directory: name a JSON file to write")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
+    if args.output:
+        out = Path(args.output).resolve()
+        if not out.parent.is_dir():
+            raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
+        if out.is_relative_to(Path(args.export_dir).resolve()):
+            raise ConfigError(f"--output {args.output!r} is inside the model directory it scores: write it elsewhere")
+        if out.is_file() and not _eval_output(out):
+            raise ConfigError(f"--output {args.output!r} exists and is not an earlier `dist-train eval` result: "
+                              "choose a new file name (only those are replaced)")
     results = run_harness(args.export_dir, tasks, include_path=args.include_path, limit=args.limit,
                           num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device)
     print(format_results(results))
@@ -236,6 +243,15 @@ def _eval(args: argparse.Namespace) -> int:
         write_atomic(Path(args.output), json.dumps({"model": str(args.export_dir), "results": results}, indent=1))
         print(f"wrote {args.output}")
     return 0
+
+
+def _eval_output(path) -> bool:
+    """Whether `path` holds what `dist-train eval --output` writes (so replacing it loses nothing of yours)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == {"model", "results"}
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -324,15 +324,14 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
             raise ConfigError(f"finetune.data.max_length={ft.data.max_length} exceeds "
                               f"model.arch.max_position_embeddings={max_pos}: lower it")
         notes += _check_finetune_task(cfg, tokenizer)
-        _check_compare_base(cfg)
+        notes += _check_compare_base(cfg)
     return notes
 
 
 def _check_eval_sets(cfg: RunConfig) -> list[str]:
     """Every evaluation set exists and is tokenized like the training data (text corpora: readable),
     and the forgetting options have something to act on."""
-    from dist_train.data.build import expand_inputs
-    from dist_train.data.evalsets import check_fits, eval_sources, usable
+    from dist_train.data.evalsets import check_corpus, check_fits, check_shard_path, eval_sources, usable
     from dist_train.data.manifest import read_manifest
 
     sec = cfg.pretrain
@@ -340,9 +339,10 @@ def _check_eval_sets(cfg: RunConfig) -> list[str]:
     main = None if _pending(cfg, sec.data.shards) else read_manifest(sec.data.shards, allow_pipe=sec.data.allow_pipe)
     notes, skipped = [], []
     for s in sources:
-        if s.is_corpus:
-            expand_inputs(s.path)  # exists, and of a kind data build reads
+        if s.is_corpus and not _pending(cfg, s.path):
+            check_corpus(s)
         elif main is not None and not _pending(cfg, s.path):
+            check_shard_path(s)
             man = read_manifest(s.path, allow_pipe=sec.data.allow_pipe)
             if not usable(s, man):
                 skipped.append(s.name)
@@ -379,17 +379,20 @@ def _check_eval_sets(cfg: RunConfig) -> list[str]:
     return notes
 
 
-def _check_compare_base(cfg: RunConfig) -> None:
+def _check_compare_base(cfg: RunConfig) -> list[str]:
     ft = cfg.finetune
     if not ft.compare_base:
-        return
+        return []
     if not ft.data.test and not ft.data.test_fraction:
         raise ConfigError("finetune.compare_base compares the two fine-tunes on the test set, and there is none: set "
                           "finetune.data.test or finetune.data.test_fraction")
     if ft.init_from is None or (cfg.model.name_or_path and ft.init_from == cfg.model.name_or_path):
-        raise ConfigError("finetune.compare_base compares a fine-tune of the adapted model with one of "
-                          "model.name_or_path, but finetune.init_from already is that model: set "
+        raise ConfigError("finetune.compare_base compares a fine-tune of the adapted model with one of the unadapted "
+                          "model, but finetune.init_from already starts from the unadapted one: set "
                           "finetune.init_from: pretrain (or an adapted export), or drop compare_base")
+    base = cfg.model.name_or_path or "model.arch, freshly initialised"
+    return [f"finetune.compare_base: then the same fine-tune of the unadapted model ({base}), in "
+            f"{Path(cfg.output_dir) / 'compare_base'}"]
 
 
 def _check_finetune_task(cfg: RunConfig, tokenizer) -> list[str]:

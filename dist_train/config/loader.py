@@ -7,8 +7,10 @@ and name the fix. Nothing here touches the filesystem beyond reading the YAML fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -247,12 +249,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         # YAML 1.1 reads 3e-4 (no dot) as a string: accept it, as promised in DESIGN.md.
         if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} = {_show(value)} must be a number")
+        if not math.isfinite(value):  # NaN slips through every range check; inf is no setting either
+            raise ConfigError(f"{path} = {value} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str) or not value:

@@ -33,6 +33,7 @@ class EvalSource:
     path: str  # shard source, or the text corpus to pack
     text_field: str = "text"
     default: bool = False  # a corpus the run trains on: evaluated on its validation split only, if it has one
+    key: str = "pretrain.eval.sets"  # the config key that defines it, for messages
 
     @property
     def is_corpus(self) -> bool:
@@ -54,25 +55,72 @@ def eval_sources(cfg: Any) -> list[EvalSource]:
     source as general); raises DataError on a bad or repeated name."""
     sec = cfg.pretrain
     if sec.eval.sets:
-        sources = [EvalSource(s.name, s.role, s.path, s.text_field) for s in sec.eval.sets]
+        sources = [EvalSource(s.name, s.role, s.path, s.text_field, key=f"pretrain.eval.sets[{i}]")
+                   for i, s in enumerate(sec.eval.sets)]
     else:
         mix = sec.data.mix
-        sources = [EvalSource("domain", "domain", sec.data.shards, default=True)]
-        sources += [EvalSource(mix_name(m.name, i, len(mix)), "general", m.shards, default=True)
-                    for i, m in enumerate(mix)]
-    seen: set[str] = set()
+        sources = [EvalSource("domain", "domain", sec.data.shards, default=True, key="pretrain.data.shards")]
+        sources += [EvalSource(mix_name(m.name, i, len(mix)), "general", m.shards, default=True,
+                               key=f"pretrain.data.mix[{i}]") for i, m in enumerate(mix)]
+    seen: dict[str, str] = {}
     for s in sources:
         if not NAME.match(s.name):
-            raise DataError(f"evaluation set name {s.name!r} must start with a letter and hold only letters, digits, "
-                            "_ and - (at most 40): rename it")
+            raise DataError(f"{s.key}: evaluation set name {s.name!r} must start with a letter and hold only letters, "
+                            "digits, _ and - (at most 40): rename it")
         if s.name in seen:
-            raise DataError(f"two evaluation sets are named {s.name!r}: give each pretrain.eval.sets entry (or "
-                            "pretrain.data.mix source) its own name")
-        seen.add(s.name)
+            raise DataError(f"{s.key} and {seen[s.name]} both give an evaluation set named {s.name!r} (the main "
+                            "corpus's is named domain): give each its own name")
+        seen[s.name] = s.key
     if not any(s.role == "domain" for s in sources):
         raise DataError("pretrain.eval.sets has no set with role: domain, so nothing measures the adaptation: "
                         "add one (e.g. the main corpus)")
     return sources
+
+
+def check_corpus(s: EvalSource) -> None:
+    """A text-corpus set, before anything starts: its files exist, are of a kind `data build` reads, are not
+    all empty, and (jsonl, csv, parquet) hold the text field."""
+    import csv
+    import glob
+
+    files = sorted(glob.glob(s.path)) if any(c in s.path for c in "*?[") else [s.path] * Path(s.path).is_file()
+    if not files:
+        raise DataError(f"{s.key}: {s.path!r} matches no file: fix its path")
+    odd = [f for f in files if not f.endswith(CORPUS_SUFFIXES)]
+    if odd:
+        raise DataError(f"{s.key}: {odd[0]!r} is not a {'/'.join(CORPUS_SUFFIXES)} file: give text files only")
+    nonempty = [f for f in files if Path(f).stat().st_size > 0]
+    if not nonempty:
+        raise DataError(f"{s.key}: every file of {s.path!r} is empty: point it at the held-out text")
+    first = nonempty[0]
+    fields: list[str] | None = None
+    if first.endswith((".jsonl", ".json")):
+        with open(first, encoding="utf-8", errors="replace") as f:
+            line = next((ln for ln in f if ln.strip()), "")
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DataError(f"{s.key}: the first record of {first} is not JSON: give one JSON object per "
+                            "line") from None
+        fields = list(record) if isinstance(record, dict) else []
+    elif first.endswith(".csv"):
+        with open(first, newline="", encoding="utf-8", errors="replace") as f:
+            fields = next(csv.reader(f), [])
+    elif first.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        fields = pq.read_schema(first).names
+    if fields is not None and s.text_field not in fields:
+        raise DataError(f"{s.key}: {first} has no field {s.text_field!r} (fields: {fields[:8]}): set its text_field")
+
+
+def check_shard_path(s: EvalSource) -> None:
+    """A directory of text files given where shards are expected: say how to name them."""
+    p = Path(s.path)
+    if p.is_dir() and not (p / "manifest.json").is_file() and any(
+            f.suffix in CORPUS_SUFFIXES for f in p.iterdir()):
+        raise DataError(f"{s.key}: {s.path!r} holds text files, not shards: give them as a glob, e.g. "
+                        f"{s.path.rstrip('/')}/*.jsonl, and the run packs them")
 
 
 def built_dir(output_dir: str | Path, name: str) -> Path:

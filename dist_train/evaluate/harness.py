@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,15 @@ def check_harness(include_path: str | None) -> None:
     except ImportError:
         raise HarnessError("lm-evaluation-harness is not installed: pip install 'dist_train[eval]'") from None
     if include_path is not None and not Path(include_path).is_dir():
-        raise HarnessError(f"lm_eval include_path {include_path!r} is not a directory of task YAMLs: fix the path")
+        raise HarnessError(f"the task directory {include_path!r} (--include-path, or "
+                           "pretrain.eval.lm_eval.include_path) is not a directory of task YAMLs: fix the path")
 
 
 def check_causal(model_dir: str | Path) -> None:
     """The harness scores causal LMs (log-likelihoods of continuations): refuse anything else."""
     config_path = Path(model_dir) / "config.json"
+    if not Path(model_dir).exists():
+        raise HarnessError(f"{model_dir} does not exist: pass a model directory, e.g. <output_dir>/pretrain/export")
     if not config_path.is_file():
         raise HarnessError(f"{model_dir} is not a Hugging Face model directory (no config.json): pass an export")
     arch = (json.loads(config_path.read_text()).get("architectures") or ["?"])[0]
@@ -59,12 +64,14 @@ def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | 
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        hint = f" or in {include_path}" if include_path else "; add include_path for tasks of your own"
+        hint = f" or in {include_path}" if include_path else (
+            "; tasks of your own need their directory (--include-path, or pretrain.eval.lm_eval.include_path)")
         raise HarnessError(f"lm_eval task {unknown[0]!r} is not in the harness{hint}: check the name "
                            "(lm-eval ls tasks lists them)")
-    # The harness narrates loading and progress on stdout/stderr: our caller prints what matters.
+    # The harness narrates loading and progress on stdout/stderr, and its `git describe` writes to the
+    # process's own stderr: our caller prints what matters.
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with quiet_output():
             out = lm_eval.simple_evaluate(
                 model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=list(tasks),
                 task_manager=manager, batch_size=batch_size, device=device, limit=limit, num_fewshot=num_fewshot,
@@ -77,6 +84,25 @@ def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | 
                 "HF_DATASETS_OFFLINE=0" if any(w in text.lower() for w in ("offline", "connect", "hub")) else "")
         raise HarnessError(f"lm-evaluation-harness could not score {model_dir} ({text[:300]}){hint}") from None
     return {task: clean(values) for task, values in (out or {}).get("results", {}).items()}
+
+
+@contextlib.contextmanager
+def quiet_output() -> Iterator[None]:
+    """Silence Python's stdout/stderr and the file descriptors under them (what subprocesses write)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def clean(values: dict[str, Any]) -> dict[str, float]:

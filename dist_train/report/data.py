@@ -49,6 +49,7 @@ class StageData:
     best: str | None
     heartbeat: dict[str, Any] | None  # the freshest rank heartbeat: step, phase, time
     incidents: list[dict[str, Any]]  # stuck ranks the heartbeat reported
+    unreadable: list[str] = field(default_factory=list)  # files that exist but do not parse (cut short?)
 
     @property
     def last_step(self) -> int:
@@ -131,10 +132,13 @@ def read_stage(out: Path, stage: str) -> StageData | None:
         return None
     beats = [b for b in (_json(p) for p in (d / "heartbeat").glob("rank_*.json")) if b]
     checkpoints, latest, best = read_checkpoints(d / "checkpoints")
+    result = _json(d / RESULT)
     return StageData(name=stage, rows=read_jsonl(d / METRICS), attempts=_json(d / ATTEMPTS) or [],
-                     result=_json(d / RESULT), checkpoints=checkpoints, latest=latest, best=best,
-                     heartbeat=max(beats, key=lambda b: b.get("time", 0.0)) if beats else None,
-                     incidents=read_jsonl(d / INCIDENTS))
+                     result=result if isinstance(result, dict) else None, checkpoints=checkpoints, latest=latest,
+                     best=best, heartbeat=max(beats, key=lambda b: b.get("time", 0.0)) if beats else None,
+                     incidents=read_jsonl(d / INCIDENTS),
+                     unreadable=[f"{stage}/{RESULT}"] if (d / RESULT).is_file() and not isinstance(result, dict)
+                     else [])
 
 
 def load_run(out: str | Path) -> RunData:

@@ -88,6 +88,9 @@ def summary(run: RunData) -> list[Block]:
                 evals.append([s.name, split, " · ".join(f"{k} {pct(v) if k == 'forgetting' else fmt(v)}"
                                                         for k, v in headline_metrics(metrics).items())])
     blocks: list[Block] = [("h2", "Final metrics"), ("table", (head, rows))]
+    unreadable = [f"`{f}`" for s in run.stages.values() for f in s.unreadable]
+    if unreadable:
+        blocks.append(("p", f"Unreadable (cut short or damaged), so left out: {', '.join(unreadable)}."))
     if evals:
         blocks.append(("table", (["stage", "split", "metrics"], evals)))
     exports = [[s.name, f"`{s.result['export_dir']}`", s.result.get("exported_checkpoint", "-")]
@@ -102,6 +105,17 @@ def pct(v: Any) -> str:
 
 
 def adaptation(run: RunData, images: dict[str, Path]) -> list[Block]:
+    """The adaptation section (adaptation_blocks); entries a damaged result.json garbles are named, not
+    rendered, and the rest of the page stands."""
+    try:
+        return adaptation_blocks(run, images)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return [("h2", PLOT_TITLES["adaptation"]),
+                ("p", f"The adaptation entries of pretrain/result.json or finetune/result.json are damaged "
+                      f"({type(e).__name__}: {e}): not shown.")]
+
+
+def adaptation_blocks(run: RunData, images: dict[str, Path]) -> list[Block]:
     """Per evaluation set: before, after, change and forgetting; the verdict; the fine-tune against the
     unadapted model; standard benchmarks. Empty when the run measured none of it."""
     pre = (run.stages["pretrain"].result or {}) if "pretrain" in run.stages else {}
@@ -247,9 +261,12 @@ def write_report(out: str | Path, formats: tuple[str, ...] = ("md",)) -> list[Pa
     tmp = run.out / f".{PLOT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    images = {key: path for key, fn in plots.PLOTS.items() if (path := fn(run, tmp / f"{key}.png")) is not None}
-    shutil.rmtree(plot_dir, ignore_errors=True)
-    tmp.rename(plot_dir)  # the plots of one rendering, never a mix of two
+    try:
+        images = {key: path for key, fn in plots.PLOTS.items() if (path := plots.drawn(fn, run, tmp / f"{key}.png"))}
+        shutil.rmtree(plot_dir, ignore_errors=True)
+        tmp.rename(plot_dir)  # the plots of one rendering, never a mix of two
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     images = {key: plot_dir / p.name for key, p in images.items()}
     blocks = build_blocks(run, images)
     pages = []

@@ -3,6 +3,7 @@ returns its path, or None when the run has nothing to plot for it."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
+
+
+def drawn(fn: Any, run: RunData, path: Path) -> Path | None:
+    """fn's plot, or None when the run's files are too damaged to draw it (the page says what it has)."""
+    try:
+        return fn(run, path)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        _plt().close("all")
+        return None
 
 
 def _mark_resumes(ax: Any, stage: StageData) -> None:
@@ -178,7 +188,8 @@ def pretrain_sets(stage: StageData) -> dict[str, str]:
 def _set_curves(ax: Any, stage: StageData, sets: dict[str, str], summary: dict[str, Any]) -> None:
     for i, (name, role) in enumerate(sets.items()):
         key = f"eval_{name}/perplexity"
-        points = {r["step"]: r[key] for r in stage.evals if key in r}  # a redone step: its last evaluation
+        points = {r["step"]: r[key] for r in stage.evals  # a redone step: its last evaluation
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])}
         if not points:
             continue
         color = f"C{i}"
@@ -193,8 +204,8 @@ def _set_curves(ax: Any, stage: StageData, sets: dict[str, str], summary: dict[s
         ax.axvline(warm, color="gray", linestyle=":", label=f"head warm-up ends (step {warm})")
     _mark_resumes(ax, stage)
     ax.set_yscale("log")
-    ax.set(title="pretrain: perplexity per evaluation set\n(dashed: the starting model)", xlabel="step",
-           ylabel="perplexity (log)")
+    ax.set(title="pretrain: perplexity per evaluation set\n(dashed: before, the starting model"
+                 + (" with its warmed-up head)" if warm else ")"), xlabel="step", ylabel="perplexity (log)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
 

@@ -34,7 +34,7 @@ def test_default_sets_are_the_main_corpus_and_every_mix_source():
 
 def test_set_names_and_roles_are_checked():
     two = "pretrain.eval.sets=[{name: a, path: x}, {name: a, path: y}]"
-    with pytest.raises(DataError, match="two evaluation sets are named 'a'"):
+    with pytest.raises(DataError, match="both give an evaluation set named 'a'"):
         eval_sources(load_config(QUICKSTART, [two]))
     with pytest.raises(DataError, match="must start with a letter"):
         eval_sources(load_config(QUICKSTART, ["pretrain.eval.sets=[{name: 'my set', path: x}]"]))

@@ -147,9 +147,10 @@ CASES = [
          "is not a number: use numeric labels, or task sequence_classification", finetune_only=True),
     Case("two evaluation sets of one name",
          ("pretrain.eval.sets=[{name: domain, path: /a.jsonl}, {name: domain, path: /b.jsonl}]",),
-         "two evaluation sets are named 'domain': give each pretrain.eval.sets entry"),
+         "pretrain.eval.sets[1] and pretrain.eval.sets[0] both give an evaluation set named 'domain'"),
     Case("an evaluation set that does not exist", ("pretrain.eval.sets=[{name: legal, path: /nope/legal.jsonl}]",),
-         "matches no file"),
+         "pretrain.eval.sets[0]: '/nope/legal.jsonl' matches no file: fix its path"),
+    Case("a non-finite number", ("pretrain.eval.max_forgetting=.nan",), "must be a finite number"),
     Case("evaluation sets without a domain set",
          ("pretrain.eval.sets=[{name: web, path: /a.jsonl, role: general}]",), "has no set with role: domain"),
     Case("stop on forgetting with nothing to measure it", ("pretrain.eval.stop_on_forgetting=true",),
@@ -162,7 +163,7 @@ CASES = [
     Case("compare_base without test data", ("finetune.compare_base=true",),
          "finetune.compare_base compares the two fine-tunes on the test set, and there is none"),
     Case("compare_base against itself", ("finetune.compare_base=true", "finetune.data.test_fraction=0.2"),
-         "but finetune.init_from already is that model", finetune_only=True),
+         "but finetune.init_from already starts from the unadapted one", finetune_only=True),
 ]
 
 

@@ -257,6 +257,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
                               "(DeepSpeed refuses it): use bf16, or fp16 with ray.use_gpu=true")
         notes += _check_best_metric(cfg, stage)
         train = getattr(cfg, stage).train
+        if stage == "pretrain" and train.head_warmup_steps and model.arch is not None:
+            notes.append("pretrain.train.head_warmup_steps: a model.arch starts entirely at random, so there is no "
+                         "head to warm up alone; it is ignored")
         if train.head_warmup_steps is not None and train.head_warmup_steps >= train.max_steps:
             raise ConfigError(f"{stage}.train.head_warmup_steps={train.head_warmup_steps} leaves no step for the rest "
                               f"of the model (max_steps={train.max_steps}): use fewer warm-up steps")
@@ -362,12 +365,16 @@ def _check_eval_sets(cfg: RunConfig) -> list[str]:
                           "them, or rank by loss")
     lm = sec.eval.lm_eval
     if lm.tasks:
-        from dist_train.evaluate.harness import check_harness
+        from dist_train.evaluate.harness import task_manager
 
         if sec.objective != "clm":
             raise ConfigError("pretrain.eval.lm_eval scores causal LMs, and this stage trains a masked LM "
                               "(pretrain.objective=mlm): drop lm_eval.tasks for encoders")
-        check_harness(lm.include_path)
+        if not lm.at:
+            raise ConfigError("pretrain.eval.lm_eval.tasks are set but lm_eval.at names no model to score: use "
+                              "[start, end], or drop the tasks")
+        task_manager(list(lm.tasks), lm.include_path)  # a misspelt task fails here, not after training
+        notes.append(f"pretrain.eval.lm_eval: {', '.join(lm.tasks)} on the {' and the '.join(lm.at)} model")
     if sec.eval.stop_on_forgetting and sec.train.export != "best":
         notes.append("pretrain.eval.stop_on_forgetting with train.export=last exports the checkpoint that crossed the "
                      "forgetting limit: set pretrain.train.export=best to export the best one within it")

@@ -49,15 +49,10 @@ def check_causal(model_dir: str | Path) -> None:
                            "next-token likelihoods): evaluate a clm export")
 
 
-def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | None = None,
-                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                device: str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} of the model in `model_dir` (its own tokenizer), e.g.
-    {"hellaswag": {"acc": 0.41, "acc_stderr": 0.005, "acc_norm": ...}}. Deterministic for a seed."""
+def task_manager(tasks: list[str], include_path: str | None) -> Any:
+    """The harness's task registry (its own tasks and those in include_path); a HarnessError names a task
+    it does not know. Takes some seconds: it reads every task definition."""
     check_harness(include_path)
-    check_causal(model_dir)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -68,6 +63,19 @@ def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | 
             "; tasks of your own need their directory (--include-path, or pretrain.eval.lm_eval.include_path)")
         raise HarnessError(f"lm_eval task {unknown[0]!r} is not in the harness{hint}: check the name "
                            "(lm-eval ls tasks lists them)")
+    return manager
+
+
+def run_harness(model_dir: str | Path, tasks: list[str], *, include_path: str | None = None,
+                limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                device: str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of the model in `model_dir` (its own tokenizer), e.g.
+    {"hellaswag": {"acc": 0.41, "acc_stderr": 0.005, "acc_norm": ...}}. Deterministic for a seed."""
+    check_causal(model_dir)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+
+    manager = task_manager(tasks, include_path)
     # The harness narrates loading and progress on stdout/stderr, and its `git describe` writes to the
     # process's own stderr: our caller prints what matters.
     try:

@@ -39,7 +39,7 @@ def test_report_matches_the_contract(quickstart):
         assert rows and {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_mb",
                          "data_wait_frac"} <= rows[-1].keys()
         tb = read_tensorboard(out / stage / "tensorboard")
-        assert [step for step, _ in tb[f"{stage}/train/loss"]] == [r["step"] for r in rows]
+        assert [step for step, _ in tb[f"{stage}/train/loss"]] == [r["step"] for r in rows if "loss" in r]
         assert tb[f"{stage}/train/loss"][-1][1] == pytest.approx(rows[-1]["loss"], rel=1e-6)
         assert f"{stage}/eval/loss" in tb and f"{stage}/train/mfu" in tb
         assert s["attempts"] == 1 and 0 < s["goodput"] <= 1
@@ -52,6 +52,8 @@ def test_report_matches_the_contract(quickstart):
     pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
     assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is True
     assert pre["eval"]["loss"] < 7.5  # ln(4096) = 8.3 at random init: it learned the domain
+    tb = read_tensorboard(out / "pretrain" / "tensorboard")
+    assert tb["pretrain/eval/domain/perplexity"][0][0] == 0, "the step-0 baseline reaches TensorBoard too"
     domain = pre["adaptation"]["sets"]["domain"]  # the quickstart evaluates the random initialisation at step 0
     assert domain["before"]["loss"] > 8.0 and domain["after"]["loss"] == pytest.approx(pre["eval"]["loss"])
     assert domain["change"]["perplexity_rel"] < -0.5 and pre["adaptation"]["verdict"] == "adapted"

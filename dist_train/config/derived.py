@@ -217,9 +217,10 @@ def _same_number(a: Any, b: Any) -> bool:
 def _scheduler(optim: OptimConfig, max_steps: int) -> dict[str, Any]:
     warmup = min(optim.warmup_steps, max_steps)
     if optim.schedule == "cosine":
+        # DeepSpeed refuses 0 warmup steps: no warmup is a "warmup" whose ratio starts at 1 (the full rate)
         return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max_steps, "warmup_num_steps": warmup, "warmup_type": "linear",
-            "warmup_min_ratio": 0.0, "cos_min_ratio": optim.min_lr_ratio}}
+            "total_num_steps": max_steps, "warmup_num_steps": max(warmup, 1), "warmup_type": "linear",
+            "warmup_min_ratio": 0.0 if warmup else 1.0, "cos_min_ratio": optim.min_lr_ratio}}
     if optim.schedule == "linear":
         return {"type": "WarmupDecayLR", "params": {
             "total_num_steps": max_steps, "warmup_num_steps": max(warmup, 1), "warmup_type": "linear",

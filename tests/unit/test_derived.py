@@ -111,3 +111,21 @@ def test_a_missing_or_broken_deepspeed_file_is_named(tmp_path):
         resolve_paths(cfg(f"finetune.deepspeed.config_file={bad}"))
     with pytest.raises(ConfigError, match=r"extra = 3 \(int\) must be a mapping"):
         cfg("pretrain.deepspeed.extra=3")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_every_schedule_builds_in_deepspeed_even_without_warmup(schedule):
+    """DeepSpeed's own scheduler classes accept what we render; warmup 0 starts at the full rate (cosine)."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    from dist_train.config.derived import _scheduler
+    from dist_train.config.schema import OptimConfig
+
+    for warmup in (0, 5):
+        rendered = _scheduler(OptimConfig(lr=1e-3, warmup_steps=warmup, schedule=schedule), max_steps=20)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = getattr(lr_schedules, rendered["type"])(opt, **rendered["params"])
+        sched.step()  # (DeepSpeed's schedulers give the very first step the rate of iteration -1: 0)
+        if schedule == "cosine" and warmup == 0:
+            assert sched.get_lr()[0] == pytest.approx(1e-3), "no warmup: at the full rate from then on"

@@ -132,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     from dist_train.data.manifest import DataError
     from dist_train.launch.cluster import ClusterError
     from dist_train.model.build import ModelError
+    from dist_train.owned import OwnershipError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ModelError, ClusterError) as e:
+    except (ConfigError, DataError, ModelError, ClusterError, OwnershipError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -398,18 +399,32 @@ def _export(checkpoint: str, output: str, adapter_only: bool = False) -> int:
 def _ledger_verify(output_dir: str, stage: str) -> int:
     from pathlib import Path
 
-    from dist_train.checkpoint.manager import latest_meta
+    from dist_train.checkpoint.manager import latest_committed, verify_files
     from dist_train.data.ledger import verify
     from dist_train.data.manifest import DataError, read_manifest
     from dist_train.data.mixture import Mixture
+    from dist_train.data.sources import PIPE
 
     stage_dir = Path(output_dir) / stage
-    found = latest_meta(stage_dir / "checkpoints")
-    if found is None:
+    root = stage_dir / "checkpoints"
+    tag = latest_committed(root) if root.is_dir() else None
+    if tag is None:
         raise DataError(f"{stage_dir} holds no committed checkpoint: nothing to verify (is it a run's output_dir?)")
-    plan = found[1]["plan"]
-    sources = [plan["shards"], *(m["shards"] for m in plan["mix"])]
-    mans = [read_manifest(src, allow_pipe=True) for src in sources]  # the run itself was allowed to use them
+    problem = verify_files(root / tag)  # before anything it lists is believed
+    if problem is not None:
+        raise DataError(f"checkpoint {tag} of {stage_dir} is damaged ({problem}): its data plan cannot be trusted")
+    found = (tag, json.loads((root / tag / "meta.json").read_text()))
+    try:
+        plan = found[1]["plan"]
+        sources = [str(plan["shards"]), *(str(m["shards"]) for m in plan["mix"])]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"checkpoint {found[0]} of {stage_dir} has no readable data plan ({e!r}): it was not written "
+                        "by a pretraining stage of dist-train") from None
+    for src in sources:
+        if src.startswith(PIPE):  # a command read from a file is never run
+            raise DataError(f"the run's data plan reads shards through a command ({src[:60]!r}); ledger verify "
+                            "never runs a command read from a run's files: it verifies runs on directories or URLs")
+    mans = [read_manifest(src) for src in sources]
     mix = Mixture.build(mans, lanes=plan["lanes"], global_batch=plan["global_batch"], seed=plan["seed"],
                         window_shards=plan["window_shards"], mix_weights=tuple(m["weight"] for m in plan["mix"]))
     v = verify(stage_dir, mix, [[s.file for s in man.train] for man in mans])

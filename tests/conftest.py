@@ -60,8 +60,9 @@ def shards_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `dist-train ARGS` in a subprocess (the way users run it), with `env` added to ours."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # this checkout, from any cwd
     return subprocess.run([sys.executable, "-m", "dist_train.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
+                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, "PYTHONPATH": path, **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -11,17 +11,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dist_train import owned
 from dist_train.checkpoint.safe_load import weights_only_loading
 from dist_train.progress import Progress
 
 HF_DIR = "hf"
+EXPORT_KIND = "export"
 
 
 def describe_model(module: torch.nn.Module, tokenizer: Any, ckpt_dir: Path, task: dict | None = None) -> None:
@@ -145,15 +146,20 @@ def carry_weights(export: Path, source: str, keys: tuple[str, ...], prefix: str)
 
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
                       progress: Progress | None = None,
-                      carry: tuple[str | None, tuple[str, ...]] | None = None) -> Path:
+                      carry: tuple[str | None, tuple[str, ...]] | None = None,
+                      legacy: owned.Proof | None = None) -> Path:
     """Write `out_dir` from a committed checkpoint directory; returns it. A LoRA checkpoint is
     exported with its adapters merged into a plain HF model, or (`adapter_only`) as a peft adapter
     directory (adapter and task head weights) for the base model it names. `carry`: (starting
     checkpoint, names) of weights it held that the model did not use, added to the export
-    (carry_weights). `progress` counts EXPORT_PHASES."""
+    (carry_weights). `progress` counts EXPORT_PHASES.
+
+    `out_dir` may be new, empty or an earlier export (`legacy`: an older version's, by its place);
+    anything else, or a path overlapping the checkpoint, raises OwnershipError before any work."""
     import transformers
 
     progress = progress or Progress("export", enabled=False)
+    owned.check_output(out_dir, EXPORT_KIND, inputs=[ckpt_dir], legacy=legacy, what="the export directory")
 
     hf = ckpt_dir / HF_DIR
     if not (hf / "config.json").is_file():
@@ -177,27 +183,27 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{ckpt_dir} lacks weights for {missing[:3]}: the checkpoint is incomplete")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "peft_config") and not adapter_only:
-        model = model.merge_and_unload()  # W + (alpha/r)·B·A folded in: a plain model
-    elif hasattr(model, "peft_config"):
-        model = _with_task_head(model, model_cls, config, hf)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if carry is not None and carry[0] and carry[1] and not hasattr(model, "peft_config"):
-        carry_weights(tmp, carry[0], carry[1], getattr(model, "base_model_prefix", ""))
-    progress.update()
-    if hasattr(model, "peft_config"):  # name the base model the adapter was trained on, not this export
-        saved = json.loads((tmp / ADAPTER_CONFIG).read_text())
-        saved["base_model_name_or_path"] = json.loads((hf / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2))
-    transformers.AutoTokenizer.from_pretrained(str(hf)).save_pretrained(str(tmp))
-    progress.update()
-    from dist_train.tasks import TASK_FILE
+    tmp = owned.temp_beside(out_dir)
+    try:
+        if hasattr(model, "peft_config") and not adapter_only:
+            model = model.merge_and_unload()  # W + (alpha/r)·B·A folded in: a plain model
+        elif hasattr(model, "peft_config"):
+            model = _with_task_head(model, model_cls, config, hf)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if carry is not None and carry[0] and carry[1] and not hasattr(model, "peft_config"):
+            carry_weights(tmp, carry[0], carry[1], getattr(model, "base_model_prefix", ""))
+        progress.update()
+        if hasattr(model, "peft_config"):  # name the base model the adapter was trained on, not this export
+            saved = json.loads((tmp / ADAPTER_CONFIG).read_text())
+            saved["base_model_name_or_path"] = json.loads((hf / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2))
+        transformers.AutoTokenizer.from_pretrained(str(hf)).save_pretrained(str(tmp))
+        progress.update()
+        from dist_train.tasks import TASK_FILE
 
-    if (hf / TASK_FILE).is_file():
-        shutil.copy(hf / TASK_FILE, tmp / TASK_FILE)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        if (hf / TASK_FILE).is_file():
+            shutil.copy(hf / TASK_FILE, tmp / TASK_FILE)
+        owned.replace(tmp, out_dir, EXPORT_KIND, legacy=legacy, what="the export directory")
+    finally:
+        owned.discard(tmp)
     return out_dir

@@ -10,7 +10,9 @@ this module only does the former.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -21,17 +23,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dist_train import owned
 from dist_train.data.ledger import Ledger, gather
 from dist_train.faults import Faults
 from dist_train.outputs import fsync_dir, write_atomic
 from dist_train.world import World
 
 META = "meta.json"
+META_SUM = "meta.json.sha256"  # meta.json's own checksum (it holds everyone else's)
+META_FORMAT = 2  # 2: meta.json.sha256 exists and must match
 RNG_DIR = "rng"  # one rng/rank_NNNNN.npy per rank: DeepSpeed keeps client state of rank 0 only
 LATEST = "latest"
 BEST = "best"  # the committed checkpoint with the best evaluation metric
 STAGING = ".staging"
 UNIVERSAL = ".universal"  # checkpoints converted for another worker count
+
+
+CHECKPOINT_KIND = "checkpoint"
+CONVERTED_KIND = "converted checkpoint"
+
+
+def _committed(path: Path) -> bool:
+    """A committed checkpoint of a version before ownership markers: meta.json naming this tag."""
+    try:
+        return json.loads((path / META).read_text()).get("tag") == path.name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _in(parent_name: str) -> owned.Proof:
+    """A directory of a version before ownership markers, known by the checkpoint subdirectory it is in."""
+    return lambda path: path.parent.name == parent_name and path.parent.parent.is_dir()
+
+
+def _drop(path: Path, kind: str, legacy: owned.Proof) -> None:
+    """Delete an old checkpoint (best effort: one that cannot be deleted stays, and is deleted next time)."""
+    with contextlib.suppress(OSError, owned.OwnershipError):
+        owned.remove(path, kind, legacy=legacy)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -95,16 +123,25 @@ def checksums(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
 def verify_files(ckpt_dir: Path) -> str | None:
     """None when every file recorded in meta.json is present with its size and sha256; else what is wrong."""
     try:
-        files = json.loads((ckpt_dir / META).read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
+        raw = (ckpt_dir / META).read_bytes()
+        meta = json.loads(raw)
+        files = meta["files"]
+        covered = meta.get("format", 1) >= 2  # meta.json is covered too (older checkpoints had no sum)
+        if covered and (ckpt_dir / META_SUM).read_text().strip() != hashlib.sha256(raw).hexdigest():
+            return f"{META} does not match its recorded sha256 ({META_SUM})"
+        if not isinstance(files, dict):
+            return f"{META} has no file list"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{META} unreadable: {e.__class__.__name__}"
     from dist_train.data.manifest import sha256_file
 
     for rel, want in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not isinstance(want, dict):
+            return f"{META} lists {rel!r}, which is not a file of the checkpoint"
         path = ckpt_dir / rel
         if not path.is_file():
             return f"{rel} is missing"
-        if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
+        if path.stat().st_size != want.get("size") or sha256_file(path) != want.get("sha256"):
             return f"{rel} does not match its recorded sha256"
     return None
 
@@ -230,7 +267,8 @@ class CheckpointManager:
         out = self.root / UNIVERSAL
         done = out / tag / "converted.json"
         if self.world.is_main and not done.is_file():
-            shutil.rmtree(out / tag, ignore_errors=True)
+            owned.remove(out / tag, CONVERTED_KIND, legacy=_in(UNIVERSAL))  # an interrupted conversion
+            owned.claim(out / tag, CONVERTED_KIND)
             cmd = [sys.executable, "-m", "dist_train.checkpoint.safe_load", "--input_folder",
                    str(self.root / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
@@ -284,7 +322,7 @@ class CheckpointManager:
         if not failed:
             return
         if self.world.is_main:
-            shutil.rmtree(self.root / STAGING / tag, ignore_errors=True)  # nothing half-written stays
+            owned.discard(self.root / STAGING / tag, CHECKPOINT_KIND)  # nothing half-written stays
         rank, problem = failed[0]
         previous = self.latest  # known without touching the (maybe vanished) directory
         raise CheckpointWriteError(
@@ -297,8 +335,9 @@ class CheckpointManager:
         if not self.root.is_dir():
             raise FileNotFoundError(errno.ENOENT, "the checkpoint directory vanished (unmounted or deleted?)",
                                     str(self.root))
-        shutil.rmtree(staging_tag, ignore_errors=True)  # leftovers of a crashed save
         staging_tag.parent.mkdir(exist_ok=True)  # never parents: a vanished share must not be recreated
+        owned.remove(staging_tag, CHECKPOINT_KIND, legacy=_in(STAGING))  # leftovers of a crashed save
+        owned.claim(staging_tag, CHECKPOINT_KIND)  # marked before the checksums are taken, so covered by them
 
     def _write_shards(self, engine: Any, staging_tag: Path, step: int, client_state: dict[str, Any]) -> None:
         engine.save(str(staging_tag.parent), staging_tag.name, client_state)
@@ -315,14 +354,16 @@ class CheckpointManager:
         tag = staging_tag.name
         meta = {"step": step, "tag": tag, "world_size": self.world.world_size, "time": time.time(),
                 "git_revision": git_revision(), "versions": library_versions(), **self.run_info,
-                "eval": evaluation or {}, "files": checksums(staging_tag)}
-        (staging_tag / META).write_text(json.dumps(meta, indent=1))
+                "eval": evaluation or {}, "files": checksums(staging_tag), "format": META_FORMAT}
+        text = json.dumps(meta, indent=1)
+        (staging_tag / META).write_text(text)
+        (staging_tag / META_SUM).write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
         fsync_tree(staging_tag)
         self._fault("staged", step)
         final = self.root / tag
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        os.replace(staging_tag, final)  # the commit point: a step_* directory with meta.json
+        # The commit point: a step_* directory with meta.json (replacing one of the same step from an
+        # earlier attempt).
+        owned.replace(staging_tag, final, CHECKPOINT_KIND, legacy=_committed, what="the checkpoint")
         fsync_dir(self.root)
         self._fault("renamed", step)
         write_atomic(self.root / LATEST, tag + "\n")
@@ -338,7 +379,7 @@ class CheckpointManager:
         if best is not None:  # point at the survivor before anything is deleted
             write_atomic(self.root / BEST, best + "\n")
         for old in sorted(set(metas) - kept - {newest}):
-            shutil.rmtree(self.root / old, ignore_errors=True)
+            _drop(self.root / old, CHECKPOINT_KIND, _committed)
         for converted in (self.root / UNIVERSAL).glob("step_*"):
             if not (self.root / converted.name).is_dir():
-                shutil.rmtree(converted, ignore_errors=True)
+                _drop(converted, CONVERTED_KIND, _in(UNIVERSAL))

@@ -239,6 +239,10 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"output_dir {cfg.output_dir!r}: {str(parent)!r} is a file, not a directory: "
                               "choose another output_dir")
+    if cfg.prepare is not None:
+        from dist_train.data.quickstart import check_prepare_dir
+
+        check_prepare_dir(cfg.prepare.dir)  # a folder of the user's is refused before anything is built
     model = cfg.model
     if (model.name_or_path is None) == (model.arch is None):
         raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.arch (from scratch)")

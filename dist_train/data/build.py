@@ -13,15 +13,41 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dist_train.data.manifest import DataError, Manifest, write_manifest
+from dist_train import owned
+from dist_train.data.manifest import MANIFEST, DataError, Manifest, write_manifest
 from dist_train.progress import Progress
+
+SHARDS_KIND = "shard directory"
+PARTIAL_KIND = "partial build"
+TOKENS_KIND = "token cache"
+
+
+def earlier_shards(path: Path) -> bool:
+    """A shard directory written before ownership markers: its manifest and the shards it lists, nothing else."""
+    try:
+        man = json.loads((path / MANIFEST).read_text())
+        listed = {MANIFEST} | {s["file"] for split in ("train", "validation") for s in man[split]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(p.name in listed and p.is_file() for p in path.iterdir())
+
+
+def _earlier_partial(path: Path) -> bool:
+    """An interrupted build's work directory from before ownership markers: build.json, the token cache,
+    progress and finished shards."""
+    known = {"build.json", "tokens", "progress.json", ".progress.json.tmp", MANIFEST}
+    return (path / "build.json").is_file() and all(p.name in known or p.suffix == ".tar" for p in path.iterdir())
+
+
+def _in_partial(path: Path) -> bool:
+    return owned.owned(path.parent, PARTIAL_KIND, _earlier_partial)
+
 
 TEXT_SUFFIXES = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
@@ -116,11 +142,18 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
         raise DataError("--samples-per-shard, --workers and --chunk-docs must be >= 1")
     if not 0.0 <= val_fraction < 0.5:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 0.5)")
-    if output.exists() and not output.is_dir():
-        raise DataError(f"--output {str(output)!r} is a file: choose a directory path")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise DataError(f"--output {str(output)!r} is not empty: choose a new directory or pass --overwrite")
     _, files = expand_inputs(input_spec)  # fail on a bad path before loading the tokenizer
+    inputs = [Path(f) for f in files if "://" not in f]
+    if Path(tokenizer_name).exists():  # a local tokenizer is an input too
+        inputs.append(Path(tokenizer_name))
+    work = output.parent / f".{output.name}.partial"
+    try:
+        owned.check_output(output, SHARDS_KIND, overwrite=overwrite, inputs=inputs, legacy=earlier_shards,
+                           what="--output")
+        owned.check_output(work, PARTIAL_KIND, inputs=inputs, legacy=_earlier_partial,
+                           what="the build's work directory")
+    except owned.OwnershipError as e:
+        raise DataError(str(e)) from None
     tokenizer = load_tokenizer(tokenizer_name)
     sep = separator_id(tokenizer)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.int32
@@ -128,11 +161,13 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
                    "tokenizer": tokenizer_fingerprint(tokenizer, "")["sha256"], "seq_len": seq_len,
                    "samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "seed": seed,
                    "text_field": text_field, "chunk_docs": chunk_docs}
-    work = output.parent / f".{output.name}.partial"
     if (work / "build.json").is_file() and json.loads((work / "build.json").read_text()) != fingerprint:
-        shutil.rmtree(work)  # an earlier build with other arguments: nothing of it applies
+        owned.remove(work, PARTIAL_KIND, legacy=_earlier_partial)  # an earlier build with other arguments
     resumed = (work / "build.json").is_file()
-    (work / "tokens").mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        owned.claim(work, PARTIAL_KIND)
+    if not (work / "tokens").is_dir():
+        owned.claim(work / "tokens", TOKENS_KIND)
     (work / "build.json").write_text(json.dumps(fingerprint))
     try:
         # Phase 1: tokenize chunks (in parallel), skipping the ones cached by an interrupted build.
@@ -169,14 +204,12 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
                        doc_tokens_histogram=packing.doc_length_histogram(work, chunks))
         for leftover in ("tokens", "progress.json", "build.json"):
             path = work / leftover
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            owned.remove(path, TOKENS_KIND, legacy=_in_partial) if path.is_dir() else path.unlink()
         write_manifest(Manifest(**{**man.__dict__, "root": str(work)}))
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(work, output)
+        owned.replace(work, output, SHARDS_KIND, legacy=earlier_shards, what="--output")
         return man
     except DataError:
-        shutil.rmtree(work, ignore_errors=True)  # deterministic: a rerun would fail the same way
+        owned.discard(work, PARTIAL_KIND)  # deterministic: a rerun would fail the same way
         raise
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,19 +141,16 @@ def pack_corpus(s: EvalSource, output_dir: str | Path, tokenizer_name: str, seq_
     _, files = expand_inputs(s.path)
     stamp = {"inputs": [[f, Path(f).stat().st_size, Path(f).stat().st_mtime] for f in files],
              "tokenizer": tokenizer_name, "seq_len": seq_len, "text_field": s.text_field}
-    marker = out.parent / f"{s.name}.{SOURCE_FILE}"  # written before packing: the directory is ours
-    ours = marker.is_file()
-    if ours and json.loads(marker.read_text()) == stamp and (out / "manifest.json").is_file():
+    marker = out.parent / f"{s.name}.{SOURCE_FILE}"  # what it was packed from
+    if marker.is_file() and json.loads(marker.read_text()) == stamp and (out / "manifest.json").is_file():
         return read_manifest(out)
-    if out.exists():
-        if not ours:
-            raise DataError(f"{out} exists but was not packed by dist-train (no {marker.name} beside it): move it "
-                            "away, or rename the evaluation set")
-        shutil.rmtree(out)  # our own packing of other inputs
     out.parent.mkdir(parents=True, exist_ok=True)
+    # build_shards replaces only its own earlier packing; a directory of anything else is a DataError.
+    man = build_shards(input_spec=s.path, output=out, tokenizer_name=tokenizer_name, seq_len=seq_len,
+                       text_field=s.text_field, samples_per_shard=1000, val_fraction=0.0, progress=progress,
+                       overwrite=True)
     marker.write_text(json.dumps(stamp))
-    return build_shards(input_spec=s.path, output=out, tokenizer_name=tokenizer_name, seq_len=seq_len,
-                        text_field=s.text_field, samples_per_shard=1000, val_fraction=0.0, progress=progress)
+    return man
 
 
 def held_out(man: Manifest) -> list[ShardInfo]:

@@ -13,9 +13,9 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
-import shutil
 from pathlib import Path
+
+from dist_train import owned
 
 FAMILIES: dict[str, list[str]] = {
     "text": ["string", "re", "textwrap", "difflib", "unicodedata", "locale", "gettext", "codecs"],
@@ -32,6 +32,7 @@ FAMILIES: dict[str, list[str]] = {
                 "sqlite3", "zlib"],
 }
 READY = "READY.json"
+KIND = "quickstart data"
 VERSION = 2
 SFT_PROMPT = "Which part of the Python standard library does this describe?\n{text}\nAnswer:"
 ENTITY_LITERALS = {"True", "False", "None"}
@@ -124,6 +125,17 @@ def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> None:
     fast.save_pretrained(str(out_dir))
 
 
+def _earlier(root: Path) -> bool:
+    """Quickstart data from a version before ownership markers: it has the READY file."""
+    return (root / READY).is_file()
+
+
+def check_prepare_dir(root: str | Path) -> None:
+    """Raise OwnershipError unless prepare.dir may be (re)filled with the quickstart data: it must be new,
+    empty, or quickstart data dist-train prepared before (a folder of the user's is never replaced)."""
+    owned.check_output(Path(root), KIND, legacy=_earlier, what="prepare.dir")
+
+
 def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed: int = 0,
                         progress: bool = True, tokenizer: str | None = None) -> Path:
     """Materialize the quickstart data under `root` (once; a READY marker makes it idempotent).
@@ -138,12 +150,10 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
     ready = root / READY
     if ready.is_file() and json.loads(ready.read_text()) == stamp:
         return root
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"prepare.dir {str(root)!r} is a file: choose a directory path")
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "task").mkdir(parents=True)
+    check_prepare_dir(root)
+    tmp = owned.temp_beside(root)
     try:
+        (tmp / "task").mkdir()
         corpus, examples = collect()
         with open(tmp / "corpus.jsonl", "w") as f:
             for doc in corpus:
@@ -156,9 +166,7 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
                      val_fraction=0.05, seed=seed, progress=progress,
                      tokenizer_label=tokenizer or str(root / "tokenizer"))
         (tmp / READY).write_text(json.dumps(stamp))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        owned.replace(tmp, root, KIND, legacy=_earlier, what="prepare.dir")
+    finally:
+        owned.discard(tmp)
     return root

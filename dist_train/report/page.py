@@ -8,11 +8,11 @@ or failed. The page is built as a list of blocks, rendered to either format from
 from __future__ import annotations
 
 import html
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from dist_train import owned
 from dist_train.config.schema import headline as headline_metrics
 from dist_train.outputs import write_atomic
 from dist_train.report import plots
@@ -20,6 +20,24 @@ from dist_train.report.data import RunData, StageData, load_run
 from dist_train.report.runs import state_of
 
 PLOT_DIR = "report"
+PLOT_KIND = "report plots"
+PAGES = {"report.md": "md", "report.html": "html"}
+STAMP = "<!-- written by `dist-train report`; rerunning it replaces this file -->"
+
+
+def _ours(page: Path) -> bool:
+    """Whether a report page was written by dist-train (this version's stamp, or an older version's title)."""
+    try:
+        with open(page, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return STAMP in head or head.startswith("# Run report: ") or "<title>dist_train report: " in head
+
+
+def _legacy_plots(path: Path) -> bool:
+    """An older version's plot directory: nothing but the PNGs it draws."""
+    return all(p.is_file() and p.suffix == ".png" and p.stem in plots.PLOTS for p in path.iterdir())
 PLOT_TITLES = {"adaptation": "What adaptation bought", "loss": "Loss and evaluation",
                "learning_rate": "Learning rate", "throughput": "Throughput and MFU over time", "memory": "Memory"}
 
@@ -219,7 +237,7 @@ def to_markdown(blocks: list[Block]) -> str:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
             out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
+    return STAMP + "\n" + "\n\n".join(out) + "\n"
 
 
 def _inline(text: str) -> str:
@@ -249,7 +267,7 @@ def to_html(blocks: list[Block], title: str) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;"
              "text-align:left;font-size:.9em}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!doctype html>\n{STAMP}\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
@@ -258,22 +276,21 @@ def write_report(out: str | Path, formats: tuple[str, ...] = ("md",)) -> list[Pa
     Raises NotARun when `out` holds no run."""
     run = load_run(out)
     plot_dir = run.out / PLOT_DIR
-    tmp = run.out / f".{PLOT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    pages = [run.out / name for name, fmt in PAGES.items() if fmt in formats]
+    for page in pages:  # before anything is written: a page of the user's own is never replaced
+        if page.exists() and not _ours(page):
+            raise owned.OwnershipError(f"{page} exists and was not written by `dist-train report`: move it away, "
+                                       "then rerun")
+    owned.check_output(plot_dir, PLOT_KIND, legacy=_legacy_plots, what="the report's plot directory")
+    tmp = owned.temp_beside(plot_dir)
     try:
         images = {key: path for key, fn in plots.PLOTS.items() if (path := plots.drawn(fn, run, tmp / f"{key}.png"))}
-        shutil.rmtree(plot_dir, ignore_errors=True)
-        tmp.rename(plot_dir)  # the plots of one rendering, never a mix of two
+        owned.replace(tmp, plot_dir, PLOT_KIND, legacy=_legacy_plots)  # one rendering's plots, never a mix of two
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        owned.discard(tmp)
     images = {key: plot_dir / p.name for key, p in images.items()}
     blocks = build_blocks(run, images)
-    pages = []
-    if "md" in formats:
-        pages.append(run.out / "report.md")
-        write_atomic(pages[-1], to_markdown(blocks))
-    if "html" in formats:
-        pages.append(run.out / "report.html")
-        write_atomic(pages[-1], to_html(blocks, f"dist_train report: {run.out.resolve().name}"))
+    title = f"dist_train report: {run.out.resolve().name}"
+    for page in pages:
+        write_atomic(page, to_markdown(blocks) if page.suffix == ".md" else to_html(blocks, title))
     return pages + sorted(images.values())

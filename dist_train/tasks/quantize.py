@@ -10,14 +10,16 @@ layers. `load_int8` rebuilds it from the fp32 architecture.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dist_train import owned
+
 QUANT_FILE = "quantization.json"
+INT8_KIND = "int8 export"
 
 
 def quantize_dynamic(model: torch.nn.Module) -> torch.nn.Module:
@@ -37,12 +39,28 @@ def _quantized_linears(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def save_int8(qmodel: torch.nn.Module, export_dir: Path, out_dir: Path) -> Path:
-    """Write the quantized copy of `export_dir` (config, tokenizer, task file) into `out_dir`."""
+    """Write the quantized copy of `export_dir` (config, tokenizer, task file) into `out_dir` (new, empty,
+    or an earlier int8 copy: anything else raises OwnershipError)."""
+    owned.check_output(out_dir, INT8_KIND, inputs=[export_dir], legacy=_earlier_int8, what="the int8 copy")
+    tmp = owned.temp_beside(out_dir)
+    try:
+        _write_int8(qmodel, export_dir, tmp)
+        owned.replace(tmp, out_dir, INT8_KIND, legacy=_earlier_int8, what="the int8 copy")
+    finally:
+        owned.discard(tmp)
+    return out_dir
+
+
+def _earlier_int8(path: Path) -> bool:
+    """An int8 copy written before export markers existed: it has the quantization file."""
+    return (path / QUANT_FILE).is_file()
+
+
+def _write_int8(qmodel: torch.nn.Module, export_dir: Path, tmp: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(export_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    shutil.copytree(export_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", owned.OWNER),
+                    dirs_exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     linears = _quantized_linears(qmodel)
     for name, m in linears.items():
@@ -52,16 +70,12 @@ def save_int8(qmodel: torch.nn.Module, export_dir: Path, out_dir: Path) -> Path:
         if b is not None:
             tensors[f"{name}.bias"] = b.detach().contiguous()
     for key, value in qmodel.state_dict().items():  # the rest (embeddings, norms) stays fp32
-        owned = any(key.startswith(f"{name}.") for name in linears)  # packed params, stored above
-        if not owned and isinstance(value, torch.Tensor):
+        packed = any(key.startswith(f"{name}.") for name in linears)  # packed params, stored above
+        if not packed and isinstance(value, torch.Tensor):
             tensors[key] = value.detach().contiguous()
     save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))  # clone: no shared storage
     (tmp / QUANT_FILE).write_text(json.dumps({"scheme": "dynamic int8, per-channel symmetric weights",
                                               "linears": sorted(linears)}, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 def load_int8(int8_dir: Path, auto_class: str) -> torch.nn.Module:

@@ -59,6 +59,12 @@ class StageParts:
     carry_unused: bool = False  # the export keeps the starting checkpoint's unused weights (BERT's pooler)
 
 
+def _earlier_export(path: Path) -> bool:
+    """The stage's own export from a dist-train version before export markers: OUTPUT_DIR/<stage>/export
+    beside the stage's checkpoints, holding a model."""
+    return path.name == "export" and (path.parent / "checkpoints").is_dir() and (path / "config.json").is_file()
+
+
 def after_step(step: int, heartbeat: Heartbeat | None, faults: Faults | None) -> None:
     if heartbeat is not None:
         heartbeat.progress(step)
@@ -201,7 +207,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     if world.is_main:
         with Progress(f"[{stage}] export {exported}", total=EXPORT_PHASES, unit="phases") as bar:
             export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only, progress=bar,
-                              carry=(parts.loaded.source, parts.loaded.unused) if parts.carry_unused else None)
+                              carry=(parts.loaded.source, parts.loaded.unused) if parts.carry_unused else None,
+                              legacy=_earlier_export)
     world.barrier()
     extra = parts.final(export_dir)
     tps = throughput.tokens_per_s

@@ -162,7 +162,7 @@ def test_packing_a_corpus_never_replaces_a_directory_it_did_not_make(tmp_path, t
     theirs = built_dir(tmp_path, "legal")
     theirs.mkdir(parents=True)
     (theirs / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="exists but was not packed by dist-train"):
+    with pytest.raises(DataError, match="exists and is not made by dist-train"):
         pack_corpus(s, tmp_path, str(tokenizer_dir), 32, progress=False)
     assert (theirs / "notes.txt").read_text() == "mine"
     (theirs / "notes.txt").unlink()

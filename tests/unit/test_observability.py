@@ -226,7 +226,7 @@ def test_report_marks_restarts_and_lists_checkpoints(tmp_path):
     page = (out / "report.md").read_text()
     assert "1 restart(s); each is a red dashed line on the plots." in page
     assert "| step_00000040 | 40 |" in page and "| latest, best |" in page and "![Loss and evaluation]" in page
-    assert "<table>" in (out / "report.html").read_text() and not list(tmp_path.glob("run/.report.tmp"))
+    assert "<table>" in (out / "report.html").read_text() and not list(tmp_path.glob("run/.report.*"))
     res = run_cli("report", str(tmp_path / "empty-dir-that-is-missing"))
     assert res.returncode == 2 and "not a directory" in res.stderr
 

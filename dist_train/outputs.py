@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT = "report.json"  # OUTPUT_DIR: resolved config, each stage's result, timings
+LOCK = "run.lock"  # OUTPUT_DIR: held by the driver of the run in progress (launch/lock.py)
 STATUS = "run.json"  # OUTPUT_DIR: the driver's state (launch/status.py)
 TRACKERS = "trackers.json"  # OUTPUT_DIR: tracker run ids and how far metrics were sent
 METRICS = "metrics.jsonl"  # OUTPUT_DIR/<stage>: one row per log interval

@@ -25,6 +25,7 @@ from dist_train.config.loader import ConfigError, to_dict
 from dist_train.config.schema import STAGES, RunConfig, headline
 from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preemption
 from dist_train.control import clear as clear_requests
+from dist_train.launch.lock import hold
 from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
 from dist_train.outputs import REPORT, RESULT, write_atomic
@@ -185,6 +186,11 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     check_job_paths(cfg)
     cfg = resolve(cfg)
     stages = stages_to_run(cfg, only_stage)
+    with hold(Path(cfg.output_dir), log):  # one run per output_dir, before anything is built or started
+        return _run_locked(cfg, stages, t0, log)
+
+
+def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, Any]:
     if cfg.prepare is not None:  # fail before spending time on building the data
         check_run(cfg, stages)
     prepare(cfg)
@@ -194,10 +200,9 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     log(describe(cfg, stages))
     timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}
     t = time.time()
-    start_ray(cfg)  # before output_dir exists: a cluster too small for the workers leaves nothing behind
+    start_ray(cfg)  # a cluster too small for the workers leaves nothing behind (hold removes the directory)
     timings["ray_init_s"] = time.time() - t
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     clear_requests(out)  # a stop request of an earlier, preempted run is not for this one
     report_path = out / REPORT
     previous = json.loads(report_path.read_text()) if report_path.is_file() else {}

@@ -19,14 +19,31 @@ def quickstart(tmp_path_factory):
     """Run the unmodified quickstart from a fresh directory (its data is built there, offline)."""
     cwd = tmp_path_factory.mktemp("qs")
     t0 = time.time()
-    res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run", cwd=cwd, timeout=900)
+    args = ["run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run"]
+    first = subprocess.Popen([sys.executable, "-m", "dist_train.cli", *args], cwd=cwd, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    lock = cwd / "run" / "run.lock"
+    while first.poll() is None and "pid" not in (lock.read_text() if lock.is_file() else ""):
+        time.sleep(0.2)
+    second = run_cli(*args, cwd=cwd)  # while the first holds output_dir
+    out, err = first.communicate(timeout=900)
     wall = time.time() - t0
+    res = subprocess.CompletedProcess(first.args, first.returncode, out, err)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    return cwd / "run", wall, res
+    return cwd / "run", wall, res, second
+
+
+def test_a_second_run_on_the_same_output_dir_refuses(quickstart):
+    out, _, _, second = quickstart
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert "is in use by another run" in second.stderr and "pid" in second.stderr
+    holder = json.loads((out / "run.lock").read_text())
+    assert holder["released"] >= holder["started"], "the first run released it when it ended"
 
 
 def test_report_matches_the_contract(quickstart):
-    out, wall, _ = quickstart
+    out, wall, _, _ = quickstart
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["ray"]["num_workers"] == 2
     for stage in ("pretrain", "finetune"):
@@ -87,7 +104,7 @@ def test_exports_load_with_plain_transformers(quickstart):
     import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-    out, _, _ = quickstart
+    out, _, _, _ = quickstart
     base = AutoModel.from_pretrained(out / "pretrain" / "export")
     assert next(base.parameters()).dtype == torch.float32
     clf = AutoModelForSequenceClassification.from_pretrained(out / "finetune" / "export")
@@ -100,7 +117,7 @@ def test_exports_load_with_plain_transformers(quickstart):
 def test_export_command_reproduces_the_stage_export(quickstart, tmp_path):
     from safetensors.torch import load_file
 
-    out, _, _ = quickstart
+    out, _, _, _ = quickstart
     res = run_cli("export", str(out / "pretrain"), "--output", str(tmp_path / "again"))
     assert res.returncode == 0, res.stderr
     a = load_file(tmp_path / "again" / "model.safetensors")
@@ -111,7 +128,7 @@ def test_export_command_reproduces_the_stage_export(quickstart, tmp_path):
 
 
 def test_rerun_resumes_from_the_committed_checkpoint(quickstart):
-    out, _, _ = quickstart
+    out, _, _, _ = quickstart
     cwd = out.parent
     res = run_cli("run", str(REPO / "configs" / "quickstart.yaml"), "output_dir=run", "--stage", "finetune",
                   "finetune.train.max_steps=110", cwd=cwd, timeout=600)

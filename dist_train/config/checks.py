@@ -110,8 +110,16 @@ def embed_deepspeed_file(ds: DeepSpeedSection, stage: str) -> DeepSpeedSection:
 # the data plan and the optimizer's partitioning. (Cadence, max_steps and lr may change.)
 # The worker count may change: the data plan depends on lanes, not workers, and a checkpoint
 # written by another worker count is converted to DeepSpeed's universal format on load.
-RESUME_IDENTITY = ("seed", "model", "{stage}.data.shards", "{stage}.data.seq_len", "{stage}.data.window_shards",
-                   "{stage}.data.train", "{stage}.data.max_length", "{stage}.deepspeed.zero_stage",
+# What the checkpoint means is in it too: the objective or task, the labels' source and fields, the
+# adapters, the precision, the starting weights.
+RESUME_IDENTITY = ("seed", "model", "{stage}.objective", "{stage}.task", "{stage}.init_from",
+                   "{stage}.data.shards", "{stage}.data.mix", "{stage}.data.seq_len", "{stage}.data.window_shards",
+                   "{stage}.data.train", "{stage}.data.validation", "{stage}.data.test",
+                   "{stage}.data.validation_fraction", "{stage}.data.test_fraction", "{stage}.data.text_field",
+                   "{stage}.data.text_pair_field", "{stage}.data.label_field", "{stage}.data.tokens_field",
+                   "{stage}.data.tags_field", "{stage}.data.prompt_field", "{stage}.data.response_field",
+                   "{stage}.data.max_length", "{stage}.lora.enabled", "{stage}.lora.r", "{stage}.lora.alpha",
+                   "{stage}.lora.target_modules", "{stage}.deepspeed.zero_stage", "{stage}.deepspeed.precision",
                    "{stage}.train.global_batch_size", "{stage}.train.head_warmup_steps",
                    # the step-0 baseline in a checkpoint is of these sets: others would not compare
                    "{stage}.eval.sets", "{stage}.eval.samples")
@@ -157,18 +165,23 @@ def check_resume(cfg: RunConfig, stage: str) -> str | None:
     from dist_train.checkpoint.manager import latest_meta
     from dist_train.config.loader import to_dict
 
-    found = latest_meta(Path(cfg.output_dir) / stage / "checkpoints")
+    try:
+        found = latest_meta(Path(cfg.output_dir) / stage / "checkpoints")
+    except (OSError, ValueError):
+        return None  # a damaged meta.json: the workers skip that checkpoint, saying so
     if found is None:
         return None
     tag, meta = found
-    old, new = meta.get("config", {}), to_dict(cfg)
+    old, new = (meta.get("config") if isinstance(meta, dict) else None) or {}, to_dict(cfg)
     for key in (k.format(stage=stage) for k in RESUME_IDENTITY):
         was, now = _lookup(old, key), _lookup(new, key)
         if was is not ABSENT and was != now:  # absent: a checkpoint of a version without the key
-            shown = f"no {key}" if now is ABSENT else json.dumps(now)
+            shown = f"no {key}" if now is ABSENT else f"{key}={json.dumps(now)}"
+            start = "model.name_or_path" if stage == "pretrain" else "finetune.init_from"
             raise ConfigError(f"{cfg.output_dir} holds a {stage} checkpoint ({tag}) made with {key}="
-                              f"{json.dumps(was)}, but this config has {shown}: "
-                              f"use a new output_dir, or restore {key} to resume")
+                              f"{json.dumps(was)}, but this config has {shown}: to resume it, restore {key}; "
+                              f"to start a new run, use a new output_dir (with {start} set to this run's "
+                              "export to start from its weights)")
     return tag
 
 

@@ -2,6 +2,7 @@
 and nothing written to output_dir."""
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,8 +261,41 @@ def test_resume_with_a_changed_identity_key_is_refused(config, capsys, tmp_path)
     (ckpt / "latest").write_text("step_00000002\n")
     assert main(["validate", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "made with seed=5, but this config has 0" in err and "use a new output_dir" in err
+    assert "made with seed=5, but this config has seed=0" in err and "use a new output_dir" in err
     assert main(["validate", str(config), "seed=5", "pretrain.train.max_steps=9"]) == 0
     assert "pretrain will resume from step_00000002" in capsys.readouterr().out
 
 
+
+
+@pytest.mark.parametrize("key,value", [("finetune.task", "multi_label_classification"),
+                                       ("finetune.deepspeed.precision", "fp32"), ("finetune.lora.enabled", "true"),
+                                       ("finetune.data.label_field", "y"), ("finetune.init_from", "null"),
+                                       ("pretrain.objective", "mlm")])
+def test_resume_refuses_a_checkpoint_that_means_something_else(key, value, tmp_path):
+    """A finished fine-tune rerun with another task (or precision, adapters, label field, starting weights,
+    objective) would resume a checkpoint made for something else: refused, naming the key and both values."""
+    import json
+
+    from dist_train.config.checks import check_resume, resolve_paths
+    from dist_train.config.loader import ConfigError, load_config, to_dict
+
+    qs = str(REPO / "configs" / "quickstart.yaml")
+    cfg = resolve_paths(load_config(qs, [f"output_dir={tmp_path}"]))
+    stage = key.split(".")[0]
+    ckpt = tmp_path / stage / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"config": to_dict(cfg), "step": 2}))
+    (ckpt.parent / "latest").write_text("step_00000002\n")
+    assert check_resume(cfg, stage) == "step_00000002"
+    changed = resolve_paths(load_config(qs, [f"output_dir={tmp_path}", f"{key}={value}"]))
+    was = json.dumps(_get(to_dict(cfg), key))
+    with pytest.raises(ConfigError, match=re.escape(f"made with {key}={was}, but this config has {key}=")) as e:
+        check_resume(changed, stage)
+    assert "to resume it, restore" in str(e.value) and "\n" not in str(e.value)
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree

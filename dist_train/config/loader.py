@@ -40,8 +40,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found: pass the path of a YAML file "
                           "(e.g. configs/quickstart.yaml)")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is not a config (at most {MAX_YAML_BYTES:,}): "
+                          "pass the YAML config file")
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = bounded_yaml(p.read_text(errors="replace"), str(p))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -49,6 +52,54 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of keys, not {type(loaded).__name__}")
     return loaded or {}
+
+
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # values after aliases are expanded: a config has hundreds
+MAX_YAML_DEPTH = 32  # nesting levels: a config has four or five
+
+
+def bounded_yaml(text: str, name: str) -> Any:
+    """yaml.safe_load, refusing (ConfigError) a document whose aliases would expand beyond MAX_YAML_NODES
+    values or that nests deeper than MAX_YAML_DEPTH, before anything is built from it ("billion laughs")."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            size, depth = _measure(node, {})
+        except RecursionError:
+            size, depth = 0, MAX_YAML_DEPTH + 1
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{name}: nests deeper than {MAX_YAML_DEPTH} levels: a config is a few levels deep")
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{name}: expands to more than {MAX_YAML_NODES:,} values (through YAML aliases?): "
+                              "write the config out plainly")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _measure(node: yaml.Node, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, depth) of a composed YAML node once its aliases are expanded, without expanding them:
+    an alias is the same node object, measured once."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    size, depth = 1, 1
+    for child in children:
+        s, d = _measure(child, memo)
+        size, depth = size + s, max(depth, d + 1)
+        if size > MAX_YAML_NODES or depth > MAX_YAML_DEPTH:
+            break  # enough to refuse
+    memo[id(node)] = (size, depth)
+    return size, depth
 
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
@@ -95,7 +146,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} is not of the form a.b.c=value "
                           "(e.g. pretrain.train.max_steps=10)")
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = bounded_yaml(text, f"override {key}") if text else ""
     except yaml.YAMLError:
         value = text
     set_key(raw, key, value)

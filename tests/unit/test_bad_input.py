@@ -299,3 +299,24 @@ def _get(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree[part]
     return tree
+
+
+def _laughs(levels: int = 9) -> str:
+    """A 'billion laughs' config: 9 aliases of 9 aliases ... of 9 strings (9**10 values once expanded)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join([*lines, f"pretrain: {{deepspeed: {{extra: {{x: *a{levels}}}}}}}"]) + "\n"
+
+
+@pytest.mark.parametrize("content,message", [(_laughs(), "expands to more than 100,000 values"),
+                                             ("pretrain: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper than"),
+                                             ("a: [1, 2\n", "not valid YAML at line")])
+@pytest.mark.parametrize("cmd", ["print-config", "validate", "run"])
+def test_hostile_yaml_is_refused_before_it_is_expanded(tmp_path, capsys, cmd, content, message):
+    """A 1 KB file must not exhaust memory (or the stack) in any command that reads a config."""
+    import resource
+
+    path = tmp_path / "hostile.yaml"
+    path.write_text(content)
+    check_user_error(capsys, [cmd, str(path)], message, tmp_path / "run")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 << 20, "under 4 GiB: nothing was expanded"

@@ -343,6 +343,12 @@ def _plan(man, args: argparse.Namespace) -> int:
     from dist_train.data.mixture import Mixture, label, rank_step_ids
     from dist_train.data.plan import first_step_of_epoch, step_epoch
 
+    for flag, value, least in (("--from-step", args.from_step, 0), ("--steps", args.steps, 1),
+                               ("--epoch", args.epoch, 0), ("--window-shards", args.window_shards, 1),
+                               ("--world-size", args.world_size, 1), ("--global-batch", args.global_batch, 1),
+                               ("--lanes", args.lanes, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value} must be >= {least}")
     lanes = args.lanes or args.world_size
     if lanes % args.world_size or args.global_batch % lanes:
         raise ConfigError(f"--lanes {lanes} must be a multiple of --world-size {args.world_size} and divide "

@@ -83,18 +83,36 @@ def epoch_length(spec: PlanSpec, epoch: int) -> int:
     return min(sum(spec.sizes[i] for i in lane) for lane in epoch_lanes(spec, epoch))
 
 
+MAX_EPOCHS = 10_000  # a position further out is no training run's: refused rather than walked to
+
+
+@lru_cache(maxsize=64)
+def _epoch_starts(spec: PlanSpec) -> list[int]:
+    """Lane positions where epochs 0, 1, ... begin, extended as far as asked (shared by every lookup)."""
+    return [0]
+
+
+def _starts_through(spec: PlanSpec, position: int | None = None, epoch: int | None = None) -> list[int]:
+    starts = _epoch_starts(spec)
+    while (position is not None and starts[-1] <= position) or (epoch is not None and len(starts) <= epoch):
+        if len(starts) > MAX_EPOCHS:
+            raise DataError(f"that lies beyond {MAX_EPOCHS:,} epochs of this data ({starts[-1]:,} samples per lane): "
+                            "no run gets there; ask for an earlier step")
+        starts.append(starts[-1] + epoch_length(spec, len(starts) - 1))
+    return starts
+
+
 def locate(spec: PlanSpec, position: int) -> tuple[int, int]:
-    """Map a lane position counted from the start of training to (epoch, position in epoch)."""
-    epoch = 0
-    while position >= (n := epoch_length(spec, epoch)):
-        position -= n
-        epoch += 1
-    return epoch, position
+    """Map a lane position counted from the start of training to (epoch, position in epoch): a binary search
+    over the epochs' starts, each epoch's length computed once. DataError beyond MAX_EPOCHS epochs."""
+    starts = _starts_through(spec, position=position)
+    epoch = bisect.bisect_right(starts, position) - 1
+    return epoch, position - starts[epoch]
 
 
 def epoch_start(spec: PlanSpec, epoch: int) -> int:
     """Lane position (from the start of training) where `epoch` begins."""
-    return sum(epoch_length(spec, e) for e in range(epoch))
+    return _starts_through(spec, epoch=epoch)[epoch]
 
 
 @lru_cache(maxsize=1024)

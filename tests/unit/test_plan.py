@@ -76,3 +76,38 @@ def test_layouts_that_cannot_work_are_refused():
         SPEC.check(world_size=3)
     with pytest.raises(DataError, match="shard list is empty"):
         PlanSpec((), 1, 1, 0).check()
+
+
+def test_seeking_is_a_search_that_agrees_with_walking_and_refuses_the_unreachable(shards_dir, capsys):
+    """locate() equals walking the epochs one by one; a step no run reaches is one line at once, not a hang."""
+    import time
+
+    from dist_train.cli import main
+    from dist_train.data.plan import MAX_EPOCHS
+
+    spec = PlanSpec(SIZES, 4, 8, 5, 1)
+
+    def walked(position):
+        epoch = 0
+        while position >= epoch_length(spec, epoch):
+            position -= epoch_length(spec, epoch)
+            epoch += 1
+        return epoch, position
+
+    for position in (*range(0, 400, 7), 5_000, 12_345, 4_001):  # out of order: the cache extends and searches
+        assert locate(spec, position) == walked(position)
+        epoch = locate(spec, position)[0]
+        assert epoch_start(spec, epoch) <= position < epoch_start(spec, epoch + 1)
+    with pytest.raises(DataError, match=f"beyond {MAX_EPOCHS:,} epochs"):
+        locate(spec, 10**14)
+    t = time.time()
+    for args in (["--from-step", "100000000000000"], ["--epoch", "10000000000"]):
+        assert main(["data", "plan", str(shards_dir), "--global-batch", "4", "--world-size", "2", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "no run gets there" in err, err
+    assert time.time() - t < 30
+    for args, word in ((["--from-step", "-1"], "--from-step"), (["--steps", "0"], "--steps"),
+                       (["--epoch", "-2"], "--epoch"), (["--window-shards", "0"], "--window-shards")):
+        assert main(["data", "plan", str(shards_dir), "--global-batch", "4", "--world-size", "2", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and word in err, err

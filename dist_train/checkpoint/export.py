@@ -183,6 +183,10 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{ckpt_dir} lacks weights for {missing[:3]}: the checkpoint is incomplete")
+    broken = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise ValueError(f"{ckpt_dir} holds NaN or infinite weights ({', '.join(broken[:3])}"
+                         f"{', ...' if len(broken) > 3 else ''}): it cannot be exported; export an earlier checkpoint")
     tmp = owned.temp_beside(out_dir)
     try:
         if hasattr(model, "peft_config") and not adapter_only:

@@ -131,6 +131,10 @@ class TrainLoopConfig:
                                         "200, when the checkpoint lacks a head; finetune: 0).", None, ge=0)
     head_lr: float | None = doc("Learning rate of the new parameters during the head warm-up (constant: nothing "
                                 "else moves, so it can be high); null: 10 × optim.lr.", None, gt=0)
+    nonfinite_patience: int = doc("Stop the run (a failure naming the last good checkpoint) when the loss, or "
+                                  "outside fp16 the gradient norm, is NaN or infinite for this many consecutive "
+                                  "steps; no checkpoint is saved from such a step. (fp16's own overflow steps, "
+                                  "which it skips, do not count.)", 3, ge=1)
 
 
 @dataclass(frozen=True)

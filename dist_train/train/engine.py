@@ -68,6 +68,12 @@ class Engine:
         return float(norm) if norm is not None else float("nan")
 
     @property
+    def grad_norm_or_zero(self) -> float:
+        """The last step's global gradient norm, 0.0 when DeepSpeed did not compute one (no clipping)."""
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    @property
     def skipped_steps(self) -> int:
         return int(getattr(self.ds, "skipped_steps", 0))
 

@@ -10,6 +10,7 @@ The loss value itself is read from the device only at log, eval and save steps.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -108,6 +109,36 @@ class EarlyStopping:
         return state.bad_evals >= self.patience
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss (or gradient norm) was not finite for `patience` consecutive steps."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts consecutive steps whose loss (or, outside fp16, gradient norm) was NaN or infinite on any rank,
+    and stops the run at `patience` of them. Every rank sees the same count (an all-reduced flag)."""
+
+    patience: int
+    bad: int = 0
+    first: int = 0
+
+    def check(self, step: int, step_loss: torch.Tensor, engine: Engine, world: World) -> bool:
+        """Whether `step` (just taken) was non-finite; raises NonFiniteLoss at the patience-th in a row."""
+        local = not bool(torch.isfinite(step_loss).all())
+        if engine.loss_scale is None:  # fp16 skips overflow steps itself (the loss scaler): not ours to count
+            local = local or not math.isfinite(engine.grad_norm_or_zero)
+        (anywhere,) = world.all_reduce_sum([float(local)])
+        if not anywhere:
+            self.bad = 0
+            return False
+        self.bad += 1
+        self.first = step if self.bad == 1 else self.first
+        if self.bad >= self.patience:
+            raise NonFiniteLoss(f"the loss or gradient norm was NaN or infinite for {self.bad} consecutive step(s) "
+                                f"(steps {self.first}-{step})")
+        return True
+
+
 @dataclass(frozen=True)
 class ForgettingLimit:
     """Stop at the first evaluation whose forgetting (pretrain: the general sets' relative perplexity
@@ -135,12 +166,14 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
                throughput: Throughput, early_stopping: EarlyStopping | AnyOf | None = None,
                stop_requested: Callable[[], bool] = lambda: False,
-               after_step: Callable[[int], None] = lambda step: None) -> TrainState:
+               after_step: Callable[[int], None] = lambda step: None,
+               nonfinite: NonFiniteGuard | None = None) -> TrainState:
     """Train until `cadence.max_steps` (or early stopping, or a stop request); every rank runs the
     same steps and the same collectives. With early stopping, every evaluation also saves a
     checkpoint. `stop_requested` (asked at each step's start; rank 0's answer counts) ends the
     loop when that step is done, with a checkpoint of it. `after_step` runs after each optimizer step
-    (heartbeat, fault injection)."""
+    (heartbeat, fault injection). `nonfinite` checks every step: a non-finite one is neither evaluated nor
+    saved, and enough of them in a row raise NonFiniteLoss."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
     targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
@@ -165,8 +198,10 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         step_s += time.perf_counter() - t0
         wait_s += t_data
 
-        do_eval = cadence.eval_due(state.step)
-        do_save = cadence.due(state.step, cadence.save_every) or stop > 0
+        broken = nonfinite is not None and nonfinite.check(state.step, torch.stack(losses[-len(batch.micro):]).sum(),
+                                                           engine, world)
+        do_eval = cadence.eval_due(state.step) and not broken
+        do_save = (cadence.due(state.step, cadence.save_every) or stop > 0) and not broken
         if do_eval or do_save or state.step % cadence.log_every == 0:
             loss_sum, n, global_tokens, global_replaced = world.all_reduce_sum(
                 [float(torch.stack(losses).sum()), targets, tokens, replaced])

@@ -32,7 +32,17 @@ from dist_train.train import adaptation
 from dist_train.train.engine import build_engine
 from dist_train.train.head_warmup import HEAD_LR_SCALE, HeadWarmup, warmup_steps
 from dist_train.train.heartbeat import Heartbeat
-from dist_train.train.loop import AnyOf, Cadence, EarlyStopping, ForgettingLimit, StepBatch, TrainState, train_loop
+from dist_train.train.loop import (
+    AnyOf,
+    Cadence,
+    EarlyStopping,
+    ForgettingLimit,
+    NonFiniteGuard,
+    NonFiniteLoss,
+    StepBatch,
+    TrainState,
+    train_loop,
+)
 from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, RunClock, Throughput, device_peak_flops, goodput
 from dist_train.world import World
@@ -181,13 +191,20 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                                    section.train.early_stopping_min_delta))
     if parts.stop_on_forgetting and parts.max_forgetting is not None:
         rules.append(ForgettingLimit(parts.max_forgetting))
-    train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
-               cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
-                               section.train.save_every, also_eval=(head_steps,) if head_steps else ()),
-               evaluate=evaluate, save=save, log=log, ledger=ledger, world=world,
-               flops_per_token=fpt, peak_flops=peak, throughput=throughput,
-               early_stopping=AnyOf(tuple(rules)) if rules else None,
-               stop_requested=lambda: preemption_requested(cfg.output_dir), after_step=stepped)
+    try:
+        train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
+                   cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
+                                   section.train.save_every, also_eval=(head_steps,) if head_steps else ()),
+                   evaluate=evaluate, save=save, log=log, ledger=ledger, world=world,
+                   flops_per_token=fpt, peak_flops=peak, throughput=throughput,
+                   early_stopping=AnyOf(tuple(rules)) if rules else None,
+                   stop_requested=lambda: preemption_requested(cfg.output_dir), after_step=stepped,
+                   nonfinite=NonFiniteGuard(section.train.nonfinite_patience))
+    except NonFiniteLoss as e:
+        log.close()
+        good = f"the last good checkpoint is {ckpt.root / ckpt.latest}" if ckpt.latest else "no checkpoint was saved"
+        raise NonFiniteLoss(f"[{stage}] {e}: stopped, nothing of those steps was saved; {good}. Lower "
+                            f"{stage}.optim.lr (or raise warmup), check the data, then rerun") from None
     log.close()
     if state.preempted:
         result = {"preempted": True, "steps": state.step, "checkpoint": ckpt.latest}

@@ -2,6 +2,7 @@
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,19 @@ def test_evaluation_is_the_same_on_one_and_two_ranks(tmp_path, encoder_shards, m
         results[world] = json.loads(out.read_text())["evaluation"]
     assert results[1]["domain/tokens"] == results[2]["domain/tokens"] > 0
     assert results[1]["domain/loss"] == pytest.approx(results[2]["domain/loss"], rel=1e-5)
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing_of_it(tmp_path, shards_dir, tokenizer_dir):
+    """lr 1e30 (finite, so the config accepts it) blows the weights up after one step: the loop stops at the
+    second non-finite step in a row on both ranks, and no step after the blow-up was saved."""
+    cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp32",
+                      "pretrain.optim.lr=1e30", "pretrain.optim.warmup_steps=0")
+    out = tmp_path / "r.json"
+    mp.spawn(workers.nonfinite_loop, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    assert ranks[0]["error"] == ranks[1]["error"] and ranks[0]["saved"] == ranks[1]["saved"], "the same step"
+    res = ranks[0]
+    assert res["refused"] and "NaN or infinite weights" in res["refused"] and not res["exported"], res
+    assert res["error"] and "NaN or infinite for 2 consecutive step(s)" in res["error"], res
+    first_bad = int(res["error"].split("(steps ")[1].split("-")[0])
+    assert res["step"] == first_bad + 1 and res["saved"] == list(range(1, first_bad)), res

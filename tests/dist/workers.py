@@ -461,3 +461,49 @@ def head_warmup(rank: int, world_size: int, port: int, cfg_dict: dict, out: str)
     if world.is_main:
         Path(out).write_text(json.dumps(report))
     torch.distributed.destroy_process_group()
+
+
+def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: str):
+    """The real loop with a learning rate that blows the weights up: it must stop with NonFiniteLoss on every
+    rank at the same step, having saved only finite steps."""
+    from dist_train.data.ledger import Ledger
+    from dist_train.model.build import flops_per_token
+    from dist_train.train.loop import Cadence, NonFiniteGuard, NonFiniteLoss, TrainState, train_loop
+    from dist_train.train.metrics import MetricsLog, Throughput
+
+    world = init_process(rank, world_size, port)
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    saved: list[int] = []
+    state = TrainState()
+    error = None
+    try:
+        train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state, cadence=Cadence(12, 1, 0, 1),
+                   evaluate=lambda: {}, save=saved.append, log=MetricsLog(None, "pretrain", 12, None),
+                   ledger=Ledger(rank, world_size, 0.0), world=world, flops_per_token=flops_per_token(parts.model, 32),
+                   peak_flops=1e12, throughput=Throughput(), nonfinite=NonFiniteGuard(2))
+    except NonFiniteLoss as e:
+        error = str(e)
+    # DeepSpeed's ZeRO optimizer skips steps whose gradients overflow, so the weights stay finite (and huge)
+    # here; with lr=inf (which the config now refuses) they turned NaN. Such a checkpoint the export refuses.
+    import torch
+
+    with torch.no_grad():  # the fp32 master weights the export reads
+        for part in engine.ds.optimizer.single_partition_of_fp32_groups:
+            part.view(-1)[0] = float("nan")
+    from dist_train.checkpoint.export import describe_model, export_checkpoint
+    from dist_train.checkpoint.manager import CheckpointManager
+
+    ckpt = CheckpointManager(Path(cfg.output_dir) / "ckpt", world, keep=2, run_info={"stage": "pretrain", "config": cfg_dict},
+                             describe=lambda d: describe_model(parts.model, parts.tokenizer, d))
+    tag = ckpt.save(engine, state.step, {"train_state": state.state_dict()})
+    refused = None
+    if world.is_main:
+        try:
+            export_checkpoint(ckpt.root / tag, Path(cfg.output_dir) / "export")
+        except ValueError as e:
+            refused = str(e)
+    Path(f"{out}.{rank}").write_text(json.dumps({"error": error, "saved": saved, "step": state.step,
+                                                 "refused": refused, "exported": (Path(cfg.output_dir) / "export").exists()}))
+    import torch
+
+    torch.distributed.destroy_process_group()

@@ -23,9 +23,8 @@ HOLDER = "import sys, time; from pathlib import Path; from dist_train.launch.loc
 def test_a_second_holder_refuses_and_names_the_first(tmp_path):
     out = tmp_path / "run"
     with hold(out):
-        with pytest.raises(RunLocked, match=rf"is in use by another run \(pid {os.getpid()} on "):
-            with hold(out):
-                pass
+        with pytest.raises(RunLocked, match=rf"is in use by another run \(pid {os.getpid()} on "), hold(out):
+            pass
         (out / "metrics.jsonl").write_text("")
     holder = json.loads((out / "run.lock").read_text())
     assert holder["pid"] == os.getpid() and holder["released"] >= holder["started"]
@@ -41,9 +40,8 @@ def test_a_killed_holder_leaves_a_lock_the_next_run_takes_over(tmp_path):
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert proc.stdout.readline().strip() == "held"
-        with pytest.raises(RunLocked, match=f"pid {proc.pid}"):
-            with hold(out):
-                pass
+        with pytest.raises(RunLocked, match=f"pid {proc.pid}"), hold(out):
+            pass
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -55,14 +53,12 @@ def test_a_killed_holder_leaves_a_lock_the_next_run_takes_over(tmp_path):
 
 def test_a_directory_it_created_for_nothing_is_removed(tmp_path):
     out = tmp_path / "a" / "run"
-    with pytest.raises(ValueError, match="boom"):
-        with hold(out):
-            raise ValueError("boom")  # e.g. a config check that fails once the lock is held
+    with pytest.raises(ValueError, match="boom"), hold(out):
+        raise ValueError("boom")  # e.g. a config check that fails once the lock is held
     assert not out.exists()
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match="cannot be used"):
-        with hold(tmp_path / "file" / "run"):
-            pass
+    with pytest.raises(ConfigError, match="cannot be used"), hold(tmp_path / "file" / "run"):
+        pass
     started = time.time()
     with hold(tmp_path / "kept"):
         (tmp_path / "kept" / "run.json").write_text("{}")  # the run wrote something: all of it stays

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -187,6 +188,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "predict":
         from dist_train.tasks.predict import predict_file
 
+        _check_predict_args(args)
         n = predict_file(args.export_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
         if args.output:
             print(f"wrote {n} predictions to {args.output}")
@@ -244,6 +246,30 @@ def _eval(args: argparse.Namespace) -> int:
         write_atomic(Path(args.output), json.dumps({"model": str(args.export_dir), "results": results}, indent=1))
         print(f"wrote {args.output}")
     return 0
+
+
+def _check_predict_args(args: argparse.Namespace) -> None:
+    """Before the model loads: sizes that make sense, and an output that is neither the input nor in the model."""
+    from dist_train.config.loader import ConfigError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    if not Path(args.export_dir).is_dir():
+        raise ConfigError(f"{args.export_dir!r} is not a directory: pass a fine-tune export "
+                          "(<output_dir>/finetune/export)")
+    if not Path(args.input).is_file():
+        raise ConfigError(f"--input {args.input!r} is not a file: pass the records to predict (.jsonl/.csv/.parquet)")
+    if args.output:
+        out = Path(os.path.realpath(args.output))
+        if out == Path(os.path.realpath(args.input)):
+            raise ConfigError(f"--output {args.output!r} is the input file: write the predictions to another file")
+        if Path(os.path.realpath(args.export_dir)) in out.parents:
+            raise ConfigError(f"--output {args.output!r} is inside the model directory: write it elsewhere")
+        if out.is_dir():
+            raise ConfigError(f"--output {args.output!r} is a directory: name a file to write")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
 
 
 def _eval_output(path) -> bool:

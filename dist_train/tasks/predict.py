@@ -9,6 +9,7 @@ exports); safetensors only, no remote code.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ def predict_file(export_dir: str, input_path: str, output: str | None, batch_siz
     info = json.loads((Path(export_dir) / TASK_FILE).read_text())
     fields = task_fields(task.name, info)[:1 if task.name in ("sft", "token_classification") else -1]
     records = read_records(input_path, fields)
-    sink = open(output, "w") if output else sys.stdout
+    tmp = Path(output).with_name(f".{Path(output).name}.tmp-{os.getpid()}") if output else None
+    sink = open(tmp, "w") if tmp else sys.stdout  # the file appears whole, or not at all
     try:
         for i in range(0, len(records), batch_size):
             chunk = records[i:i + batch_size]
@@ -78,7 +80,12 @@ def predict_file(export_dir: str, input_path: str, output: str | None, batch_siz
                     rows = task.predict(model(**inputs).logits, batch)
             for rec, row in zip(chunk, rows, strict=True):
                 sink.write(json.dumps({**rec, **row}) + "\n")
-    finally:
-        if output:
+    except BaseException:
+        if tmp:
             sink.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    if tmp:
+        sink.close()
+        os.replace(tmp, output)
     return len(records)

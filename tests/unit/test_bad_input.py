@@ -320,3 +320,23 @@ def test_hostile_yaml_is_refused_before_it_is_expanded(tmp_path, capsys, cmd, co
     path.write_text(content)
     check_user_error(capsys, [cmd, str(path)], message, tmp_path / "run")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 << 20, "under 4 GiB: nothing was expanded"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "-1"], "--batch-size -1 must be >= 1"), (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--output", "{input}"], "is the input file"), (["--output", "{export}/p.jsonl"], "inside the model directory"),
+    (["--output", "{export}"], "is a directory"), (["--output", "{tmp}/no/such/p.jsonl"], "does not exist"),
+    (["--input", "{tmp}/missing.jsonl"], "is not a file")])
+def test_predict_mistakes_are_one_line_and_touch_nothing(tmp_path, capsys, extra, message):
+    """Refused before the model loads: nothing is written, the input is never overwritten."""
+    export = tmp_path / "export"
+    export.mkdir()
+    records = tmp_path / "in.jsonl"
+    records.write_text('{"text": "a", "label": "x"}\n')
+    fill = {"input": str(records), "export": str(export), "tmp": str(tmp_path)}
+    argv = ["predict", str(export), "--input", str(records), *[a.format(**fill) for a in extra]]
+    if "--input" in extra:
+        argv = ["predict", str(export), *[a.format(**fill) for a in extra]]
+    check_user_error(capsys, argv, message, tmp_path / "nothing")
+    assert records.read_text() == '{"text": "a", "label": "x"}\n' and sorted(p.name for p in export.iterdir()) == []

@@ -204,8 +204,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         text = reference()
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(text)
+            from dist_train.outputs import write_atomic
+
+            out = Path(args.output)
+            if out.is_dir():
+                raise ConfigError(f"--output {args.output!r} is a directory: name a file to write")
+            if not out.parent.is_dir():
+                raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
+            write_atomic(out, text)
             print(f"wrote {args.output}")
         else:
             print(text, end="")
@@ -335,6 +341,10 @@ def _data(args: argparse.Namespace) -> int:
         return 0
     from dist_train.data.manifest import read_manifest
 
+    if args.data_cmd == "inspect" and args.samples < 1:
+        from dist_train.config.loader import ConfigError
+
+        raise ConfigError(f"--samples {args.samples} must be >= 1")
     man = read_manifest(args.data_dir)
     if args.data_cmd == "plan":
         return _plan(man, args)
@@ -382,6 +392,13 @@ def _plan(man, args: argparse.Namespace) -> int:
     mixed = [item.rpartition(":") for item in args.mix]
     if any(not sep for _, sep, _ in mixed):
         raise ConfigError("--mix takes DIR:WEIGHT, e.g. --mix general/:0.1")
+    for item, (_, _, weight) in zip(args.mix, mixed, strict=True):
+        try:
+            ok = 0 < float(weight) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--mix {item!r}: the weight must be a number between 0 and 1, e.g. --mix general/:0.1")
     mans = [man, *(read_manifest(src) for src, _, _ in mixed)]
     mix = Mixture.build(mans, lanes=lanes, global_batch=args.global_batch, seed=args.seed,
                         window_shards=args.window_shards, mix_weights=tuple(float(w) for _, _, w in mixed))

@@ -448,6 +448,15 @@ def _check_finetune_task(cfg: RunConfig, tokenizer) -> list[str]:
             check_lora_targets(skeleton, list(lora_config(ft.lora, task.peft_task_type,
                                                           config.model_type).target_modules))
     notes = [f"finetune: {len(train)} train, {len(val or [])} validation, {len(test or [])} test examples"]
+    if tokenizer is not None and ft.task == "sequence_classification":
+        from dist_train.tasks.heads import label_key
+
+        for name, rows in (("validation", val), ("test", test)):
+            unseen = sorted({label_key(r[ft.data.label_field]) for r in rows or []} - set(task.labels))
+            if unseen:
+                notes.append(f"finetune: the {name} data has {len(unseen)} label(s) the training data lacks "
+                             f"({', '.join(map(repr, unseen[:3]))}): the model cannot predict them, so those examples "
+                             "count as errors; add training examples of them")
     if ft.train.early_stopping_patience and not val:
         notes.append("finetune: early stopping needs validation data (finetune.data.validation or "
                      "validation_fraction): it will not trigger")

@@ -9,9 +9,11 @@ See data/packing.py for the two phases.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -77,20 +79,40 @@ def expand_inputs(spec: str) -> tuple[str, list[str]]:
     return kinds.pop(), files
 
 
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Silence the `datasets` library's own error log while it reads: a file it cannot parse becomes our
+    one-line DataError, not a page of its tracebacks (some of which fail to format: "--- Logging error ---")."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of PATH_OR_GLOB in a deterministic order, read through `datasets`."""
     import datasets
 
     datasets.disable_progress_bars()
     kind, files = expand_inputs(spec)
-    if kind == "saved":
-        ds = datasets.load_from_disk(files[0])
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-    elif kind == "text":
-        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
-    else:
-        ds = datasets.load_dataset(kind, data_files=files, split="train")
+    try:
+        with quiet_datasets():
+            if kind == "saved":
+                ds = datasets.load_from_disk(files[0])
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+            elif kind == "text":
+                ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+            else:
+                ds = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as e:  # datasets raises many types (ArrowInvalid, UnicodeDecodeError, ...) for a bad file
+        cause = e.__cause__ or e.__context__ or e
+        first = str(cause).splitlines()[0][:150] if str(cause) else ""
+        raise DataError(f"--input {spec!r} cannot be read ({type(cause).__name__}: {first}): check that it is "
+                        f"valid {kind}, UTF-8 encoded") from None
     if text_field not in ds.column_names:
         raise DataError(f"{spec}: no field {text_field!r} (fields: {ds.column_names}); pass "
                         f"--text-field with the right name")

@@ -89,8 +89,10 @@ def read_manifest(source: str | Path, *, allow_pipe: bool = False) -> Manifest:
             train=[ShardInfo(**s) for s in raw["train"]],
             validation=[ShardInfo(**s) for s in raw["validation"]],
         )
-    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is damaged ({e.__class__.__name__}: {e}): rebuild the shards") from None
+        for shard in man.train + man.validation:
+            _check_shard_info(shard)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError, UnicodeDecodeError too
+        raise DataError(f"{path} is damaged ({e.__class__.__name__}: {str(e)[:200]}): rebuild the shards") from None
     except OSError as e:
         raise DataError(f"cannot read {path} ({e.__class__.__name__}: {e}): check the URL and credentials") from None
     if pattern is not None:
@@ -110,6 +112,19 @@ def read_manifest(source: str | Path, *, allow_pipe: bool = False) -> Manifest:
             raise DataError(f"{root}: shard {missing[0]} listed in {MANIFEST} is missing "
                             f"({len(missing)} missing in all): copy it back or rebuild the shards")
     return man
+
+
+def _check_shard_info(shard: ShardInfo) -> None:
+    """A manifest entry that could only come from data build: a plain file name, sane counts, a sha256."""
+    name = shard.file
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"shard name {name!r} is not a file name in the shard directory")
+    for key in ("samples", "tokens"):
+        value = getattr(shard, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: {key} {value!r} is not a count")
+    if not isinstance(shard.sha256, str) or len(shard.sha256) != 64:
+        raise ValueError(f"{name}: sha256 {shard.sha256!r} is not a sha256")
 
 
 def write_manifest(man: Manifest) -> None:

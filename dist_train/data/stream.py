@@ -81,7 +81,7 @@ def load_shard(path: str, *, samples: int, seq_len: int | None,
             digest = f.finish()
     except Exception as e:  # truncated or garbled tar: keep what was read before the damage
         # webdataset appends the stream and url to the exception's args; the first is the reason
-        reason = str(e.args[0]).splitlines()[0][:80] if e.args else ""
+        reason = str(e.args[0]).splitlines()[0].split(" @ <")[0][:80] if e.args else ""  # not the stream's repr
         problems.append(f"{name}: unreadable after {sum(r is not None for r in rows)} samples "
                         f"({e.__class__.__name__}{': ' + reason if reason else ''})")
         digest = None

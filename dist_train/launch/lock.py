@@ -49,6 +49,10 @@ def hold(out: Path, log=print) -> Iterator[None]:
     """Hold the lock of output_dir `out` (created if missing) for the block; raise RunLocked if another
     run holds it. A directory this call created and that holds nothing else afterwards is removed."""
     out = Path(out)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output_dir {str(out)!r}: {str(parent)!r} is a file, not a directory: choose another "
+                              "output_dir")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

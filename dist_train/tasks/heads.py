@@ -36,6 +36,14 @@ class _Sequence:
         return int((batch["labels"] != IGNORE).sum())
 
 
+def label_key(value: Any) -> str:
+    """A label as the model's id2label names it. A whole number read as a float (1.0: a jsonl column where any
+    row has a fraction, or a csv column with a gap) is the same class as the integer 1 in another file."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 class Classification(_Sequence):
     """One label per example; binary and multi-class alike. Labels are read from the training
     data (sorted) and stored in the export as id2label/label2id."""
@@ -49,7 +57,7 @@ class Classification(_Sequence):
         if train is None:
             self.labels, self.majority = list(spec["labels"]), spec.get("majority")
         else:
-            counts = Counter(str(r[self.label]) for r in train)
+            counts = Counter(label_key(r[self.label]) for r in train)
             self.labels = sorted(counts)
             if len(self.labels) < 2:
                 raise DataError(f"the training data has {len(self.labels)} class(es) in {self.label!r}: "
@@ -71,7 +79,7 @@ class Classification(_Sequence):
         return batch
 
     def label_id(self, value: Any) -> int:
-        return self.id.get(str(value), len(self.labels))
+        return self.id.get(label_key(value), len(self.labels))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         w = self.weights.to(logits.device) if self.weights is not None else None
@@ -129,7 +137,7 @@ class MultiLabel(_Sequence):
     def as_list(value: Any) -> list[str]:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
-        return [str(v) for v in value]
+        return [label_key(v) for v in value]
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),

@@ -22,7 +22,7 @@ def read_records(path: str, fields: list[str]) -> list[dict[str, Any]]:
     hold `fields`; rows keep only those fields."""
     import datasets
 
-    from dist_train.data.build import expand_inputs
+    from dist_train.data.build import expand_inputs, quiet_datasets
 
     datasets.disable_progress_bars()
     try:
@@ -30,14 +30,15 @@ def read_records(path: str, fields: list[str]) -> list[dict[str, Any]]:
     except (DataError, ValueError) as e:
         raise DataError(f"labeled data {path!r}: {e}") from None
     try:
-        if kind == "saved":
-            ds = datasets.load_from_disk(files[0])
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        elif kind == "text":
-            raise DataError(f"labeled data {path!r} is plain text: give jsonl, csv, parquet or a saved dataset")
-        else:
-            ds = datasets.load_dataset(kind, data_files=files, split="train")
+        with quiet_datasets():
+            if kind == "saved":
+                ds = datasets.load_from_disk(files[0])
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+            elif kind == "text":
+                raise DataError(f"labeled data {path!r} is plain text: give jsonl, csv, parquet or a saved dataset")
+            else:
+                ds = datasets.load_dataset(kind, data_files=files, split="train")
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files

@@ -14,6 +14,7 @@ import torch
 
 from dist_train.data.manifest import DataError
 from dist_train.tasks import metrics as M
+from dist_train.tasks.heads import label_key
 
 IGNORE = -100
 
@@ -36,7 +37,7 @@ class TokenClassification:
                 if not isinstance(r[self.words], list) or len(r[self.words]) != len(r[self.tags]):
                     raise DataError(f"training record {i + 1}: {self.words!r} and {self.tags!r} must be lists of "
                                     "equal length (one tag per word)")
-            self.labels = sorted({str(t) for r in train for t in r[self.tags]})
+            self.labels = sorted({label_key(t) for r in train for t in r[self.tags]})
         self.id = {lab: i for i, lab in enumerate(self.labels)}
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -63,7 +64,7 @@ class TokenClassification:
             for b, r in enumerate(records):
                 for t in (first[b] >= 0).nonzero().flatten().tolist():
                     # a tag unseen in training cannot be predicted: id len(labels) marks it, counted as wrong
-                    labels[b, t] = self.id.get(str(r[self.tags][int(first[b, t])]), len(self.labels))
+                    labels[b, t] = self.id.get(label_key(r[self.tags][int(first[b, t])]), len(self.labels))
             batch["labels"] = labels
         return batch
 

@@ -79,6 +79,11 @@ def _remote_code_model(tmp: Path) -> list[str]:
     return ["model.arch=null", f"model.name_or_path={model}", "pretrain=null", f"finetune.init_from={model}"]
 
 
+def _task_file(tmp: Path, data: bytes) -> list[str]:
+    (tmp / "bad_task.jsonl").write_bytes(data)
+    return [f"finetune.data.train={tmp / 'bad_task.jsonl'}"]
+
+
 def _deepspeed_file(content: str | None) -> Callable[[Path], list[str]]:
     def setup(tmp: Path) -> list[str]:
         path = tmp / "ds.json"
@@ -163,6 +168,20 @@ CASES = [
          "pretrain.eval.lm_eval scores causal LMs"),
     Case("compare_base without test data", ("finetune.compare_base=true",),
          "finetune.compare_base compares the two fine-tunes on the test set, and there is none"),
+    Case("labeled data not UTF-8", (), "cannot be read", setup=lambda t: _task_file(t, b"\xff\xfe\x00\x80 bad\n"),
+         example="train.jsonl holds bytes that are not UTF-8"),
+    Case("labeled data with a line that is not JSON", (), "cannot be read",
+         setup=lambda t: _task_file(t, b'{"text": "a", "label": "x"}\n{"text": "b", "lab\n'),
+         example="train.jsonl's second line is cut off"),
+    Case("labeled data of zero bytes", (), "every matched file is empty", setup=lambda t: _task_file(t, b""),
+         example="train.jsonl is empty"),
+    Case("a record without its label", (), "has an empty 'label'",
+         setup=lambda t: _task_file(t, b'{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n'),
+         example='a record has "label": null'),
+    Case("negative validation fraction", ("finetune.data.validation_fraction=-0.1",), "must be >= 0"),
+    Case("zero steps", ("pretrain.train.max_steps=0",), "must be >= 1"),
+    Case("negative checkpoint interval", ("pretrain.train.save_every=-5",), "must be >= 0"),
+    Case("non-finite patience of zero", ("pretrain.train.nonfinite_patience=0",), "must be >= 1"),
     Case("compare_base against itself", ("finetune.compare_base=true", "finetune.data.test_fraction=0.2"),
          "but finetune.init_from already starts from the unadapted one", finetune_only=True),
 ]
@@ -184,9 +203,13 @@ ERRORS_DOC = REPO / "docs" / "errors.md"
 
 def render_errors_doc() -> str:
     """docs/errors.md from CASES: `python -m tests.unit.test_bad_input` rewrites it."""
+    from tests.unit.test_bad_commands import CLI_CASES
+
     rows = [f"| {c.mistake} | {' '.join(f'`{o}`' for o in c.overrides) or c.example} | …{c.message}… |"
             for c in CASES]
-    return ERRORS_DOC_HEAD + "\n".join(rows) + "\n" + ERRORS_DOC_TAIL
+    commands = [f"| `{c.command}` | {c.mistake} | …{c.message.replace('|', '/')}… |" for c in CLI_CASES]
+    return (ERRORS_DOC_HEAD + "\n".join(rows) + "\n" + ERRORS_DOC_COMMANDS + "\n".join(commands) + "\n"
+            + ERRORS_DOC_TAIL)
 
 
 ERRORS_DOC_HEAD = """# Mistakes and what dist-train says
@@ -198,6 +221,18 @@ output_dir. The table is generated from the test matrix in tests/unit/test_bad_i
 applied to a small two-stage config (the last rows: to a MiniLM fine-tune config).
 
 | Mistake | Example | The error contains |
+|---|---|---|
+"""
+
+ERRORS_DOC_COMMANDS = """
+## Every other command
+
+The same promise for the commands around training, on damaged or hostile input (the matrix in
+tests/unit/test_bad_commands.py): one line, exit status 2, no traceback, and nothing of yours
+changed. A refused output path is never deleted or replaced: dist-train replaces only what it
+made itself ([reliability.md](reliability.md)).
+
+| Command | Mistake | The error contains |
 |---|---|---|
 """
 
@@ -218,7 +253,9 @@ named by the heartbeat.
 
 
 def test_errors_doc_is_current():
-    assert len(CASES) >= 30
+    from tests.unit.test_bad_commands import CLI_CASES
+
+    assert len(CASES) + len(CLI_CASES) >= 100
     assert ERRORS_DOC.read_text() == render_errors_doc(), "regenerate: python -m tests.unit.test_bad_input"
 
 
@@ -340,3 +377,12 @@ def test_predict_mistakes_are_one_line_and_touch_nothing(tmp_path, capsys, extra
         argv = ["predict", str(export), *[a.format(**fill) for a in extra]]
     check_user_error(capsys, argv, message, tmp_path / "nothing")
     assert records.read_text() == '{"text": "a", "label": "x"}\n' and sorted(p.name for p in export.iterdir()) == []
+
+
+def test_a_class_only_the_test_data_has_is_noted_by_validate(config, capsys, tmp_path):
+    """Not an error (the run is still meaningful), but said before the run: those examples count as wrong."""
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"text": "a b", "label": "x"}\n{"text": "q", "label": "zebra"}\n')
+    assert main(["validate", str(config), f"finetune.data.test={test}"]) == 0
+    out = capsys.readouterr().out
+    assert "the test data has 1 label(s) the training data lacks ('zebra')" in out

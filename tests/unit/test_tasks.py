@@ -91,6 +91,22 @@ def test_classification_labels_weights_and_unseen_labels(tok):
         build_task("sequence_classification", SPEC, tok, [{"text": "a", "label": "x"}])
 
 
+def test_whole_number_labels_match_across_files_whatever_their_type(tok, tmp_path):
+    """A jsonl column with a fraction anywhere is read as floats (0.0, 1.0): its classes are still the 0 and 1
+    of a test file read as integers, not labels the model never saw."""
+    from dist_train.tasks.records import read_records
+
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1.0}\n'
+                                          '{"text": "c", "label": 1}\n')
+    (tmp_path / "test.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    train = read_records(str(tmp_path / "train.jsonl"), ["text", "label"])
+    assert {type(r["label"]) for r in train} == {float}, "datasets reads the whole column as floats"
+    task = build_task("sequence_classification", SPEC, tok, train)
+    assert task.labels == ["0", "1"]
+    test = read_records(str(tmp_path / "test.jsonl"), ["text", "label"])
+    assert task.encode(test)["labels"].tolist() == [0, 1], "no test label is unseen"
+
+
 def test_token_tags_go_to_each_words_first_subtoken(tok):
     rec = {"tokens": ["Return", "unconditionally", "None"], "tags": ["O", "O", "B-LITERAL"]}
     task = build_task("token_classification", SPEC, tok, [rec])

@@ -57,7 +57,7 @@ def test_a_directory_it_created_for_nothing_is_removed(tmp_path):
         raise ValueError("boom")  # e.g. a config check that fails once the lock is held
     assert not out.exists()
     (tmp_path / "file").write_text("")
-    with pytest.raises(ConfigError, match="cannot be used"), hold(tmp_path / "file" / "run"):
+    with pytest.raises(ConfigError, match="is a file, not a directory"), hold(tmp_path / "file" / "run"):
         pass
     started = time.time()
     with hold(tmp_path / "kept"):

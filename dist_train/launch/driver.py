@@ -138,10 +138,25 @@ def start_ray(cfg: RunConfig) -> None:
     # A local instance: reserve enough logical CPUs for the workers even on a small machine
     # (they are threads-limited by cpus_per_worker anyway).
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls; it
-    # listens on loopback only.
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # A private instance, whatever else runs on this machine: address="local" never joins the cluster
+    # that /tmp/ray/ray_current_cluster names (a colleague's `ray start`, or a stale file of a stopped
+    # one). Ray Train's placement-group cleaner finds the state API through RAY_API_SERVER_ADDRESS,
+    # which the instance's processes inherit from here; without it they would look for "the" local
+    # cluster and might query another one. The dashboard listens on loopback only.
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, configure_logging=True,
+             logging_level="WARNING")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:

@@ -144,3 +144,26 @@ def test_the_jobs_api_refuses_a_client_without_the_token(cluster, tmp_path):
                          text=True, timeout=120)
     assert res.returncode != 0, res.stdout
     assert "token" in (res.stdout + res.stderr).lower()
+
+
+def test_a_local_run_starts_its_own_ray_beside_a_colleagues_cluster(cluster, data, tmp_path):
+    """With a `ray start` cluster on the machine that Ray's own lookup file names (as a colleague's would be),
+    a run without ray.address starts a private instance: it neither joins that cluster (which made Ray
+    refuse num_cpus) nor lets Ray Train's cleaner query it; no traceback reaches the console."""
+    env, _, gcs = cluster
+    ray_tmp = Path(f"/tmp/dtl-{os.getpid()}")  # short: Ray's socket paths live under it
+    (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(gcs)  # what `ray start` leaves for ray.init() to find
+    before = node_ids(env, gcs)
+    try:
+        res = subprocess.run([sys.executable, "-m", "dist_train.cli", "run", "configs/quickstart.yaml",
+                              f"output_dir={tmp_path / 'run'}", f"prepare.dir={data}", *SHORT],
+                             env={**env, "RAY_TMPDIR": str(ray_tmp)}, cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    finally:
+        subprocess.run(["rm", "-rf", str(ray_tmp)])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "PlacementGroupCleaner" not in out, out[-4000:]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["stages"]["pretrain"]["steps"] == 6
+    assert node_ids(env, gcs) == before, "the colleague's cluster is as it was"

@@ -42,6 +42,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return parse_jsonl(path.read_text()) if path.is_file() else []
 
 
+def read_attempts(path: Path) -> list[dict[str, float]]:
+    """The attempts recorded in an ATTEMPTS file ({start, end} wall times); an entry or a file that is
+    damaged is left out (it would only skew goodput), never an error."""
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, list):
+        return []
+    return [{"start": float(a["start"]), "end": float(a["end"])} for a in raw if isinstance(a, dict)
+            and all(isinstance(a.get(k), (int, float)) and not isinstance(a.get(k), bool) for k in ("start", "end"))]
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable."""
     fd = os.open(path, os.O_RDONLY)

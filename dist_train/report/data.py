@@ -14,18 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.config.schema import STAGES
-from dist_train.outputs import ATTEMPTS, INCIDENTS, METRICS, REPORT, RESULT, STATUS, read_jsonl
+from dist_train.outputs import ATTEMPTS, INCIDENTS, METRICS, REPORT, RESULT, STATUS, read_attempts, read_jsonl
 
 
 class NotARun(ValueError):
     """The directory holds no dist-train run."""
 
 
-def _json(path: Path) -> Any:
+def _json(path: Path, kind: type = dict) -> Any:
+    """A run file's JSON value of `kind` (an object, or a list); None when it is missing, unreadable, not
+    JSON or of another kind (damaged)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, kind) else None
 
 
 @dataclass
@@ -92,7 +95,8 @@ class RunData:
         for s in self.stages.values():
             times += [r.get("time", 0.0) for r in s.rows[-1:]]
             times += [s.heartbeat.get("time", 0.0)] if s.heartbeat else []
-            times += [a["end"] for a in s.attempts[-1:]]
+            times += [a.get("end", 0.0) for a in s.attempts[-1:] if isinstance(a, dict)]
+        times = [t for t in times if isinstance(t, (int, float)) and t > 0]  # a damaged entry says nothing
         if not times:
             times = [p.stat().st_mtime for p in (self.out / REPORT, self.out / STATUS) if p.exists()]
         return max(times, default=self.out.stat().st_mtime)
@@ -133,7 +137,7 @@ def read_stage(out: Path, stage: str) -> StageData | None:
     beats = [b for b in (_json(p) for p in (d / "heartbeat").glob("rank_*.json")) if b]
     checkpoints, latest, best = read_checkpoints(d / "checkpoints")
     result = _json(d / RESULT)
-    return StageData(name=stage, rows=read_jsonl(d / METRICS), attempts=_json(d / ATTEMPTS) or [],
+    return StageData(name=stage, rows=read_jsonl(d / METRICS), attempts=read_attempts(d / ATTEMPTS),
                      result=result if isinstance(result, dict) else None, checkpoints=checkpoints, latest=latest,
                      best=best, heartbeat=max(beats, key=lambda b: b.get("time", 0.0)) if beats else None,
                      incidents=read_jsonl(d / INCIDENTS),
@@ -147,7 +151,8 @@ def load_run(out: str | Path) -> RunData:
         raise NotARun(f"{out} is not a directory: pass a run's output_dir")
     status, report = _json(out / STATUS), _json(out / REPORT)
     stages = {s: data for s in STAGES if (data := read_stage(out, s)) is not None}
-    if status is None and report is None and not stages:
+    if status is None and report is None and not stages and not (out / STATUS).exists() \
+            and not (out / REPORT).exists():
         raise NotARun(f"{out} holds no dist-train run (no run.json, report.json or stage directories): pass the "
                       "output_dir of a run")
     config = (report or {}).get("config") or {}

@@ -130,6 +130,10 @@ def list_runs(root: str | Path, now: float | None = None) -> list[RunRow]:
             rows.append(describe(path, root, now))
         except NotARun:
             continue
+        except Exception as e:  # a damaged run is listed as such; the others are still shown
+            rel = str(path.relative_to(root)) if path != root else path.name
+            rows.append(RunRow(path=rel or ".", state="damaged", stage="-", step="-", best="-", age="-",
+                               note=f"unreadable ({e.__class__.__name__}): dist-train report {rel} says more"))
     return rows
 
 

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import torch
 
 from dist_train.config.schema import headline
+from dist_train.outputs import read_attempts
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s), from the vendors' data sheets.
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -101,7 +102,7 @@ class RunClock:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.attempts: list[dict[str, float]] = json.loads(path.read_text()) if path.is_file() else []
+        self.attempts: list[dict[str, float]] = read_attempts(path)
         now = time.time()
         self.attempts.append({"start": now, "end": now})
         self.tick()

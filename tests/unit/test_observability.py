@@ -262,3 +262,18 @@ def test_python_api_loads_configs_like_the_cli():
     assert c.logging.trackers == ("mlflow",) and c.seed == 3 and c.pretrain.data.shards == "s"
     with pytest.raises(ConfigError, match="unknown config key 'pretrian'"):
         load_config({"pretrian": {}})
+
+
+def test_runs_lists_every_run_when_one_is_damaged(tmp_path):
+    """A run whose files are not UTF-8, not JSON or of the wrong shape is listed, and the others with it."""
+    make_run(tmp_path, "good", "completed", 5, checkpoint=20, done=True)
+    bad = make_run(tmp_path, "bad", "running", 5, checkpoint=20)
+    (bad / "run.json").write_bytes(b"\xff\xfe{{")
+    (bad / "report.json").write_text("[1, 2]")
+    (bad / "pretrain" / "attempts.json").write_text('[{"start": "x"}, 3]')
+    (bad / "pretrain" / "checkpoints" / "step_00000020" / "meta.json").write_text("{")
+    res = run_cli("runs", str(tmp_path))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    names = [line.split()[0] for line in res.stdout.splitlines()[1:]]
+    assert sorted(names) == ["bad", "good"]
+    assert run_cli("report", str(bad)).returncode == 0, "its page is still written, from what can be read"

@@ -5,13 +5,16 @@ data build --overwrite, a pipe: command in a run file) each lose nothing of the 
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from dist_train import owned
-from tests.conftest import REPO, run_cli
+from dist_train.cli import main
+from tests.conftest import REPO
 from tests.unit.test_observability import make_run
 
 
@@ -25,6 +28,29 @@ def user_folder(path: Path) -> Path:
 
 def untouched(path: Path) -> bool:
     return (path / "notes.txt").read_text() == "mine" and (path / "sub" / "data.csv").read_text() == "a,b\n"
+
+
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`dist-train ARGS` in this process (the refusals here happen before anything heavy starts)."""
+
+    def run(*argv: str, cwd: Path | None = None) -> Result:
+        before = Path.cwd()
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            code = main([str(a) for a in argv])
+        finally:
+            os.chdir(before)
+        return Result(code, capsys.readouterr().err)
+
+    return run
 
 
 def one_line_error(res) -> bool:
@@ -113,7 +139,7 @@ def fake_checkpoint(stage_dir: Path) -> Path:
     return ckpt
 
 
-def test_export_never_deletes_a_folder_or_the_run_it_exports(tmp_path):
+def test_export_never_deletes_a_folder_or_the_run_it_exports(run_cli, tmp_path):
     stage = tmp_path / "run" / "pretrain"
     ckpt = fake_checkpoint(stage)
     theirs = user_folder(tmp_path / "theirs")
@@ -126,7 +152,7 @@ def test_export_never_deletes_a_folder_or_the_run_it_exports(tmp_path):
     assert (ckpt / "meta.json").is_file()
 
 
-def test_report_never_replaces_a_page_or_folder_of_the_users(tmp_path):
+def test_report_never_replaces_a_page_or_folder_of_the_users(run_cli, tmp_path):
     out = make_run(tmp_path, "run", "completed", 5, checkpoint=20, done=True)
     theirs = user_folder(out / "report")
     res = run_cli("report", str(out))
@@ -144,7 +170,7 @@ def test_report_never_replaces_a_page_or_folder_of_the_users(tmp_path):
     assert owned.kind_of(out / "report") == "report plots"
 
 
-def test_prepare_dir_of_the_users_is_refused_before_anything_is_built(tmp_path):
+def test_prepare_dir_of_the_users_is_refused_before_anything_is_built(run_cli, tmp_path):
     theirs = user_folder(tmp_path / "mydata")
     res = run_cli("validate", str(REPO / "configs" / "quickstart.yaml"), f"prepare.dir={theirs}",
                   f"output_dir={tmp_path / 'run'}")
@@ -155,7 +181,7 @@ def test_prepare_dir_of_the_users_is_refused_before_anything_is_built(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mydata"], "nothing half-written beside it"
 
 
-def test_data_build_overwrite_replaces_only_shards(tmp_path, corpus_jsonl, tokenizer_dir):
+def test_data_build_overwrite_replaces_only_shards(run_cli, tmp_path, corpus_jsonl, tokenizer_dir):
     args = ("--tokenizer", str(tokenizer_dir), "--seq-len", "32", "--samples-per-shard", "200")
     ow = tmp_path / "ow"
     ow.mkdir()
@@ -190,7 +216,7 @@ def test_shards_built_before_markers_can_still_be_overwritten(tmp_path, shards_d
     assert not earlier_shards(old), "anything else in it: not provably ours"
 
 
-def test_ledger_verify_never_runs_a_command_from_a_run_file(tmp_path):
+def test_ledger_verify_never_runs_a_command_from_a_run_file(run_cli, tmp_path):
     stage = tmp_path / "run" / "pretrain"
     ckpt = fake_checkpoint(stage)
     canary = tmp_path / "ran"

@@ -57,3 +57,19 @@ def test_documentation_links_point_at_files_that_exist():
     index = (REPO / "docs" / "README.md").read_text()
     unlisted = [p.name for p in (REPO / "docs").glob("*.md") if p.name != "README.md" and f"({p.name})" not in index]
     assert not unlisted, f"docs/README.md does not list {unlisted}"
+
+
+def test_the_test_command_collects_every_tier():
+    """`pytest` with no arguments (the README's command) must reach unit/, dist/ and integration/: pytest's
+    default norecursedirs skips directories named "dist", which once kept the DeepSpeed tier out of CI."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    files = {line.split("::")[0] for line in res.stdout.splitlines() if "::" in line}
+    tiers = {f.split("/")[1] for f in files if f.startswith("tests/")}
+    assert tiers == {"unit", "dist", "integration"}, res.stdout[-2000:] + res.stderr[-2000:]
+    on_disk = {str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py")}
+    assert on_disk == files, "every test file is collected"

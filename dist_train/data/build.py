@@ -92,27 +92,32 @@ def quiet_datasets() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def read_documents(spec: str, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of PATH_OR_GLOB in a deterministic order, read through `datasets`."""
+def open_table(kind: str, files: list[str], what: str) -> Any:
+    """The rows of `files` (of reader `kind`, from expand_inputs) as one `datasets` table; DataError naming
+    `what` when a file cannot be parsed (datasets raises many types: ArrowInvalid, UnicodeDecodeError, ...)."""
     import datasets
 
     datasets.disable_progress_bars()
-    kind, files = expand_inputs(spec)
     try:
         with quiet_datasets():
             if kind == "saved":
                 ds = datasets.load_from_disk(files[0])
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-            elif kind == "text":
-                ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
-            else:
-                ds = datasets.load_dataset(kind, data_files=files, split="train")
-    except Exception as e:  # datasets raises many types (ArrowInvalid, UnicodeDecodeError, ...) for a bad file
+                return ds[("train" if "train" in ds else next(iter(ds)))] if isinstance(ds, datasets.DatasetDict) \
+                    else ds
+            if kind == "text":
+                return datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+            return datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as e:
         cause = e.__cause__ or e.__context__ or e
         first = str(cause).splitlines()[0][:150] if str(cause) else ""
-        raise DataError(f"--input {spec!r} cannot be read ({type(cause).__name__}: {first}): check that it is "
-                        f"valid {kind}, UTF-8 encoded") from None
+        raise DataError(f"{what} cannot be read ({type(cause).__name__}: {first}): check that it is valid {kind}, "
+                        "UTF-8 encoded") from None
+
+
+def read_documents(spec: str, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of PATH_OR_GLOB in a deterministic order, read through `datasets`."""
+    kind, files = expand_inputs(spec)
+    ds = open_table(kind, files, f"--input {spec!r}")
     if text_field not in ds.column_names:
         raise DataError(f"{spec}: no field {text_field!r} (fields: {ds.column_names}); pass "
                         f"--text-field with the right name")

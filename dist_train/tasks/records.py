@@ -20,30 +20,15 @@ if TYPE_CHECKING:
 def read_records(path: str, fields: list[str]) -> list[dict[str, Any]]:
     """Every row of `path` (jsonl/json, csv, parquet, or a `save_to_disk` directory), checked to
     hold `fields`; rows keep only those fields."""
-    import datasets
+    from dist_train.data.build import expand_inputs, open_table
 
-    from dist_train.data.build import expand_inputs, quiet_datasets
-
-    datasets.disable_progress_bars()
     try:
         kind, files = expand_inputs(path)
     except (DataError, ValueError) as e:
         raise DataError(f"labeled data {path!r}: {e}") from None
-    try:
-        with quiet_datasets():
-            if kind == "saved":
-                ds = datasets.load_from_disk(files[0])
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-            elif kind == "text":
-                raise DataError(f"labeled data {path!r} is plain text: give jsonl, csv, parquet or a saved dataset")
-            else:
-                ds = datasets.load_dataset(kind, data_files=files, split="train")
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"labeled data {path!r} cannot be read ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:150] if str(e) else ''}): check the file's format") from None
+    if kind == "text":
+        raise DataError(f"labeled data {path!r} is plain text: give jsonl, csv, parquet or a saved dataset")
+    ds = open_table(kind, files, f"labeled data {path!r}")
     missing = [f for f in fields if f not in ds.column_names]
     if missing:
         raise DataError(f"labeled data {path!r} has no field {missing[0]!r} (fields: {ds.column_names}): set the "

@@ -113,7 +113,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, corpus_jsonl, tokenizer_dir):
     with pytest.raises(DataError, match="empty"):
         build_shards(input_spec=str(tmp_path / "empty.jsonl"), output=tmp_path / "o2", **kw)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(DataError, match="is a file"):
+    with pytest.raises(DataError, match="exists and is not a directory"):
         build_shards(input_spec=str(corpus_jsonl), output=tmp_path / "file", **kw)
     with pytest.raises(DataError, match="no field 'body'"):
         build_shards(input_spec=str(corpus_jsonl), output=tmp_path / "o3", text_field="body", **kw)

@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="batch inference with a fine-tune export: one JSON line per input")
     pr.add_argument("export_dir", help="<output_dir>/finetune/export")
     pr.add_argument("--input", required=True, help="records to predict (.jsonl/.csv/.parquet), fields as in training")
-    pr.add_argument("--output", help="write here instead of stdout")
+    pr.add_argument("--output", help="write here instead of stdout (a new file, unless --overwrite)")
+    pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--max-new-tokens", type=int, default=64, help="sft: length of generated responses")
 
@@ -211,6 +212,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--output {args.output!r} is a directory: name a file to write")
             if not out.parent.is_dir():
                 raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
+            if out.exists() and not _starts_with(out, text.split("\n", 2)[0] + "\n\nGenerated from "):
+                raise ConfigError(f"--output {args.output!r} exists and is not a configuration reference this "
+                                  "command wrote: choose another file, or move it away")
             write_atomic(out, text)
             print(f"wrote {args.output}")
         else:
@@ -254,6 +258,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _starts_with(path: Path, head: str) -> bool:
+    """Whether the file at `path` begins with `head` (so replacing it loses nothing of the user's)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(len(head)) == head
+    except OSError:
+        return False
+
+
 def _check_predict_args(args: argparse.Namespace) -> None:
     """Before the model loads: sizes that make sense, and an output that is neither the input nor in the model."""
     from dist_train.config.loader import ConfigError
@@ -276,6 +289,8 @@ def _check_predict_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--output {args.output!r} is a directory: name a file to write")
         if not out.parent.is_dir():
             raise ConfigError(f"--output {args.output!r}: its directory does not exist: create it first")
+        if out.exists() and not args.overwrite:
+            raise ConfigError(f"--output {args.output!r} exists: choose a new file, or pass --overwrite to replace it")
 
 
 def _eval_output(path) -> bool:
@@ -375,9 +390,9 @@ def _data(args: argparse.Namespace) -> int:
 
 def _plan(man, args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError
-    from dist_train.data.manifest import read_manifest
-    from dist_train.data.mixture import Mixture, label, rank_step_ids
-    from dist_train.data.plan import first_step_of_epoch, step_epoch
+    from dist_train.data.manifest import DataError, read_manifest
+    from dist_train.data.mixture import Mixture, counts, label, rank_step_ids
+    from dist_train.data.plan import MAX_EPOCHS, first_step_of_epoch, reach_check, step_epoch
 
     for flag, value, least in (("--from-step", args.from_step, 0), ("--steps", args.steps, 1),
                                ("--epoch", args.epoch, 0), ("--window-shards", args.window_shards, 1),
@@ -405,7 +420,13 @@ def _plan(man, args: argparse.Namespace) -> int:
     specs = mix.sources
     mix.check(args.world_size)
     files = [[s.file for s in m.train] for m in mans]
+    if args.epoch is not None and args.epoch > MAX_EPOCHS:
+        raise DataError(f"--epoch {args.epoch} lies beyond {MAX_EPOCHS:,} epochs of this data: no run gets there; "
+                        "ask for an earlier step")
     first = args.from_step + (first_step_of_epoch(specs[0], args.epoch) if args.epoch is not None else 0)
+    reached = counts(mix.weights, (first + args.steps) * mix.per_lane)
+    for spec, position in zip(specs, reached, strict=True):  # refused here, not walked to
+        reach_check(spec, position)
     for step in range(first, first + args.steps):
         for rank in range(args.world_size):
             ids = [label(files, *i) for i in rank_step_ids(mix, step, args.world_size, rank)]

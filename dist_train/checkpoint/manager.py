@@ -44,11 +44,14 @@ CONVERTED_KIND = "converted checkpoint"
 
 
 def _committed(path: Path) -> bool:
-    """A committed checkpoint of a version before ownership markers: meta.json naming this tag."""
+    """A checkpoint of a version before ownership markers: a step_* directory with meta.json (naming this tag,
+    or damaged) in a checkpoints directory the manager keeps (it has `latest` or the staging directory)."""
+    if not (path.name.startswith("step_") and (path / META).is_file()):
+        return False
     try:
         return json.loads((path / META).read_text()).get("tag") == path.name
     except (OSError, ValueError, AttributeError):
-        return False
+        return (path.parent / LATEST).is_file() or (path.parent / STAGING).is_dir()
 
 
 def _in(parent_name: str) -> owned.Proof:
@@ -380,6 +383,8 @@ class CheckpointManager:
             write_atomic(self.root / BEST, best + "\n")
         for old in sorted(set(metas) - kept - {newest}):
             _drop(self.root / old, CHECKPOINT_KIND, _committed)
+        for aside in self.root.glob(".step_*.old-*"):  # a replaced checkpoint a crash left beside its successor
+            owned.discard(aside, CHECKPOINT_KIND)
         for converted in (self.root / UNIVERSAL).glob("step_*"):
             if not (self.root / converted.name).is_dir():
                 _drop(converted, CONVERTED_KIND, _in(UNIVERSAL))

@@ -114,7 +114,7 @@ def embed_deepspeed_file(ds: DeepSpeedSection, stage: str) -> DeepSpeedSection:
 # adapters, the precision, the starting weights.
 RESUME_IDENTITY = ("seed", "model", "{stage}.objective", "{stage}.task", "{stage}.init_from",
                    "{stage}.data.shards", "{stage}.data.mix", "{stage}.data.seq_len", "{stage}.data.window_shards",
-                   "{stage}.data.train", "{stage}.data.validation", "{stage}.data.test",
+                   "{stage}.data.train", "{stage}.data.validation",
                    "{stage}.data.validation_fraction", "{stage}.data.test_fraction", "{stage}.data.text_field",
                    "{stage}.data.text_pair_field", "{stage}.data.label_field", "{stage}.data.tokens_field",
                    "{stage}.data.tags_field", "{stage}.data.prompt_field", "{stage}.data.response_field",
@@ -155,34 +155,40 @@ def _lookup(tree: dict, dotted: str):
 
 
 def check_resume(cfg: RunConfig, stage: str) -> str | None:
-    """If output_dir holds a committed checkpoint of `stage`, check it fits this config.
+    """If output_dir holds committed checkpoints of `stage`, check they fit this config.
 
-    Returns the checkpoint's tag (None when the stage starts fresh). Changing a key in
-    RESUME_IDENTITY would silently mix two runs, so it is an error that names the key.
+    Returns the newest committed tag (None when the stage starts fresh). Every committed checkpoint
+    with a readable meta.json is checked, since the workers may fall back to an older one when the
+    newest is damaged. Changing a key in RESUME_IDENTITY would silently mix two runs, so it is an
+    error that names the key.
     """
     import json
 
-    from dist_train.checkpoint.manager import latest_meta
+    from dist_train.checkpoint.manager import META, committed_tags
     from dist_train.config.loader import to_dict
 
-    try:
-        found = latest_meta(Path(cfg.output_dir) / stage / "checkpoints")
-    except (OSError, ValueError):
-        return None  # a damaged meta.json: the workers skip that checkpoint, saying so
-    if found is None:
-        return None
-    tag, meta = found
-    old, new = (meta.get("config") if isinstance(meta, dict) else None) or {}, to_dict(cfg)
-    for key in (k.format(stage=stage) for k in RESUME_IDENTITY):
-        was, now = _lookup(old, key), _lookup(new, key)
-        if was is not ABSENT and was != now:  # absent: a checkpoint of a version without the key
-            shown = f"no {key}" if now is ABSENT else f"{key}={json.dumps(now)}"
-            start = "model.name_or_path" if stage == "pretrain" else "finetune.init_from"
-            raise ConfigError(f"{cfg.output_dir} holds a {stage} checkpoint ({tag}) made with {key}="
-                              f"{json.dumps(was)}, but this config has {shown}: to resume it, restore {key}; "
-                              f"to start a new run, use a new output_dir (with {start} set to this run's "
-                              "export to start from its weights)")
-    return tag
+    root = Path(cfg.output_dir) / stage / "checkpoints"
+    tags = committed_tags(root) if root.is_dir() else []
+    new = to_dict(cfg)
+    for tag in tags:
+        try:
+            meta = json.loads((root / tag / META).read_text())
+        except (OSError, ValueError):
+            continue  # damaged: the workers skip it, saying so
+        old = (meta.get("config") if isinstance(meta, dict) else None) or {}
+        lora_off = not _lookup(old, f"{stage}.lora.enabled") and not _lookup(new, f"{stage}.lora.enabled")
+        for key in (k.format(stage=stage) for k in RESUME_IDENTITY):
+            if lora_off and key.startswith(f"{stage}.lora."):
+                continue  # adapters that are off in both: their settings mean nothing
+            was, now = _lookup(old, key), _lookup(new, key)
+            if was is not ABSENT and was != now:  # absent: a checkpoint of a version without the key
+                shown = f"no {key}" if now is ABSENT else f"{key}={json.dumps(now)}"
+                start = "model.name_or_path" if stage == "pretrain" else "finetune.init_from"
+                raise ConfigError(f"{cfg.output_dir} holds a {stage} checkpoint ({tag}) made with {key}="
+                                  f"{json.dumps(was)}, but this config has {shown}: to resume it, restore {key}; "
+                                  f"to start a new run, use a new output_dir (and to start from this run's weights, "
+                                  f"`dist-train export` its checkpoint and set {start} to the export)")
+    return tags[0] if tags else None
 
 
 def _pending(cfg: RunConfig, path: str) -> bool:

@@ -104,7 +104,7 @@ class TrainLoopConfig:
                                  "resume on another worker count keeps the data plan.", 16, ge=1)
     micro_batch_size: int = doc("Samples per forward pass per worker.", 4, ge=1)
     gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
-    log_every: int = doc("Steps between metric lines (loss is read from the device only then).", 10,
+    log_every: int = doc("Steps between metric lines.", 10,
                          ge=1)
     eval_every: int = doc("Steps between evaluations; 0 evaluates only at the end.", 50, ge=0)
     save_every: int = doc("Steps between checkpoints; 0 saves only at the end.", 50, ge=0)
@@ -134,7 +134,8 @@ class TrainLoopConfig:
     nonfinite_patience: int = doc("Stop the run (a failure naming the last good checkpoint) when the loss, or "
                                   "outside fp16 the gradient norm, is NaN or infinite for this many consecutive "
                                   "steps; no checkpoint is saved from such a step. (fp16's own overflow steps, "
-                                  "which it skips, do not count.)", 3, ge=1)
+                                  "which it skips, do not count.) Checked every step: one flag read from the "
+                                  "device and all-reduced.", 3, ge=1)
 
 
 @dataclass(frozen=True)

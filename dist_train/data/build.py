@@ -193,6 +193,8 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
     resumed = (work / "build.json").is_file()
     if not resumed:
         owned.claim(work, PARTIAL_KIND)
+    elif owned.kind_of(work) is None:  # an interrupted build of a version before markers (_earlier_partial)
+        owned.mark(work, PARTIAL_KIND)
     if not (work / "tokens").is_dir():
         owned.claim(work / "tokens", TOKENS_KIND)
     (work / "build.json").write_text(json.dumps(fingerprint))

@@ -83,7 +83,7 @@ def epoch_length(spec: PlanSpec, epoch: int) -> int:
     return min(sum(spec.sizes[i] for i in lane) for lane in epoch_lanes(spec, epoch))
 
 
-MAX_EPOCHS = 10_000  # a position further out is no training run's: refused rather than walked to
+MAX_EPOCHS = 10_000  # `data plan` refuses a position further out: no run gets there (reach_check)
 
 
 @lru_cache(maxsize=64)
@@ -92,19 +92,25 @@ def _epoch_starts(spec: PlanSpec) -> list[int]:
     return [0]
 
 
-def _starts_through(spec: PlanSpec, position: int | None = None, epoch: int | None = None) -> list[int]:
+def _starts_through(spec: PlanSpec, position: int | None = None, epoch: int | None = None,
+                    limit: int | None = None) -> list[int]:
     starts = _epoch_starts(spec)
     while (position is not None and starts[-1] <= position) or (epoch is not None and len(starts) <= epoch):
-        if len(starts) > MAX_EPOCHS:
-            raise DataError(f"that lies beyond {MAX_EPOCHS:,} epochs of this data ({starts[-1]:,} samples per lane): "
+        if limit is not None and len(starts) > limit:
+            raise DataError(f"that lies beyond {limit:,} epochs of this data ({starts[-1]:,} samples per lane): "
                             "no run gets there; ask for an earlier step")
         starts.append(starts[-1] + epoch_length(spec, len(starts) - 1))
     return starts
 
 
+def reach_check(spec: PlanSpec, position: int) -> None:
+    """DataError when lane `position` lies beyond MAX_EPOCHS epochs (for `data plan`, asked for any step)."""
+    _starts_through(spec, position=position, limit=MAX_EPOCHS)
+
+
 def locate(spec: PlanSpec, position: int) -> tuple[int, int]:
     """Map a lane position counted from the start of training to (epoch, position in epoch): a binary search
-    over the epochs' starts, each epoch's length computed once. DataError beyond MAX_EPOCHS epochs."""
+    over the epochs' starts, each epoch's length computed once."""
     starts = _starts_through(spec, position=position)
     epoch = bisect.bisect_right(starts, position) - 1
     return epoch, position - starts[epoch]

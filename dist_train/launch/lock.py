@@ -11,6 +11,7 @@ this one included) refuses in one line that names the holder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -54,34 +55,59 @@ def hold(out: Path, log=print) -> Iterator[None]:
             raise ConfigError(f"output_dir {str(out)!r}: {str(parent)!r} is a file, not a directory: choose another "
                               "output_dir")
     created = not out.exists()
+    fd = _acquire(out, log)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ConfigError(f"output_dir {str(out)!r} cannot be used ({e.strerror or e}): choose another output_dir, "
-                          "or fix its permissions") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RunLocked(f"output_dir {str(out)!r} is in use by another run ({describe(holder_of(out))}): wait for "
-                            "it to finish or stop it, or choose another output_dir") from None
         before = holder_of(out)
         if before and before.get("pid") and not before.get("released"):
             log(f"note: the previous run on this output_dir ({describe(before)}) ended without releasing its lock; "
                 "taking it over")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
+        _write(fd, me)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({**me, "released": time.time()}).encode(), 0)
+            _write(fd, {**me, "released": time.time()})
+            if created and sorted(p.name for p in out.iterdir()) == [LOCK]:
+                with contextlib.suppress(OSError):  # unlinked while still locked: no one can lock this inode
+                    (out / LOCK).unlink()
+                    out.rmdir()
     finally:
         os.close(fd)  # closing releases the lock
-        if created and [p.name for p in out.iterdir()] == [LOCK]:
-            with contextlib.suppress(OSError):
-                (out / LOCK).unlink()
-                out.rmdir()
+
+
+def _acquire(out: Path, log) -> int:
+    """An open descriptor of OUTPUT_DIR/run.lock, locked by this process; RunLocked when another holds it.
+    Retried when the file was replaced between opening and locking (its holder removed it on leaving)."""
+    for _ in range(5):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"output_dir {str(out)!r} cannot be used ({e.strerror or e}): choose another "
+                              "output_dir, or fix its permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise RunLocked(f"output_dir {str(out)!r} is in use by another run ({describe(holder_of(out))}): "
+                                "wait for it to finish or stop it, or choose another output_dir") from None
+            # A filesystem without locks (NFS mounted nolock, some parallel filesystems): run, but say so.
+            log(f"note: output_dir {out} cannot be locked ({e.strerror or e}): nothing stops a second run from "
+                "sharing it")
+            return fd
+        try:
+            same = os.fstat(fd).st_ino == os.stat(out / LOCK).st_ino
+        except OSError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise RunLocked(f"output_dir {str(out)!r} keeps changing hands: another run is starting or ending there; "
+                    "try again, or choose another output_dir")
+
+
+def _write(fd: int, holder: dict) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    os.fsync(fd)

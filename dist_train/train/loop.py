@@ -173,7 +173,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
     checkpoint. `stop_requested` (asked at each step's start; rank 0's answer counts) ends the
     loop when that step is done, with a checkpoint of it. `after_step` runs after each optimizer step
     (heartbeat, fault injection). `nonfinite` checks every step: a non-finite one is neither evaluated nor
-    saved, and enough of them in a row raise NonFiniteLoss."""
+    saved; enough of them in a row, or any at the end, raise NonFiniteLoss."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
     targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
@@ -231,4 +231,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         if stop and state.step < cadence.max_steps:
             state.preempted = True
             break
+    if nonfinite is not None and nonfinite.bad:  # ended (or stopped) on fewer non-finite steps than the patience
+        raise NonFiniteLoss(f"the loss or gradient norm was NaN or infinite at the last {nonfinite.bad} step(s) "
+                            f"(steps {nonfinite.first}-{state.step}), which were not saved")
     return state

@@ -237,4 +237,5 @@ def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing_of_it(tmp_path, shar
     assert res["refused"] and "NaN or infinite weights" in res["refused"] and not res["exported"], res
     assert res["error"] and "NaN or infinite for 2 consecutive step(s)" in res["error"], res
     first_bad = int(res["error"].split("(steps ")[1].split("-")[0])
-    assert res["step"] == first_bad + 1 and res["saved"] == list(range(1, first_bad)), res
+    assert res["step"] == first_bad + 2 and res["saved"] == list(range(1, first_bad)), res
+    assert res["at_end"] and "at the last 1 step(s)" in res["at_end"], "a stage ending on a NaN step fails too"

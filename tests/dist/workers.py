@@ -483,6 +483,17 @@ def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: s
                    peak_flops=1e12, throughput=Throughput(), nonfinite=NonFiniteGuard(2))
     except NonFiniteLoss as e:
         error = str(e)
+    # One more step, the last of the stage, is non-finite too: fewer than the patience, but the stage must
+    # not end as a success either.
+    at_end = None
+    try:
+        train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
+                   cadence=Cadence(state.step + 1, 1, 0, 1), evaluate=lambda: {}, save=saved.append,
+                   log=MetricsLog(None, "pretrain", state.step + 1, None), ledger=Ledger(rank, world_size, 0.0),
+                   world=world, flops_per_token=1.0, peak_flops=1e12, throughput=Throughput(),
+                   nonfinite=NonFiniteGuard(5))
+    except NonFiniteLoss as e:
+        at_end = str(e)
     # DeepSpeed's ZeRO optimizer skips steps whose gradients overflow, so the weights stay finite (and huge)
     # here; with lr=inf (which the config now refuses) they turned NaN. Such a checkpoint the export refuses.
     import torch
@@ -502,7 +513,7 @@ def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: s
             export_checkpoint(ckpt.root / tag, Path(cfg.output_dir) / "export")
         except ValueError as e:
             refused = str(e)
-    Path(f"{out}.{rank}").write_text(json.dumps({"error": error, "saved": saved, "step": state.step,
+    Path(f"{out}.{rank}").write_text(json.dumps({"error": error, "at_end": at_end, "saved": saved, "step": state.step,
                                                  "refused": refused, "exported": (Path(cfg.output_dir) / "export").exists()}))
     import torch
 

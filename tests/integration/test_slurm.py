@@ -97,7 +97,10 @@ def test_sbatch_runs_the_quickstart_survives_a_requeue_and_writes_the_report(tmp
     subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
     wait_until(lambda: job_field(job, "Restarts") == "1" and job_field(job, "JobState") == "PENDING", 120,
                "the job to be requeued", out)
-    # Slurm holds a requeued job for two minutes before it may start again; skip the wait.
+    # Slurm holds a requeued job for two minutes before it may start again; skip most of the wait. Started
+    # within a moment of the requeue, slurmctld kills it ("Job credential revoked": the old start's credential
+    # is still being revoked), so give that a few seconds.
+    time.sleep(5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_until(lambda: finished(job), 600, "the requeued job to finish", out, poll=2)
     text = out.read_text()

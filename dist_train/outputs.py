@@ -19,7 +19,7 @@ TRACKERS = "trackers.json"  # OUTPUT_DIR: tracker run ids and how far metrics we
 METRICS = "metrics.jsonl"  # OUTPUT_DIR/<stage>: one row per log interval
 ATTEMPTS = "attempts.json"  # OUTPUT_DIR/<stage>: wall time of each attempt at the stage, for goodput
 RESULT = "result.json"  # OUTPUT_DIR/<stage>: the stage's entry of report.json
-INCIDENTS = "incidents.jsonl"  # OUTPUT_DIR/<stage>: stuck ranks the heartbeat reported
+INCIDENTS = "incidents.jsonl"  # OUTPUT_DIR/<stage>: stuck ranks, and the errors that ended a worker
 TEST_STATS = "test_stats.npz"  # OUTPUT_DIR/finetune: per-example test statistics (finetune.compare_base)
 COMPARE_BASE = "compare_base"  # OUTPUT_DIR/compare_base/: the unadapted model's fine-tune (finetune.compare_base)
 

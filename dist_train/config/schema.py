@@ -30,9 +30,10 @@ class RayConfig:
     cpus_per_worker: int = doc("CPU cores reserved per worker; also its torch thread count.", 1, ge=1)
     address: str | None = doc("Ray cluster to join ('auto', 'ray://host:10001', host:port). "
                               "null starts a local Ray instance.", None)
-    max_failures: int = doc("Worker-group restarts Ray Train may attempt after a failure (a worker killed, "
-                            "a rank stuck); each restart resumes from the last committed checkpoint. "
-                            "-1: unlimited.", 0, ge=-1)
+    max_failures: int = doc("Restarts of a stage after a failure (a worker killed, a rank stuck, an error); "
+                            "each resumes from the last committed checkpoint. An attempt that fails with the "
+                            "same error at the same step as the one before is not restarted again. "
+                            "-1: unlimited.", 3, ge=-1)
     collective_timeout_s: int = doc("A collective (all-reduce, barrier) that waits longer than this fails the "
                                     "worker group instead of hanging. Keep it above the longest stretch one "
                                     "rank works alone (export, checkpoint conversion).", 1800, ge=1)

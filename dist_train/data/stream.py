@@ -1,7 +1,7 @@
 """The WebDataset pipeline that delivers exactly what data/plan.py says, step by step.
 
 A rank reads only the windows of its own lanes. Each window (a few whole shards) is read
-sequentially through webdataset's tar iterator, checked (member keys, shape, dtype), reordered by
+sequentially as a tar stream, checked (member names and sizes, shape, dtype), reordered by
 the plan's permutation and cut to the positions the plan uses. Windows are the unit of work
 for DataLoader workers (worker i reads windows i, i+N, ...; the DataLoader returns them in
 order), so workers never read a shard twice. Resuming at step k reads at most the one window
@@ -45,43 +45,45 @@ class _HashingReader:
         return self.h.hexdigest()
 
 
+NPY_HEADER_MAX = 1 << 16  # a version-1 .npy header is at most 64 KiB
+UNKNOWN_LENGTH_MAX = 1 << 26  # a member's bound when the sequence length is not known (64 MiB)
+
+
 def load_shard(path: str, *, samples: int, seq_len: int | None,
                sha256: str | None = None) -> tuple[list[np.ndarray | None], list[str]]:
     """Every sample of a tar shard (None where unreadable) and the problems found.
 
-    Reads through webdataset's tar iterator and decodes npy only, never pickle. Checks member
-    keys, shapes and dtypes, the sample count, and (when given) the sha256 of the whole file, which
-    is hashed while it streams, so verification costs no extra read.
+    Streams the tar member by member and decodes npy only, never pickle. Checks member names,
+    shapes and dtypes, the sample count, and (when given) the sha256 of the whole file, which is
+    hashed while it streams, so verification costs no extra read. Memory stays bounded whatever
+    the file declares: reading stops, before the member is read, at a member larger than a sample of
+    `seq_len` int64 tokens can be, and after `samples` + 64 members.
     """
-    import webdataset as wds
+    import tarfile
 
     rows: list[np.ndarray | None] = [None] * samples
     problems: list[str] = []
     name = path.rsplit("/", 1)[-1]
+    limit = NPY_HEADER_MAX + 8 * seq_len if seq_len is not None else UNKNOWN_LENGTH_MAX
     try:
         with open_binary(path) as raw:
             f = _HashingReader(raw)
-            files = wds.tariterators.tar_file_expander([{"url": path, "stream": f}], eof_value=None)
-            for sample in wds.tariterators.group_by_keys(files):
-                key = sample["__key__"]
-                index = int(key) if key.isdigit() else -1
-                if not 0 <= index < samples:
-                    problems.append(f"{name}: unexpected member {key!r}")
-                    continue
-                try:
-                    arr = np.lib.format.read_array(io.BytesIO(sample[TOKENS_KEY]), allow_pickle=False)
-                except (KeyError, ValueError, OSError) as e:
-                    problems.append(f"{name}: member {key}.{TOKENS_KEY} does not decode ({e.__class__.__name__})")
-                    continue
-                if arr.ndim != 1 or arr.dtype.kind not in "iu" or (seq_len is not None and arr.shape[0] != seq_len):
-                    problems.append(f"{name}: member {key} holds {arr.dtype}{list(arr.shape)}, not {seq_len} "
-                                    "integer tokens")
-                    continue
-                rows[index] = arr
+            with tarfile.open(fileobj=f, mode="r|*") as tar:  # a stream: members are read in order, once
+                for n, member in enumerate(tar):
+                    if n >= samples + 64:
+                        problems.append(f"{name}: more than {n} members for {samples} samples")
+                        break
+                    if member.size > limit:  # checked before reading: a header can claim any size
+                        problems.append(f"{name}: member {member.name} declares {member.size} bytes, more than "
+                                        f"a sample can take ({limit}); the rest of the shard is not read")
+                        break  # even skipping the claimed bytes would take as long as the claim is large
+                    problem = _load_member(tar, member, rows, seq_len)
+                    if problem:
+                        problems.append(f"{name}: {problem}")
+                    tar.members = []  # a stream's member list would grow with the file
             digest = f.finish()
     except Exception as e:  # truncated or garbled tar: keep what was read before the damage
-        # webdataset appends the stream and url to the exception's args; the first is the reason
-        reason = str(e.args[0]).splitlines()[0].split(" @ <")[0][:80] if e.args else ""  # not the stream's repr
+        reason = str(e.args[0]).splitlines()[0][:80] if e.args else ""
         problems.append(f"{name}: unreadable after {sum(r is not None for r in rows)} samples "
                         f"({e.__class__.__name__}{': ' + reason if reason else ''})")
         digest = None
@@ -93,6 +95,22 @@ def load_shard(path: str, *, samples: int, seq_len: int | None,
         # shape (a truncated copy keeps its intact prefix) and replaces only the rest.
         problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…")
     return rows, problems
+
+
+def _load_member(tar, member, rows: list[np.ndarray | None], seq_len: int | None) -> str | None:
+    """Decode one tar member into `rows` at its index; the problem with it, or None."""
+    key, _, suffix = member.name.partition(".")
+    index = int(key) if key.isdigit() else -1
+    if not member.isreg() or suffix != TOKENS_KEY or not 0 <= index < len(rows):
+        return f"unexpected member {member.name!r}"
+    try:
+        arr = np.lib.format.read_array(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        return f"member {key}.{TOKENS_KEY} does not decode ({e.__class__.__name__})"
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or (seq_len is not None and arr.shape[0] != seq_len):
+        return f"member {key} holds {arr.dtype}{list(arr.shape)}, not {seq_len} integer tokens"
+    rows[index] = arr
+    return None
 
 
 def read_shard(path: str, *, samples: int, seq_len: int | None = None, sha256: str | None = None) -> list[np.ndarray]:

@@ -30,7 +30,6 @@ from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
 from dist_train.outputs import REPORT, RESULT, write_atomic
 from dist_train.progress import DRIVER_TTY_ENV, EVERY_S_ENV
-from dist_train.train.heartbeat import read_incidents
 
 
 class RunFailed(RuntimeError):
@@ -159,7 +158,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
+def fit_stage(cfg: RunConfig, stage: str, log=print) -> dict[str, Any]:
+    """Train one stage to its end; returns its result. A failed attempt is restarted from the last
+    committed checkpoint up to ray.max_failures times, unless it repeats the attempt before it
+    (launch/recovery.py). The result lists how each attempt ended when there was more than one."""
+    from dist_train.launch.recovery import attempt_end, stop_reason
+
+    stage_dir = Path(cfg.output_dir) / stage
+    ends = []
+    while True:
+        t0 = time.time()
+        try:
+            make_trainer(cfg, stage).fit()
+            break
+        except Exception as e:  # Ray wraps the worker's exception
+            ends.append(end := attempt_end(stage_dir, len(ends) + 1, t0, e))
+            stop = stop_reason(ends, cfg.ray.max_failures)
+            if stop is None and preemption_requested(cfg.output_dir):
+                stop = "a stop was requested"
+            if stop is not None:
+                where = f" at step {end.step}" if end.step is not None else ""
+                raise RunFailed(f"stage {stage} failed{where}: {end.cause}" + (f" ({stop})" if stop else "")) from e
+            left = "unlimited" if cfg.ray.max_failures == -1 else cfg.ray.max_failures - len(ends) + 1
+            log(f"[{stage}] {end.line()}; restarting from the last committed checkpoint (restarts left: {left})")
+    result = json.loads((stage_dir / RESULT).read_text())
+    if result.get("preempted"):
+        raise Preempted(f"stage {stage} stopped at step {result['steps']} on request; checkpoint "
+                        f"{result['checkpoint']} is committed. Rerun the same command to resume (exit status "
+                        f"{REQUEUE_EXIT} asks a Slurm script to requeue)")
+    if ends:
+        result["attempts_ended"] = [e.line() for e in ends] + [f"attempt {len(ends) + 1} completed"]
+        write_atomic(stage_dir / RESULT, json.dumps(result, indent=1))
+        log(f"[{stage}] {len(ends) + 1} attempts: " + "; ".join(result["attempts_ended"]))
+    return result
+
+
+def make_trainer(cfg: RunConfig, stage: str) -> Any:
+    """One attempt at a stage: a Ray Train trainer whose own restarts are off (fit_stage decides)."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
@@ -167,7 +202,7 @@ def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
     from dist_train.launch.torch_backend import ClusterTorchConfig
     from dist_train.launch.worker import train_worker
 
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config={"config": to_dict(cfg), "stage": stage},
         torch_config=ClusterTorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
@@ -175,23 +210,9 @@ def fit_stage(cfg: RunConfig, stage: str) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RayRunConfig(name=stage, storage_path=str(Path(cfg.output_dir) / "_ray"),
-                                failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                                failure_config=FailureConfig(max_failures=0),
                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
-    t0 = time.time()
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps the worker's exception; keep its last line for people
-        incidents = read_incidents(Path(cfg.output_dir) / stage, since=t0)
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        why = incidents[-1]["message"] if incidents else (lines[-1] if lines else type(e).__name__)
-        raise RunFailed(f"stage {stage} failed: {why}") from e
-    result = json.loads((Path(cfg.output_dir) / stage / RESULT).read_text())
-    if result.get("preempted"):
-        raise Preempted(f"stage {stage} stopped at step {result['steps']} on request; checkpoint "
-                        f"{result['checkpoint']} is committed. Rerun the same command to resume (exit status "
-                        f"{REQUEUE_EXIT} asks a Slurm script to requeue)")
-    return result
 
 
 def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, Any]:
@@ -235,7 +256,7 @@ def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, 
             if stage == "pretrain":
                 pack_eval_sets(cfg)
             with trackers.follow(stage) if trackers else contextlib.nullcontext():
-                result = fit_stage(cfg, stage)
+                result = fit_stage(cfg, stage, log)
             timings[f"{stage}_s"] = time.time() - t
             results[stage] = result
             log(f"[{stage}] done: {summary_line(result)}")
@@ -278,7 +299,7 @@ def compare_with_base(cfg: RunConfig, result: dict[str, Any], log=print) -> dict
     base = cfg.model.name_or_path or "model.arch, freshly initialised"
     log(f"[finetune] compare_base: fine-tuning the unadapted model ({base}) with the same settings in "
         f"{base_cfg.output_dir}")
-    base = fit_stage(base_cfg, "finetune")
+    base = fit_stage(base_cfg, "finetune", log)
     comparison = compare(cfg, base_cfg)
     comparison.update(base_export_dir=base["export_dir"], base_test=base.get("test"), base_steps=base["steps"])
     result = {**result, "compare_base": comparison}

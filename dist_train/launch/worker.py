@@ -15,7 +15,7 @@ import torch
 from dist_train.checkpoint.safe_load import allow_deepspeed_checkpoints
 from dist_train.config.derived import derive_stage
 from dist_train.config.loader import from_dict
-from dist_train.train.heartbeat import Heartbeat
+from dist_train.train.heartbeat import Heartbeat, record_incident
 from dist_train.world import World
 
 
@@ -61,20 +61,34 @@ def train_worker(payload: dict[str, Any]) -> None:
     world = world_from_ray(cfg.ray.use_gpu)
     torch.set_num_threads(cfg.ray.cpus_per_worker)
     attempt = world.broadcast_object(time.time())
-    heartbeat = Heartbeat(Path(cfg.output_dir) / stage, world, attempt, cfg.ray.heartbeat_timeout_s).start()
+    stage_dir = Path(cfg.output_dir) / stage
+    heartbeat = Heartbeat(stage_dir, world, attempt, cfg.ray.heartbeat_timeout_s).start()
     try:
         d = derive_stage(cfg, stage, world.world_size)
         build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
         run_stage(cfg, stage, d, world, build(cfg, d, world), attempt=attempt, heartbeat=heartbeat)
-    except RuntimeError as e:
-        if not is_collective_timeout(e):
+    except Exception as e:
+        error = e
+        if isinstance(e, RuntimeError) and is_collective_timeout(e):
+            error = RuntimeError(f"a collective waited longer than ray.collective_timeout_s="
+                                 f"{cfg.ray.collective_timeout_s} s in {heartbeat.phase} at step {heartbeat.step}; "
+                                 f"{heartbeat.others_behind()}. Raise the timeout if one rank legitimately works "
+                                 "alone that long")
+        # The driver reads this to say why the attempt ended, and to tell an error that a restart would
+        # repeat (the same one at the same step) from one it may not.
+        record_incident(stage_dir, "error", f"rank {world.rank}: {first_line(error)}", rank=world.rank,
+                        step=heartbeat.step, phase=heartbeat.phase, attempt=attempt, error=type(error).__name__)
+        if error is e:
             raise
-        raise RuntimeError(f"rank {world.rank}: a collective waited longer than ray.collective_timeout_s="
-                           f"{cfg.ray.collective_timeout_s} s in {heartbeat.phase} at step {heartbeat.step}; "
-                           f"{heartbeat.others_behind()}. Raise the timeout if one rank legitimately works "
-                           "alone that long") from e
+        raise error from e
     finally:
         heartbeat.stop()
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def is_collective_timeout(e: BaseException) -> bool:

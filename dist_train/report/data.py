@@ -51,7 +51,7 @@ class StageData:
     latest: str | None
     best: str | None
     heartbeat: dict[str, Any] | None  # the freshest rank heartbeat: step, phase, time
-    incidents: list[dict[str, Any]]  # stuck ranks the heartbeat reported
+    incidents: list[dict[str, Any]]  # stuck ranks the heartbeat reported, errors that ended a worker
     unreadable: list[str] = field(default_factory=list)  # files that exist but do not parse (cut short?)
 
     @property

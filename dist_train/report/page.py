@@ -185,14 +185,19 @@ def restarts(run: RunData) -> list[Block]:
             rows.append([s.name, str(i + 1), when(a["start"]), f"{(a['end'] - a['start']) / 60:.1f} min"])
     incidents = [[s.name, when(i.get("time")), i.get("message", "")] for s in run.stages.values()
                  for i in s.incidents]
+    ended = [[s.name, str(line)] for s in run.stages.values() if isinstance(s.result, dict)
+             and isinstance(s.result.get("attempts_ended"), list) for line in s.result["attempts_ended"]]
     blocks: list[Block] = [("h2", "Attempts and restarts")]
     if not rows:
         return [*blocks, ("p", "No attempt was recorded.")]
     more = sum(max(len(s.attempts) - 1, 0) for s in run.stages.values())
     blocks += [("p", f"{more} restart(s); each is a red dashed line on the plots." if more else "No restarts."),
                ("table", (["stage", "attempt", "started", "wall time"], rows))]
+    if ended:
+        blocks += [("table", (["stage", "how each attempt ended"], ended))]
     if incidents:
-        blocks += [("p", "Incidents reported by the heartbeat:"), ("table", (["stage", "time", "what"], incidents))]
+        blocks += [("p", "Incidents (stuck ranks the heartbeat named, errors that ended a worker):"),
+                   ("table", (["stage", "time", "what"], incidents))]
     return blocks
 
 

@@ -33,6 +33,33 @@ def read_incidents(stage_dir: Path, since: float = 0.0) -> list[dict]:
     return [r for r in read_jsonl(stage_dir / INCIDENTS) if r.get("time", 0) >= since]
 
 
+def record_incident(stage_dir: Path, kind: str, message: str, **fields: object) -> None:
+    """Append one incident to `<stage>/incidents.jsonl`, synced to storage: the process that
+    records it is usually about to end. A storage that refuses it costs the record, not the run."""
+    row = {"time": time.time(), "kind": kind, "message": message, **fields}
+    try:
+        with open(stage_dir / INCIDENTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        pass
+
+
+def last_step(stage_dir: Path, since: float) -> int | None:
+    """The furthest step any rank reported in a heartbeat of an attempt that started after `since`."""
+    steps = []
+    for path in (stage_dir / "heartbeat").glob("rank_*.json"):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("attempt"), float) and row["attempt"] >= since \
+                and isinstance(row.get("step"), int):
+            steps.append(row["step"])
+    return max(steps, default=None)
+
+
 class Heartbeat:
     """Beats for this rank and watches its peers; see the module docstring."""
 
@@ -137,10 +164,6 @@ class Heartbeat:
         try:
             if self.world.rank == (1 if stuck_rank == 0 else 0):
                 print(f"[heartbeat] {message}", flush=True)
-                row = {"time": time.time(), "kind": "stuck_rank", "reporter": self.world.rank, "message": message}
-                with open(self.stage_dir / INCIDENTS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                record_incident(self.stage_dir, "stuck_rank", message, reporter=self.world.rank)
         finally:
             os._exit(STUCK_EXIT)

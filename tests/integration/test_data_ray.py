@@ -44,6 +44,10 @@ def test_error_policy_stops_naming_the_shard(corrupt):
     ours = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and ours[0].startswith("error: stage pretrain failed"), res.stderr[-2000:]
     assert victim in ours[0] and "unreadable" in ours[0]
+    # restarts are on by default, but the same error at the same step is not retried a third time
+    assert ours[0].endswith("(attempt 2 failed the same way at the same step as attempt 1, so it was not "
+                            "restarted again)"), ours[0]
+    assert "[pretrain] attempt 1 failed at step " in res.stdout and "restarting from the last committed" in res.stdout
     assert wall < 300
 
 

@@ -78,10 +78,17 @@ def test_three_sigkills_at_random_steps_recover_bitwise_and_exactly_once(workdir
     assert "[faults] rank 0: kill in the save of step 12 at staged" in out
     attempts = json.loads((workdir / "kills" / "pretrain" / "attempts.json").read_text())
     assert len(attempts) == 5  # the first start and four automatic restarts
+    assert "restarting from the last committed checkpoint (restarts left: 3)" in out
+    summary = [ln for ln in out.splitlines() if ln.startswith("[pretrain] 5 attempts: attempt 1 failed at step ")]
+    assert len(summary) == 1 and summary[0].endswith("attempt 5 completed"), out[-3000:]
+    result = json.loads((workdir / "kills" / "pretrain" / "result.json").read_text())
+    assert len(result["attempts_ended"]) == 5
     assert_exact(workdir, "kills", reference)
     res = run_cli("report", str(workdir / "kills"))  # the restarts, on the page and as lines on the plots
     assert res.returncode == 0, res.stderr
-    assert "4 restart(s); each is a red dashed line on the plots." in (workdir / "kills" / "report.md").read_text()
+    page = (workdir / "kills" / "report.md").read_text()
+    assert "4 restart(s); each is a red dashed line on the plots." in page
+    assert "| pretrain | attempt 5 completed |" in page
 
 
 def test_a_frozen_rank_is_named_in_time_and_a_damaged_checkpoint_skipped(workdir, reference):

@@ -3,6 +3,7 @@
 import io
 import json
 import shutil
+import time
 from itertools import islice
 
 import numpy as np
@@ -95,3 +96,39 @@ def test_wrong_length_dtype_and_pickles_are_refused(shards):
     with pytest.raises(DataError, match=r"member 0000001 holds uint16\[16\]"):
         batches(read_manifest(shards), 1, "error")
     assert all(rows.shape == (4, 32) for rows, _, _ in batches(read_manifest(shards), 1, "skip"))
+
+
+def test_member_sizes_and_counts_are_checked_before_reading(tmp_path):
+    """A hostile tar cannot make a reader allocate what its headers claim, nor list members forever."""
+    import tarfile
+
+    def tar_of(path, members):
+        """Headers and data blocks as tar writes them, without the end-of-archive blocks: a header may
+        claim any size, the data may stop where it likes."""
+        out = bytearray()
+        for name, size, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            out += info.tobuf() + data + bytes(-len(data) % 512)
+        path.write_bytes(bytes(out))
+
+    good = io.BytesIO()
+    np.save(good, np.arange(32, dtype=np.uint16))
+    payload = good.getvalue()
+    # one member really is 1 MiB; the last declares a terabyte, and the file ends right after its header
+    claims = tmp_path / "claims.tar"
+    tar_of(claims, [("0000000.tokens.npy", len(payload), payload), ("0000001.tokens.npy", 1 << 20, bytes(1 << 20)),
+                    ("0000002.tokens.npy", len(payload), payload), ("0000003.tokens.npy", 1 << 40, b"")])
+    rows, problems = load_shard(str(claims), samples=4, seq_len=32)
+    assert [r is not None for r in rows] == [True, False, False, False]
+    assert problems == [f"claims.tar: member 0000001.tokens.npy declares {1 << 20} bytes, more than a sample can "
+                        f"take ({(1 << 16) + 8 * 32}); the rest of the shard is not read"]
+    tar_of(claims, [("0000000.tokens.npy", len(payload), payload), ("0000003.tokens.npy", 1 << 40, b"")])
+    t0 = time.monotonic()
+    rows, problems = load_shard(str(claims), samples=4, seq_len=32)
+    assert time.monotonic() - t0 < 5 and rows[0] is not None
+    assert problems[0].startswith(f"claims.tar: member 0000003.tokens.npy declares {1 << 40} bytes")
+    many = tmp_path / "many.tar"
+    tar_of(many, [(f"{i:07d}.tokens.npy", len(payload), payload) for i in range(100)])
+    rows, problems = load_shard(str(many), samples=4, seq_len=32)
+    assert all(r is not None for r in rows) and "many.tar: more than 68 members for 4 samples" in problems

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                    help="tokenizer processes (the output does not depend on it)")
     b.add_argument("--chunk-docs", type=int, default=1024, help="documents per tokenizing task")
+    b.add_argument("--max-doc-mb", type=int, default=64,
+                   help="refuse a document (a line, or a whole .txt file) larger than this, before reading it")
 
     pl = data.add_parser("plan", help="print the exact samples each rank gets at each step")
     pl.add_argument("data_dir")
@@ -349,7 +351,7 @@ def _data(args: argparse.Namespace) -> int:
                            seq_len=args.seq_len, text_field=args.text_field,
                            samples_per_shard=args.samples_per_shard, val_fraction=args.val_fraction,
                            seed=args.seed, overwrite=args.overwrite, workers=args.workers,
-                           chunk_docs=args.chunk_docs)
+                           chunk_docs=args.chunk_docs, max_doc_mb=args.max_doc_mb)
         n = sum(s.samples for s in man.train)
         print(f"wrote {len(man.train)} train shards ({n} samples × {man.seq_len} tokens) and "
               f"{len(man.validation)} validation shards from {man.documents} documents to {args.output}")

@@ -92,11 +92,43 @@ def quiet_datasets() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def open_table(kind: str, files: list[str], what: str) -> Any:
+MAX_RECORD_MB = 64  # the largest single record (a line, or a whole .txt file) a reader accepts by default
+
+
+def check_record_sizes(kind: str, files: list[str], what: str, max_mb: int = MAX_RECORD_MB) -> None:
+    """Refuse a record larger than `max_mb` MiB before `datasets` reads it whole: one line of a JSON
+    lines or CSV file, or a whole .txt file (one document) or .json array. Reads each file once in
+    bounded pieces (a line is never held whole); Parquet and saved datasets are not checked here:
+    their row groups bound what one read takes."""
+    limit = max_mb << 20
+    fix = "split it into smaller records, or raise the bound with --max-doc-mb" if what.startswith("--input") \
+        else "split it into smaller records"
+    for file in files:
+        if "://" in file or kind not in ("json", "csv", "text"):
+            continue
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            whole = kind == "text" or (kind == "json" and f.read(64).lstrip()[:1] == b"[")
+            if whole:
+                if size > limit:
+                    raise DataError(f"{what}: {file} is one record of {size >> 20} MiB, more than the "
+                                    f"{max_mb} MiB a reader takes at once: {fix}")
+                continue
+            f.seek(0)
+            for number, line in enumerate(iter(lambda: f.readline(limit + 1), b""), 1):
+                if len(line) > limit:
+                    raise DataError(f"{what}: line {number} of {file} is longer than {max_mb} MiB, the most a "
+                                    f"reader takes at once: {fix}")
+
+
+def open_table(kind: str, files: list[str], what: str, max_mb: int | None = MAX_RECORD_MB) -> Any:
     """The rows of `files` (of reader `kind`, from expand_inputs) as one `datasets` table; DataError naming
-    `what` when a file cannot be parsed (datasets raises many types: ArrowInvalid, UnicodeDecodeError, ...)."""
+    `what` when a file cannot be parsed (datasets raises many types: ArrowInvalid, UnicodeDecodeError, ...)
+    or holds a record larger than `max_mb` MiB (check_record_sizes; None: the caller has checked)."""
     import datasets
 
+    if max_mb is not None:
+        check_record_sizes(kind, files, what, max_mb)
     datasets.disable_progress_bars()
     try:
         with quiet_datasets():
@@ -114,10 +146,11 @@ def open_table(kind: str, files: list[str], what: str) -> Any:
                         "UTF-8 encoded") from None
 
 
-def read_documents(spec: str, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of PATH_OR_GLOB in a deterministic order, read through `datasets`."""
+def read_documents(spec: str, text_field: str = "text", max_mb: int | None = MAX_RECORD_MB) -> Iterator[str]:
+    """Yield the documents of PATH_OR_GLOB in a deterministic order, read through `datasets`; none is
+    larger than `max_mb` MiB of text (None: the caller has run check_record_sizes)."""
     kind, files = expand_inputs(spec)
-    ds = open_table(kind, files, f"--input {spec!r}")
+    ds = open_table(kind, files, f"--input {spec!r}", max_mb)
     if text_field not in ds.column_names:
         raise DataError(f"{spec}: no field {text_field!r} (fields: {ds.column_names}); pass "
                         f"--text-field with the right name")
@@ -152,7 +185,8 @@ def separator_id(tokenizer: Any) -> int:
 def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, seq_len: int,
                  text_field: str = "text", samples_per_shard: int = 1000, val_fraction: float = 0.05,
                  seed: int = 0, overwrite: bool = False, progress: bool = True, workers: int = 1,
-                 chunk_docs: int = 1024, tokenizer_label: str | None = None) -> Manifest:
+                 chunk_docs: int = 1024, tokenizer_label: str | None = None, max_doc_mb: int = MAX_RECORD_MB
+                 ) -> Manifest:
     """Tokenize, pack and shard a corpus; returns the written manifest.
 
     Work happens in `.<output>.partial/` beside the output; an interrupted build started again
@@ -165,11 +199,12 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
     output = Path(output)
     if seq_len < 8:
         raise DataError(f"--seq-len {seq_len} is too short: use at least 8")
-    if samples_per_shard < 1 or workers < 1 or chunk_docs < 1:
-        raise DataError("--samples-per-shard, --workers and --chunk-docs must be >= 1")
+    if samples_per_shard < 1 or workers < 1 or chunk_docs < 1 or max_doc_mb < 1:
+        raise DataError("--samples-per-shard, --workers, --chunk-docs and --max-doc-mb must be >= 1")
     if not 0.0 <= val_fraction < 0.5:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 0.5)")
-    _, files = expand_inputs(input_spec)  # fail on a bad path before loading the tokenizer
+    kind, files = expand_inputs(input_spec)  # fail on a bad path or record before loading the tokenizer
+    check_record_sizes(kind, files, f"--input {input_spec!r}", max_doc_mb)
     inputs = [Path(f) for f in files if "://" not in f]
     if Path(tokenizer_name).exists():  # a local tokenizer is an input too
         inputs.append(Path(tokenizer_name))
@@ -187,7 +222,8 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
     fingerprint = {"inputs": [[f, os.path.getsize(f), os.path.getmtime(f)] for f in files],
                    "tokenizer": tokenizer_fingerprint(tokenizer, "")["sha256"], "seq_len": seq_len,
                    "samples_per_shard": samples_per_shard, "val_fraction": val_fraction, "seed": seed,
-                   "text_field": text_field, "chunk_docs": chunk_docs}
+                   "text_field": text_field, "chunk_docs": chunk_docs, "chunk_chars": CHUNK_CHARS,
+                   "piece_chars": packing.PIECE_CHARS}
     if (work / "build.json").is_file() and json.loads((work / "build.json").read_text()) != fingerprint:
         owned.remove(work, PARTIAL_KIND, legacy=_earlier_partial)  # an earlier build with other arguments
     resumed = (work / "build.json").is_file()
@@ -203,7 +239,7 @@ def build_shards(*, input_spec: str, output: str | Path, tokenizer_name: str, se
         docs, chunks = 0, 0
         bar = Progress("data build: tokenizing" + (" (resumed)" if resumed else ""), unit="docs", enabled=progress)
         jobs = ((work, c, texts, sep, seed, val_fraction)
-                for c, texts in enumerate(_batched(read_documents(input_spec, text_field), chunk_docs)))
+                for c, texts in enumerate(_batched(read_documents(input_spec, text_field, None), chunk_docs)))
         for job in _map_ordered(jobs, packing.make_encoder(tokenizer), workers,
                                 skip=lambda job: packing.chunk_path(work, job[1]).is_file()):
             docs += len(job[2])
@@ -277,12 +313,18 @@ def _finish(item: tuple[tuple, Any]) -> tuple:
     return job
 
 
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+CHUNK_CHARS = 1 << 26  # a tokenizing task holds at most --chunk-docs documents and about this much text
+
+
+def _batched(items: Iterable[str], n: int, chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
+    """Consecutive batches of `n` items, or fewer where they would hold more than `chars` characters."""
     batch: list[str] = []
+    size = 0
     for item in items:
         batch.append(item)
-        if len(batch) == n:
+        size += len(item)
+        if len(batch) == n or size >= chars:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch

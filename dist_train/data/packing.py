@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,37 @@ def init_encoder(recipe: tuple[str, str]) -> None:
         _ENCODE = lambda texts: slow(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
 
 
+PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this many characters
+# A newline followed by text: tokenizers split there (whitespace runs may merge, so never cut inside one)
+_CUT = re.compile(r"\n(?=\S)")
+
+
+def encode_documents(texts: list[str]) -> list[Any]:
+    """The token ids of each document. A document longer than PIECE_CHARS is encoded piece by piece,
+    cut after a newline that starts a line of text and joined without a separator, so a tokenizer's working memory
+    (about 200 bytes per character for a fast tokenizer) is that of one piece, not of the document.
+    Only a tokenizer that marks the start of its input (SentencePiece's leading "▁") can tokenize the
+    start of a piece differently: at most one token per piece."""
+    short = iter(_ENCODE([t for t in texts if len(t) <= PIECE_CHARS]))
+    return [next(short) if len(t) <= PIECE_CHARS else _encode_long(t) for t in texts]
+
+
+def _encode_long(text: str) -> np.ndarray:
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + PIECE_CHARS, len(text))
+        if end < len(text):  # cut after the piece's last newline that starts a line of text
+            cuts = [m.end() for m in _CUT.finditer(text, start + PIECE_CHARS // 2, end)]
+            end = cuts[-1] if cuts else end
+        pieces.append(np.asarray(_ENCODE([text[start:end]])[0], dtype=np.int32))
+        start = end
+    return np.concatenate(pieces)
+
+
 def tokenize_chunk(args: tuple[Path, int, list[str], int, int, float]) -> int:
     """Tokenize one chunk of documents into its cache file; returns its token count."""
     work, chunk, texts, sep, seed, val_fraction = args
-    ids = _ENCODE(texts)
+    ids = encode_documents(texts)
     lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=np.int32)
     end = 0

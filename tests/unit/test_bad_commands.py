@@ -120,6 +120,12 @@ CLI_CASES = [
     Cmd("data build", "negative sequence length", lambda w: build(w, "--seq-len", "-32"), "--seq-len -32 is too short"),
     Cmd("data build", "zero samples per shard", lambda w: build(w, "--samples-per-shard", "0"), "must be >= 1"),
     Cmd("data build", "zero workers", lambda w: build(w, "--workers", "0"), "must be >= 1"),
+    Cmd("data build", "a line larger than --max-doc-mb",
+        lambda w: build(w, "--max-doc-mb", "1", input=str(write(w.tmp / "long.jsonl", '{"text": "' + "a" * (1 << 20)
+                                                                 + '"}\n'))), "line 1 of"),
+    Cmd("data build", "a .txt document larger than --max-doc-mb",
+        lambda w: build(w, "--max-doc-mb", "1", input=str(write(w.tmp / "long.txt", "a " * (1 << 20)))),
+        "is one record of 2 MiB, more than the 1 MiB"),
     Cmd("data build", "validation fraction too large", lambda w: build(w, "--val-fraction", "0.7"),
         "must be in [0, 0.5)"),
     Cmd("data build", "validation fraction NaN", lambda w: build(w, "--val-fraction", "nan"), "must be in [0, 0.5)"),

@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", required=True, help="directory to create")
     ex.add_argument("--adapter", action="store_true", help="LoRA checkpoints: save the adapter alone (peft) "
                                                             "instead of merging it into the model")
+    ex.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="precision of the exported weights (default: the stage's train.export_dtype; auto: "
+                         "bfloat16 over 1B parameters, else float32)")
 
     pr = sub.add_parser("predict", help="batch inference with a fine-tune export: one JSON line per input")
     pr.add_argument("export_dir", help="<output_dir>/finetune/export")
@@ -187,7 +190,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "data":
         return _data(args)
     if args.cmd == "export":
-        return _export(args.checkpoint, args.output, args.adapter)
+        return _export(args.checkpoint, args.output, args.adapter, args.dtype)
     if args.cmd == "predict":
         from dist_train.tasks.predict import predict_file
 
@@ -439,7 +442,7 @@ def _plan(man, args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(checkpoint: str, output: str, adapter_only: bool = False) -> int:
+def _export(checkpoint: str, output: str, adapter_only: bool = False, dtype: str | None = None) -> int:
     from pathlib import Path
 
     from dist_train.checkpoint.export import export_checkpoint
@@ -460,8 +463,13 @@ def _export(checkpoint: str, output: str, adapter_only: bool = False) -> int:
     problem = verify_files(path)
     if problem is not None:
         raise ConfigError(f"{path} is damaged ({problem}): export an earlier checkpoint")
+    if dtype is None:  # the stage's own setting, as the run's export used
+        meta = json.loads((path / "meta.json").read_text())
+        section = (meta.get("config") or {}).get(meta.get("stage")) if isinstance(meta, dict) else None
+        dtype = ((section or {}).get("train") or {}).get("export_dtype")
+        dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "auto"
     try:
-        export_checkpoint(path, Path(output), adapter_only=adapter_only)
+        export_checkpoint(path, Path(output), adapter_only=adapter_only, dtype=dtype)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(f"exported {path} to {output}")

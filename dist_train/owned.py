@@ -12,6 +12,7 @@ No other module calls shutil.rmtree or os.replace on a directory (tests/unit/tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,6 +116,7 @@ def replace(tmp: Path, dest: Path, kind: str, *, legacy: Proof | None = None, wh
     check_output(dest, kind, legacy=legacy, what=what)
     if kind_of(tmp) != kind:  # (a checkpoint is marked before its checksums are taken: left as it is)
         mark(tmp, kind)
+    share(tmp)
     if os.path.lexists(dest):
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(dest, old)  # out of the way first: `dest` is never a mix of the two
@@ -123,6 +125,28 @@ def replace(tmp: Path, dest: Path, kind: str, *, legacy: Proof | None = None, wh
     else:
         os.replace(tmp, dest)
     return dest
+
+
+def umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def share(root: Path) -> None:
+    """Give every file under `root` the modes a plain write would (0666 and directories 0777, less the
+    umask): some writers (transformers' safetensors saving, tempfile) create files 0600, which
+    teammates on shared storage then cannot read."""
+    mask = umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def remove(path: Path, kind: str, *, legacy: Proof | None = None) -> None:

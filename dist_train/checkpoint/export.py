@@ -144,15 +144,39 @@ def carry_weights(export: Path, source: str, keys: tuple[str, ...], prefix: str)
     return sorted(carried)
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_BF16_ABOVE = 1_000_000_000  # export_dtype auto: bfloat16 for models with more parameters than this
+
+
+def export_dtype(name: str, parameters: int) -> torch.dtype:
+    """The dtype an export's weights are saved in; `auto`: bfloat16 above 1B parameters, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if parameters > AUTO_BF16_ABOVE else torch.float32
+    return EXPORT_DTYPES[name]
+
+
+def trained_limits(meta: dict[str, Any]) -> tuple[int | None, str]:
+    """(max length, truncation side) the stage of a checkpoint's meta.json trained with: what a plain
+    `tokenizer(text, truncation=True)` on its export should do. SFT kept a prompt's end (left)."""
+    stage = meta.get("stage")
+    section = (meta.get("config") or {}).get(stage) or {}
+    data = section.get("data") or {}
+    length = data.get("seq_len") if stage == "pretrain" else data.get("max_length")
+    side = "left" if stage == "finetune" and section.get("task") == "sft" else "right"
+    return (length if isinstance(length, int) else None), side
+
+
 def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
                       progress: Progress | None = None,
                       carry: tuple[str | None, tuple[str, ...]] | None = None,
-                      legacy: owned.Proof | None = None) -> Path:
+                      legacy: owned.Proof | None = None, dtype: str = "auto") -> Path:
     """Write `out_dir` from a committed checkpoint directory; returns it. A LoRA checkpoint is
     exported with its adapters merged into a plain HF model, or (`adapter_only`) as a peft adapter
     directory (adapter and task head weights) for the base model it names. `carry`: (starting
     checkpoint, names) of weights it held that the model did not use, added to the export
-    (carry_weights). `progress` counts EXPORT_PHASES.
+    (carry_weights). `progress` counts EXPORT_PHASES. `dtype`: float32, bfloat16, float16 or auto
+    (export_dtype). The tokenizer truncates to the stage's max length, on the side it trained with;
+    README.md is the model card (checkpoint/card.py); every file is readable as the umask allows.
 
     `out_dir` may be new, empty or an earlier export (`legacy`: an older version's, by its place);
     anything else, or a path overlapping the checkpoint, raises OwnershipError before any work."""
@@ -187,12 +211,17 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
     if broken:
         raise ValueError(f"{ckpt_dir} holds NaN or infinite weights ({', '.join(broken[:3])}"
                          f"{', ...' if len(broken) > 3 else ''}): it cannot be exported; export an earlier checkpoint")
+    meta = json.loads((ckpt_dir / "meta.json").read_text())
     tmp = owned.temp_beside(out_dir)
     try:
         if hasattr(model, "peft_config") and not adapter_only:
             model = model.merge_and_unload()  # W + (alpha/r)·B·A folded in: a plain model
         elif hasattr(model, "peft_config"):
             model = _with_task_head(model, model_cls, config, hf)
+        if not hasattr(model, "peft_config"):  # an adapter keeps the dtype it trained in
+            model = model.to(export_dtype(dtype, sum(p.numel() for p in model.parameters())))
+            if any(not torch.isfinite(p).all() for p in model.parameters()):
+                raise ValueError(f"{ckpt_dir}'s weights overflow {dtype}: export as bfloat16 or float32")
         model.save_pretrained(str(tmp), safe_serialization=True)
         if carry is not None and carry[0] and carry[1] and not hasattr(model, "peft_config"):
             carry_weights(tmp, carry[0], carry[1], getattr(model, "base_model_prefix", ""))
@@ -201,12 +230,16 @@ def export_checkpoint(ckpt_dir: Path, out_dir: Path, adapter_only: bool = False,
             saved = json.loads((tmp / ADAPTER_CONFIG).read_text())
             saved["base_model_name_or_path"] = json.loads((hf / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(saved, indent=2))
-        transformers.AutoTokenizer.from_pretrained(str(hf)).save_pretrained(str(tmp))
+        length, side = trained_limits(meta)
+        limits = {"model_max_length": length, "truncation_side": side} if length else {}
+        transformers.AutoTokenizer.from_pretrained(str(hf), **limits).save_pretrained(str(tmp))
         progress.update()
+        from dist_train.checkpoint.card import write_card
         from dist_train.tasks import TASK_FILE
 
         if (hf / TASK_FILE).is_file():
             shutil.copy(hf / TASK_FILE, tmp / TASK_FILE)
+        write_card(tmp, meta, shown=out_dir)
         owned.replace(tmp, out_dir, EXPORT_KIND, legacy=legacy, what="the export directory")
     finally:
         owned.discard(tmp)

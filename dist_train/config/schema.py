@@ -124,6 +124,8 @@ class TrainLoopConfig:
                                           ge=0)
     export: Literal["last", "best"] = doc("Which checkpoint becomes <stage>/export: the last one, or the best by "
                                           "best_metric (the last when none was evaluated).", "last")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "Precision of the exported weights; auto: bfloat16 for models over 1B parameters, else float32.", "auto")
     head_warmup_steps: int | None = doc("Train only the parameters the starting checkpoint lacks (a masked-LM or "
                                         "LM head missing from it, a new task head) for this many steps, then "
                                         "everything: the random head's first gradients then never reach the "

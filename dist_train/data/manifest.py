@@ -39,6 +39,7 @@ class Manifest:
     validation: list[ShardInfo]
     documents: int
     doc_tokens_histogram: dict[str, int] | None = None  # documents per token-length bucket
+    sha256: str | None = None  # of manifest.json as read (not written into it): names the data in model cards
 
     @property
     def vocab_size(self) -> int:
@@ -79,7 +80,8 @@ def read_manifest(source: str | Path, *, allow_pipe: bool = False) -> Manifest:
     path = join(root, MANIFEST)
     try:
         with open_binary(path) as f:
-            raw = json.loads(f.read())
+            text = f.read()
+        raw = json.loads(text)
         if raw.get("format") != FORMAT:
             raise DataError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}: rebuild the shards "
                             "with this version of dist-train")
@@ -87,7 +89,7 @@ def read_manifest(source: str | Path, *, allow_pipe: bool = False) -> Manifest:
             root=root, seq_len=int(raw["seq_len"]), dtype=str(raw["dtype"]), tokenizer=raw["tokenizer"],
             documents=int(raw["documents"]), doc_tokens_histogram=raw.get("doc_tokens_histogram"),
             train=[ShardInfo(**s) for s in raw["train"]],
-            validation=[ShardInfo(**s) for s in raw["validation"]],
+            validation=[ShardInfo(**s) for s in raw["validation"]], sha256=hashlib.sha256(text).hexdigest(),
         )
         for shard in man.train + man.validation:
             _check_shard_info(shard)

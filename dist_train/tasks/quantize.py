@@ -2,9 +2,11 @@
 
 Every nn.Linear gets int8 weights (per output channel, symmetric) and computes with int8 matmuls
 on dynamically quantized activations (torch's dynamic quantization); everything else stays fp32.
-The copy is stored without pickles: `model.safetensors` holds the fp32 tensors that are not
+The copy is stored without pickles: `model_int8.safetensors` holds the fp32 tensors that are not
 quantized plus, per linear layer, its int8 weight and its scales; `quantization.json` names the
-layers. `load_int8` rebuilds it from the fp32 architecture.
+layers. `load_int8` rebuilds it from the fp32 architecture. The weights deliberately do not sit in
+`model.safetensors`: plain `from_pretrained` on the directory then raises (no weights file it
+knows), instead of loading the config's architecture with random linear layers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from dist_train import owned
 
 QUANT_FILE = "quantization.json"
+INT8_WEIGHTS = "model_int8.safetensors"
 INT8_KIND = "int8 export"
 
 
@@ -73,7 +76,14 @@ def _write_int8(qmodel: torch.nn.Module, export_dir: Path, tmp: Path) -> None:
         packed = any(key.startswith(f"{name}.") for name in linears)  # packed params, stored above
         if not packed and isinstance(value, torch.Tensor):
             tensors[key] = value.detach().contiguous()
-    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / "model.safetensors"))  # clone: no shared storage
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp / INT8_WEIGHTS))  # clone: no shared storage
+    card = tmp / "README.md"
+    note = (f"# int8 copy of {export_dir}\n\nDynamic int8 quantization of every linear layer, for CPU inference. "
+            "Plain transformers cannot load it (`from_pretrained` raises: there is no model.safetensors); load "
+            "it with `dist-train predict THIS_DIR --input FILE.jsonl`, or in Python with "
+            "`dist_train.tasks.quantize.load_int8(Path(THIS_DIR), AUTO_CLASS_NAME)`.\n\n"
+            "The card of the model it was made from follows.\n\n")
+    card.write_text(note + (card.read_text().split("---\n", 2)[-1] if card.is_file() else ""))
     (tmp / QUANT_FILE).write_text(json.dumps({"scheme": "dynamic int8, per-channel symmetric weights",
                                               "linears": sorted(linears)}, indent=1))
 
@@ -85,7 +95,8 @@ def load_int8(int8_dir: Path, auto_class: str) -> torch.nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(str(int8_dir))
     model = getattr(transformers, auto_class).from_config(config)  # computed buffers (rotary) need real init
-    tensors = load_file(str(int8_dir / "model.safetensors"))
+    weights = int8_dir / INT8_WEIGHTS
+    tensors = load_file(str(weights if weights.is_file() else int8_dir / "model.safetensors"))  # older copies
     model.load_state_dict({k: v for k, v in tensors.items() if not k.endswith(("_int8", "_scales"))}, strict=False)
     model.tie_weights()
     qmodel = quantize_dynamic(model)  # the linear layers' weights are replaced below

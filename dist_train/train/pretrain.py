@@ -125,7 +125,9 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
 
     plan = {"lanes": mix.lanes, "window_shards": sec.data.window_shards, "seed": cfg.seed,
             "global_batch": mix.global_batch, "shards": sec.data.shards,
-            "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix]}
+            "mix": [{"shards": m.shards, "weight": m.weight} for m in sec.data.mix],
+            "corpora": [{"root": m.root, "samples": sum(s.samples for s in m.train), "documents": m.documents,
+                         "manifest_sha256": m.sha256} for m in mans]}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
                       final=lambda export_dir: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan},
                       loaded=loaded, eval_roles={s.name: s.role for s, _ in sets}, baseline=baseline_on(cfg),

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.card import update_card
 from dist_train.checkpoint.export import EXPORT_PHASES, describe_model, export_checkpoint
 from dist_train.checkpoint.manager import CheckpointManager, best_committed, restore_rng
 from dist_train.config.derived import StageDerived
@@ -225,9 +226,11 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         with Progress(f"[{stage}] export {exported}", total=EXPORT_PHASES, unit="phases") as bar:
             export_checkpoint(ckpt.root / exported, export_dir, adapter_only=parts.export_adapter_only, progress=bar,
                               carry=(parts.loaded.source, parts.loaded.unused) if parts.carry_unused else None,
-                              legacy=_earlier_export)
+                              legacy=_earlier_export, dtype=section.train.export_dtype)
     world.barrier()
     extra = parts.final(export_dir)
+    if world.is_main and extra.get("test"):
+        update_card(export_dir, ckpt.root / exported, extra["test"])  # the card gains the export's test metrics
     tps = throughput.tokens_per_s
     result = {
         "world_size": world.world_size, "zero_stage": section.deepspeed.zero_stage,

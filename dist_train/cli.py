@@ -195,9 +195,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from dist_train.tasks.predict import predict_file
 
         _check_predict_args(args)
-        n = predict_file(args.export_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
+        n, metrics = predict_file(args.export_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
         if args.output:
             print(f"wrote {n} predictions to {args.output}")
+        if metrics:  # on stderr: stdout may be the predictions themselves
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "examples")
+            print(f"metrics on the {n} records' gold labels: {shown}", file=sys.stderr)
         return 0
     if args.cmd == "eval":
         return _eval(args)

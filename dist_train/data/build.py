@@ -1,7 +1,8 @@
 """`dist-train data build`: raw text -> tokenized, packed WebDataset tar shards + manifest.json.
 
 Guarantees: output is a pure function of (inputs, tokenizer, seq_len, samples_per_shard,
-val_fraction, seed, chunk_docs) whatever the number of worker processes — tar members carry a
+val_fraction, seed, chunk_docs, and the CHUNK_CHARS and packing.PIECE_CHARS constants, recorded in
+the build's fingerprint) whatever the number of worker processes — tar members carry a
 fixed mtime, so shard sha256s are reproducible. Samples are numpy arrays (npy, never pickles).
 The output directory appears only when the build is complete; an interrupted build resumes.
 See data/packing.py for the two phases.
@@ -101,8 +102,7 @@ def check_record_sizes(kind: str, files: list[str], what: str, max_mb: int = MAX
     bounded pieces (a line is never held whole); Parquet and saved datasets are not checked here:
     their row groups bound what one read takes."""
     limit = max_mb << 20
-    fix = "split it into smaller records, or raise the bound with --max-doc-mb" if what.startswith("--input") \
-        else "split it into smaller records"
+    fix = "split it into smaller records (`dist-train data build --max-doc-mb` raises the bound)"
     for file in files:
         if "://" in file or kind not in ("json", "csv", "text"):
             continue

@@ -72,27 +72,38 @@ def init_encoder(recipe: tuple[str, str]) -> None:
 
 
 PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this many characters
-# A newline followed by text: tokenizers split there (whitespace runs may merge, so never cut inside one)
-_CUT = re.compile(r"\n(?=\S)")
+# Where pre-tokenizers (byte-level BPE as in GPT-2 and Llama 3, WordPiece) split anyway, so that a cut
+# changes no token: after a lone newline between two non-space characters ("foo.\nBar"); failing that,
+# before a lone space between two non-space characters ("foo| bar": the space belongs to the next word).
+# Never inside a run of whitespace, which these tokenizers may merge into one token.
+_CUTS = (re.compile(r"(?<=\S)\n(?=\S)"), re.compile(r"(?<=\S)(?= \S)"))
 
 
 def encode_documents(texts: list[str]) -> list[Any]:
     """The token ids of each document. A document longer than PIECE_CHARS is encoded piece by piece,
-    cut after a newline that starts a line of text and joined without a separator, so a tokenizer's working memory
-    (about 200 bytes per character for a fast tokenizer) is that of one piece, not of the document.
-    Only a tokenizer that marks the start of its input (SentencePiece's leading "▁") can tokenize the
-    start of a piece differently: at most one token per piece."""
-    short = iter(_ENCODE([t for t in texts if len(t) <= PIECE_CHARS]))
-    return [next(short) if len(t) <= PIECE_CHARS else _encode_long(t) for t in texts]
+    cut where the tokenizer splits anyway (_CUTS) and joined without a separator, so a tokenizer's
+    working memory (about 200 bytes per character for a fast tokenizer) is that of one piece, not of
+    the document. Only a tokenizer that marks the start of its input (SentencePiece's leading "▁")
+    can tokenize the start of a piece differently: at most one token per piece."""
+    short = [t for t in texts if len(t) <= PIECE_CHARS]
+    encoded = iter(_ENCODE(short) if short else [])  # a slow tokenizer fails on an empty batch
+    return [next(encoded) if len(t) <= PIECE_CHARS else _encode_long(t) for t in texts]
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    """Where to end the piece text[start:end]: the last safe cut in its second half, else `end`."""
+    for pattern in _CUTS:
+        cuts = [m.end() for m in pattern.finditer(text, start + PIECE_CHARS // 2, end)]
+        if cuts:
+            return cuts[-1]
+    return end
 
 
 def _encode_long(text: str) -> np.ndarray:
     pieces, start = [], 0
     while start < len(text):
         end = min(start + PIECE_CHARS, len(text))
-        if end < len(text):  # cut after the piece's last newline that starts a line of text
-            cuts = [m.end() for m in _CUT.finditer(text, start + PIECE_CHARS // 2, end)]
-            end = cuts[-1] if cuts else end
+        end = _cut(text, start, end) if end < len(text) else end
         pieces.append(np.asarray(_ENCODE([text[start:end]])[0], dtype=np.int32))
         start = end
     return np.concatenate(pieces)

@@ -158,29 +158,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fit_stage(cfg: RunConfig, stage: str, log=print) -> dict[str, Any]:
+def fit_stage(cfg: RunConfig, stage: str, log=print, label: str | None = None) -> dict[str, Any]:
     """Train one stage to its end; returns its result. A failed attempt is restarted from the last
     committed checkpoint up to ray.max_failures times, unless it repeats the attempt before it
-    (launch/recovery.py). The result lists how each attempt ended when there was more than one."""
+    (launch/recovery.py). The result lists how each attempt ended when there was more than one.
+    `label` names the stage on the console (compare_base's fine-tune of the base model)."""
     from dist_train.launch.recovery import attempt_end, stop_reason
 
     stage_dir = Path(cfg.output_dir) / stage
     ends = []
     while True:
-        t0 = time.time()
+        attempt = time.time()  # this start's id, handed to every rank and recorded with what they report
         try:
-            make_trainer(cfg, stage).fit()
+            make_trainer(cfg, stage, attempt).fit()
             break
         except Exception as e:  # Ray wraps the worker's exception
-            ends.append(end := attempt_end(stage_dir, len(ends) + 1, t0, e))
+            ends.append(end := attempt_end(stage_dir, len(ends) + 1, attempt, e))
+            where = f" at step {end.step}" if end.step is not None else ""
+            if preemption_requested(cfg.output_dir):  # a stop was asked for: resume later, do not restart now
+                raise Preempted(f"stage {stage}: attempt {end.number} failed{where} ({end.cause}) while a stop "
+                                "was requested; rerun the same command to resume from the last committed "
+                                f"checkpoint (exit status {REQUEUE_EXIT} asks a Slurm script to requeue)") from e
             stop = stop_reason(ends, cfg.ray.max_failures)
-            if stop is None and preemption_requested(cfg.output_dir):
-                stop = "a stop was requested"
             if stop is not None:
-                where = f" at step {end.step}" if end.step is not None else ""
                 raise RunFailed(f"stage {stage} failed{where}: {end.cause}" + (f" ({stop})" if stop else "")) from e
-            left = "unlimited" if cfg.ray.max_failures == -1 else cfg.ray.max_failures - len(ends) + 1
-            log(f"[{stage}] {end.line()}; restarting from the last committed checkpoint (restarts left: {left})")
+            left = "unlimited" if cfg.ray.max_failures == -1 else cfg.ray.max_failures - len(ends)
+            log(f"[{label or stage}] {end.line()}; restarting from the last committed checkpoint "
+                f"(restarts left after this one: {left})")
     result = json.loads((stage_dir / RESULT).read_text())
     if result.get("preempted"):
         raise Preempted(f"stage {stage} stopped at step {result['steps']} on request; checkpoint "
@@ -189,11 +193,11 @@ def fit_stage(cfg: RunConfig, stage: str, log=print) -> dict[str, Any]:
     if ends:
         result["attempts_ended"] = [e.line() for e in ends] + [f"attempt {len(ends) + 1} completed"]
         write_atomic(stage_dir / RESULT, json.dumps(result, indent=1))
-        log(f"[{stage}] {len(ends) + 1} attempts: " + "; ".join(result["attempts_ended"]))
+        log(f"[{label or stage}] {len(ends) + 1} attempts: " + "; ".join(result["attempts_ended"]))
     return result
 
 
-def make_trainer(cfg: RunConfig, stage: str) -> Any:
+def make_trainer(cfg: RunConfig, stage: str, attempt: float) -> Any:
     """One attempt at a stage: a Ray Train trainer whose own restarts are off (fit_stage decides)."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -204,7 +208,7 @@ def make_trainer(cfg: RunConfig, stage: str) -> Any:
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": to_dict(cfg), "stage": stage},
+        train_loop_config={"config": to_dict(cfg), "stage": stage, "attempt": attempt},
         torch_config=ClusterTorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo",
                                         timeout_s=cfg.ray.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
@@ -299,7 +303,7 @@ def compare_with_base(cfg: RunConfig, result: dict[str, Any], log=print) -> dict
     base = cfg.model.name_or_path or "model.arch, freshly initialised"
     log(f"[finetune] compare_base: fine-tuning the unadapted model ({base}) with the same settings in "
         f"{base_cfg.output_dir}")
-    base = fit_stage(base_cfg, "finetune", log)
+    base = fit_stage(base_cfg, "finetune", log, label="finetune compare_base")
     comparison = compare(cfg, base_cfg)
     comparison.update(base_export_dir=base["export_dir"], base_test=base.get("test"), base_steps=base["steps"])
     result = {**result, "compare_base": comparison}

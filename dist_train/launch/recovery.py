@@ -31,32 +31,47 @@ class AttemptEnd:
         return f"attempt {self.number} failed{where}: {self.cause}"
 
 
-def attempt_end(stage_dir: Path, number: int, since: float, exc: BaseException) -> AttemptEnd:
-    """Why attempt `number`, started at unix time `since`, failed with `exc` (Ray's wrapper error)."""
-    incidents = read_incidents(stage_dir, since=since)
+def attempt_end(stage_dir: Path, number: int, attempt: float, exc: BaseException) -> AttemptEnd:
+    """Why attempt `number` (the driver's id `attempt`, recorded by the workers with their incidents
+    and heartbeats: no clocks are compared) failed with `exc`, Ray's wrapper error."""
+    incidents = [i for i in read_incidents(stage_dir) if i.get("attempt") == attempt]
     stuck = [i for i in incidents if i.get("kind") == "stuck_rank"]
     errors = [i for i in incidents if i.get("kind") == "error" and isinstance(i.get("step"), int)]
+    died = worker_died(exc)
     # A rank that died or froze is the cause even when its peers then raised errors (a connection
     # closed by the dead peer); such an attempt may be restarted whatever the attempt before it did.
-    if errors and not stuck and not worker_died(exc):
+    if errors and not stuck and not died:
         first = errors[0]  # later errors are usually peers losing their connection to the first
-        shape = re.sub(r"\d+", "#", str(first.get("message", "")))  # free-memory figures, ranks, pids vary
         return AttemptEnd(number, str(first.get("message")), first["step"],
-                          (str(first.get("error")), shape, first["step"]))
+                          (str(first.get("error")), _shape(str(first.get("message"))), first["step"]))
+    step = last_step(stage_dir, attempt)
     if stuck:
-        cause = str(stuck[-1].get("message"))
-    else:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        cause = lines[-1] if lines else type(exc).__name__
-    return AttemptEnd(number, cause, last_step(stage_dir, since), None)
+        return AttemptEnd(number, str(stuck[-1].get("message")), step, None)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    cause = lines[-1] if lines else type(exc).__name__
+    # No worker said why (a failure before the workers ran, in the controller...): the same such
+    # failure twice at the same step is as hopeless as a repeated worker error.
+    signature = None if died else (type(exc).__name__, _shape(cause), step if step is not None else -1)
+    return AttemptEnd(number, cause, step, signature)
+
+
+def _shape(message: str) -> str:
+    return re.sub(r"\d+", "#", message)  # free-memory figures, ranks, pids, ports vary between attempts
 
 
 def worker_died(exc: BaseException) -> bool:
-    """Whether Ray saw a worker process end (killed, lost with its node) rather than raise."""
+    """Whether Ray saw a worker process end or go silent (killed, lost with its node) rather than raise."""
     from ray.exceptions import RayActorError
 
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: {rank: error}
-    return isinstance(failures, dict) and any(isinstance(f, RayActorError) for f in failures.values())
+    if not isinstance(failures, dict):
+        return False
+    for failure in failures.values():
+        # Ray Train wraps what its health check saw: a dead actor, or a check that never answered
+        inner = getattr(failure, "health_check_failure", failure)
+        if isinstance(inner, RayActorError) or type(failure).__name__ == "WorkerHealthCheckTimeoutError":
+            return True
+    return False
 
 
 def stop_reason(ends: list[AttemptEnd], max_failures: int) -> str | None:

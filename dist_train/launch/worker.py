@@ -49,7 +49,8 @@ def quiet_libraries() -> None:
 
 
 def train_worker(payload: dict[str, Any]) -> None:
-    """Run one stage on this worker. payload = {"config": resolved config dict, "stage": name}."""
+    """Run one stage on this worker. payload = {"config": resolved config dict, "stage": name,
+    "attempt": the driver's id of this start (its clock, the same on every rank)}."""
     from dist_train.train.finetune import build_finetune
     from dist_train.train.pretrain import build_pretrain
     from dist_train.train.stage import run_stage
@@ -58,12 +59,13 @@ def train_worker(payload: dict[str, Any]) -> None:
     allow_deepspeed_checkpoints()
     cfg = from_dict(payload["config"])
     stage = payload["stage"]
+    stage_dir = Path(cfg.output_dir) / stage
     world = world_from_ray(cfg.ray.use_gpu)
     torch.set_num_threads(cfg.ray.cpus_per_worker)
-    attempt = world.broadcast_object(time.time())
-    stage_dir = Path(cfg.output_dir) / stage
-    heartbeat = Heartbeat(stage_dir, world, attempt, cfg.ray.heartbeat_timeout_s).start()
+    attempt = float(payload["attempt"]) if "attempt" in payload else world.broadcast_object(time.time())
+    heartbeat = Heartbeat(stage_dir, world, attempt, cfg.ray.heartbeat_timeout_s)
     try:
+        heartbeat.start()
         d = derive_stage(cfg, stage, world.world_size)
         build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
         run_stage(cfg, stage, d, world, build(cfg, d, world), attempt=attempt, heartbeat=heartbeat)

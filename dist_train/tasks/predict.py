@@ -51,24 +51,34 @@ def load_export(export_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.M
     return model.to(device).eval(), tokenizer, task
 
 
+PRED = "pred_"  # prefix of every key predict adds: a record's own fields (its gold label) are never replaced
+
+
 def predict_file(export_dir: str, input_path: str, output: str | None, batch_size: int = 16,
-                 max_new_tokens: int = 64) -> int:
-    """Write one JSON line per input record (to `output`, or stdout); returns the record count."""
+                 max_new_tokens: int = 64) -> tuple[int, dict[str, Any] | None]:
+    """Write one JSON line per input record (to `output`, or stdout): the record with every field it
+    had, plus the prediction under `pred_*` keys. Returns the record count and, when every record
+    carries the task's gold labels (not for sft), the task's metrics on them."""
     import sys
+
+    import numpy as np
 
     from dist_train.tasks import task_fields
     from dist_train.tasks.records import read_records
 
     model, tokenizer, task = load_export(export_dir)
     info = json.loads((Path(export_dir) / TASK_FILE).read_text())
-    fields = task_fields(task.name, info)[:1 if task.name in ("sft", "token_classification") else -1]
-    records = read_records(input_path, fields)
+    fields = task_fields(task.name, info)
+    inputs_only = fields[:1 if task.name in ("sft", "token_classification") else -1]
+    records = read_records(input_path, inputs_only, keep_all=True)
+    gold = task.name != "sft" and all(f in r and r[f] is not None for r in records for f in fields)
+    total: np.ndarray | None = None
     tmp = Path(output).with_name(f".{Path(output).name}.tmp-{os.getpid()}") if output else None
     sink = open(tmp, "w") if tmp else sys.stdout  # the file appears whole, or not at all
     try:
         for i in range(0, len(records), batch_size):
             chunk = records[i:i + batch_size]
-            batch = task.encode(chunk, with_labels=False)
+            batch = task.encode(chunk, with_labels=gold)
             inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             with torch.no_grad():
                 if task.name == "sft":
@@ -77,9 +87,13 @@ def predict_file(export_dir: str, input_path: str, output: str | None, batch_siz
                     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
                     rows = [{"response": t} for t in texts]
                 else:
-                    rows = task.predict(model(**inputs).logits, batch)
+                    logits = model(**inputs).logits
+                    rows = task.predict(logits, batch)
+                    if gold:
+                        stats = task.stats(logits, batch, np.ones(len(chunk)))
+                        total = stats if total is None else total + stats
             for rec, row in zip(chunk, rows, strict=True):
-                sink.write(json.dumps({**rec, **row}) + "\n")
+                sink.write(json.dumps({**rec, **{PRED + k: v for k, v in row.items()}}) + "\n")
     except BaseException:
         if tmp:
             sink.close()
@@ -88,4 +102,4 @@ def predict_file(export_dir: str, input_path: str, output: str | None, batch_siz
     if tmp:
         sink.close()
         os.replace(tmp, output)
-    return len(records)
+    return len(records), (task.metrics(total) if total is not None else None)

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from dist_train.config.schema import RunConfig
 
 
-def read_records(path: str, fields: list[str]) -> list[dict[str, Any]]:
+def read_records(path: str, fields: list[str], keep_all: bool = False) -> list[dict[str, Any]]:
     """Every row of `path` (jsonl/json, csv, parquet, or a `save_to_disk` directory), checked to
-    hold `fields`; rows keep only those fields."""
+    hold `fields`; rows keep only those fields (`keep_all`: every field of the file)."""
     from dist_train.data.build import expand_inputs, open_table
 
     try:
@@ -33,7 +33,7 @@ def read_records(path: str, fields: list[str]) -> list[dict[str, Any]]:
     if missing:
         raise DataError(f"labeled data {path!r} has no field {missing[0]!r} (fields: {ds.column_names}): set the "
                         f"finetune.data field names to match")
-    rows = ds.select_columns(fields).to_list()
+    rows = (ds if keep_all else ds.select_columns(fields)).to_list()
     if not rows:
         raise DataError(f"labeled data {path!r} is empty: add examples")
     for i, row in enumerate(rows):

@@ -9,8 +9,8 @@ clock skew between nodes does not matter.
 
 When a watched rank has been quiet for `timeout_s`, the watcher prints one line naming it, records
 it in `<stage>/incidents.jsonl` (the driver quotes it when the stage fails) and exits its own process:
-Ray Train then sees a dead worker and restarts the group (ray.max_failures) or fails the run, and
-the stuck process is killed with the group instead of holding everyone in a collective.
+the driver then sees the attempt fail and restarts the stage (ray.max_failures) or fails the run,
+and the stuck process is killed with the group instead of holding everyone in a collective.
 """
 
 from __future__ import annotations
@@ -46,16 +46,15 @@ def record_incident(stage_dir: Path, kind: str, message: str, **fields: object) 
         pass
 
 
-def last_step(stage_dir: Path, since: float) -> int | None:
-    """The furthest step any rank reported in a heartbeat of an attempt that started after `since`."""
+def last_step(stage_dir: Path, attempt: float) -> int | None:
+    """The furthest step any rank reported in a heartbeat of `attempt` (the driver's id of one start)."""
     steps = []
     for path in (stage_dir / "heartbeat").glob("rank_*.json"):
         try:
             row = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(row, dict) and isinstance(row.get("attempt"), float) and row["attempt"] >= since \
-                and isinstance(row.get("step"), int):
+        if isinstance(row, dict) and row.get("attempt") == attempt and isinstance(row.get("step"), int):
             steps.append(row["step"])
     return max(steps, default=None)
 
@@ -164,6 +163,7 @@ class Heartbeat:
         try:
             if self.world.rank == (1 if stuck_rank == 0 else 0):
                 print(f"[heartbeat] {message}", flush=True)
-                record_incident(self.stage_dir, "stuck_rank", message, reporter=self.world.rank)
+                record_incident(self.stage_dir, "stuck_rank", message, reporter=self.world.rank,
+                                attempt=self.attempt)
         finally:
             os._exit(STUCK_EXIT)

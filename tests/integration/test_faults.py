@@ -78,7 +78,7 @@ def test_three_sigkills_at_random_steps_recover_bitwise_and_exactly_once(workdir
     assert "[faults] rank 0: kill in the save of step 12 at staged" in out
     attempts = json.loads((workdir / "kills" / "pretrain" / "attempts.json").read_text())
     assert len(attempts) == 5  # the first start and four automatic restarts
-    assert "restarting from the last committed checkpoint (restarts left: 3)" in out
+    assert "restarting from the last committed checkpoint (restarts left after this one: 3)" in out
     summary = [ln for ln in out.splitlines() if ln.startswith("[pretrain] 5 attempts: attempt 1 failed at step ")]
     assert len(summary) == 1 and summary[0].endswith("attempt 5 completed"), out[-3000:]
     result = json.loads((workdir / "kills" / "pretrain" / "result.json").read_text())

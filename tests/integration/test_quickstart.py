@@ -112,6 +112,33 @@ def test_exports_load_with_plain_transformers(quickstart):
     assert set(clf.config.id2label.values()) == {"concurrency", "files", "formats", "math", "network", "text"}
     logits = clf(**tok(["Return the cosine of x (measured in radians)."], return_tensors="pt")).logits
     assert logits.shape == (1, 6)
+    # what a teammate gets: readable files, a model card, a tokenizer that truncates where training did
+    config = json.loads((out / "report.json").read_text())["config"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for stage, length in (("pretrain", config["pretrain"]["data"]["seq_len"]),
+                          ("finetune", config["finetune"]["data"]["max_length"])):
+        export = out / stage / "export"
+        assert all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in export.iterdir() if p.is_file()), stage
+        assert AutoTokenizer.from_pretrained(export).model_max_length == length
+        card = (export / "README.md").read_text()
+        assert f"# The {stage} export of the dist-train run run" in card and f"| max length | {length} tokens" in card
+    assert "| test set (this export) | accuracy " in (out / "finetune" / "export" / "README.md").read_text()
+    assert "manifest sha256 " in (out / "pretrain" / "export" / "README.md").read_text()
+    # plain transformers on a text far longer than max_length predicts what `dist-train predict` does
+    long_text = " ".join(["Open the file, read each line and write it back in upper case."] * 200)
+    records = out.parent / "long.jsonl"
+    records.write_text(json.dumps({"text": long_text, "label": "files"}) + "\n")
+    res = run_cli("predict", str(out / "finetune" / "export"), "--input", str(records))
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert row["label"] == "files" and row["text"] == long_text  # the user's fields, untouched
+    encoded = tok([long_text], truncation=True, return_tensors="pt")
+    assert encoded["input_ids"].shape[1] == config["finetune"]["data"]["max_length"]
+    probs = torch.softmax(clf(**encoded).logits[0], -1)
+    assert row["pred_label"] == clf.config.id2label[int(probs.argmax())]
+    assert row["pred_probabilities"][row["pred_label"]] == pytest.approx(float(probs.max()), abs=1e-4)
+    assert "metrics on the 1 records' gold labels: accuracy " in res.stderr
 
 
 def test_export_command_reproduces_the_stage_export(quickstart, tmp_path):
@@ -220,6 +247,16 @@ def test_early_stopping_triggers_and_the_best_checkpoint_is_exported(quickstart)
     # the int8 copy for CPU inference, and what quantization costs on the test set
     assert Path(ft["int8_export_dir"], "quantization.json").is_file()
     assert abs(ft["int8_delta"]["accuracy"]) < 0.1 and ft["test_int8"]["examples"] == ft["test"]["examples"]
+    # plain transformers refuses the int8 copy loudly (no silent random layers); dist-train loads it
+    from transformers import AutoModelForSequenceClassification
+
+    with pytest.raises(OSError):
+        AutoModelForSequenceClassification.from_pretrained(ft["int8_export_dir"])
+    task = out.parent / "data" / "quickstart" / "task" / "test.jsonl"
+    res = run_cli("predict", ft["int8_export_dir"], "--input", str(task))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"metrics on the {int(ft['test']['examples'])} records' gold labels: accuracy " \
+           f"{ft['test_int8']['accuracy']:.4g}" in res.stderr
 
 
 def test_sft_trains_on_responses_and_generates(quickstart, tmp_path):
@@ -239,4 +276,4 @@ def test_sft_trains_on_responses_and_generates(quickstart, tmp_path):
     res = run_cli("predict", ft["export_dir"], "--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in res.stdout.splitlines()]
-    assert len(rows) == 3 and all(isinstance(r["response"], str) and "prompt" in r for r in rows)
+    assert len(rows) == 3 and all(isinstance(r["pred_response"], str) and "prompt" in r for r in rows)

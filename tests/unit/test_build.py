@@ -164,28 +164,52 @@ def test_encoder_samples_start_with_cls_and_documents_end_with_sep(encoder_shard
     assert sum(s.samples for s in man.train + man.validation) > 400
 
 
-def test_huge_documents_are_bounded(tmp_path, corpus_docs, tokenizer_dir, monkeypatch):
-    """A record over --max-doc-mb is refused before anything is read or created; a long document is
-    tokenized in pieces whose ids are the whole document's; a tokenizing task is bounded in text too."""
-    from dist_train.data import build, packing
+def test_huge_documents_are_bounded(tmp_path, corpus_docs, tokenizer_dir):
+    """A record over --max-doc-mb is refused before anything is read or created; a tokenizing task is
+    bounded in text as well as in documents."""
+    from dist_train.data import build
 
     kw = dict(tokenizer_name=str(tokenizer_dir), seq_len=32, progress=False, max_doc_mb=1)
     big = "\n".join(corpus_docs)
     big = (big * ((1 << 20) // len(big) + 1))[: (1 << 20) + 10]  # a little more than 1 MiB
     (tmp_path / "big.txt").write_text(big)
     with pytest.raises(DataError, match=r"big.txt is one record of 1 MiB, more than the 1 MiB a reader takes at "
-                                        r"once: split it into smaller records, or raise the bound with --max-doc-mb"):
+                                        r"once: split it into smaller records \(`dist-train data build --max-doc-mb` "
+                                        r"raises the bound\)"):
         build_shards(input_spec=str(tmp_path / "big.txt"), output=tmp_path / "o1", **kw)
     (tmp_path / "big.jsonl").write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": big}) + "\n")
     with pytest.raises(DataError, match=r"line 2 of .*big.jsonl is longer than 1 MiB"):
         build_shards(input_spec=str(tmp_path / "big.jsonl"), output=tmp_path / "o2", **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "big.txt"]  # nothing created
 
-    monkeypatch.setattr(packing, "PIECE_CHARS", 5000)
-    packing.init_encoder(packing.make_encoder(load_tokenizer(str(tokenizer_dir))))
-    doc = big[:40_000]
-    whole = load_tokenizer(str(tokenizer_dir))(doc, add_special_tokens=False)["input_ids"]
-    short, long = packing.encode_documents(["tiny text", doc])
-    assert list(long) == whole  # cut after newlines: the same tokens as in one piece
-    assert list(short) == load_tokenizer(str(tokenizer_dir))("tiny text", add_special_tokens=False)["input_ids"]
     assert [len(b) for b in build._batched(["a" * 40, "b" * 70, "c", "d"], 3, chars=100)] == [2, 2]
+
+
+@pytest.mark.parametrize("which", ["byte-level BPE", "WordPiece"])
+def test_long_documents_tokenize_in_pieces_to_the_same_ids(which, tokenizer_dir, corpus_docs, request, monkeypatch):
+    """Cut only where the pre-tokenizer splits anyway: blank-line runs, CRLF line ends, trailing and
+    doubled spaces, and stretches with no newline at all keep their ids."""
+    from dist_train.data import packing
+
+    name = str(tokenizer_dir) if which == "byte-level BPE" else str(request.getfixturevalue("minilm_dir"))
+    tok = load_tokenizer(name)
+    parts = []
+    for i, d in enumerate(corpus_docs[:60]):
+        parts.append(d)
+        parts.append(["\n\n", "\r\n", " \n", "\n", "  ", " ", "\n\n\n"][i % 7])
+    doc = "".join(parts) + " ".join(corpus_docs[60:80]).replace("\n", " ")  # a long stretch without newlines
+    monkeypatch.setattr(packing, "PIECE_CHARS", 3000)
+    packing.init_encoder(packing.make_encoder(tok))
+    assert len(doc) > 10 * 3000
+    whole = tok(doc, add_special_tokens=False)["input_ids"]
+    short, long = packing.encode_documents(["tiny text", doc])
+    assert list(long) == whole
+    assert list(short) == tok("tiny text", add_special_tokens=False)["input_ids"]
+
+    def slow(texts):  # like a slow tokenizer: an empty batch is an error
+        assert texts, "an empty batch"
+        return [[len(t)] for t in texts]
+
+    monkeypatch.setattr(packing, "_ENCODE", slow)  # a chunk of long documents only: no empty batch is sent
+    got = packing.encode_documents([doc[:9000], doc[:7000]])
+    assert [int(x.sum()) for x in got] == [9000, 7000] and all(len(x) >= 3 for x in got)

@@ -5,7 +5,6 @@ tests/integration/test_data_ray.py; real SIGKILLs that are restarted, in test_fa
 from __future__ import annotations
 
 import json
-import time
 
 from ray.exceptions import ActorDiedError
 from ray.train import WorkerGroupError
@@ -44,33 +43,48 @@ def test_the_restart_budget():
 
 
 def test_an_attempt_ends_with_its_first_worker_error(tmp_path):
-    t0 = time.time()
+    first_id, second_id = 1000.5, 1060.25  # the driver's ids of two starts; the workers' clocks do not matter
     record_incident(tmp_path, "error", "rank 1: CUDA out of memory. Tried to allocate 2.00 GiB (3.1 GiB free)",
-                    rank=1, step=40, phase="train", attempt=t0, error="OutOfMemoryError")
+                    rank=1, step=40, phase="train", attempt=first_id, error="OutOfMemoryError")
     record_incident(tmp_path, "error", "rank 0: Connection closed by peer", rank=0, step=40, phase="train",
-                    attempt=t0, error="RuntimeError")
-    first = attempt_end(tmp_path, 1, t0, RuntimeError("ray's wrapper"))
+                    attempt=first_id, error="RuntimeError")
+    first = attempt_end(tmp_path, 1, first_id, RuntimeError("ray's wrapper"))
     assert first.line() == "attempt 1 failed at step 40: rank 1: CUDA out of memory. Tried to allocate 2.00 GiB " \
                            "(3.1 GiB free)"
-    t1 = time.time()
     record_incident(tmp_path, "error", "rank 1: CUDA out of memory. Tried to allocate 2.00 GiB (2.9 GiB free)",
-                    rank=1, step=40, phase="train", attempt=t1, error="OutOfMemoryError")
-    second = attempt_end(tmp_path, 2, t1, RuntimeError("ray's wrapper"))
+                    rank=1, step=40, phase="train", attempt=second_id, error="OutOfMemoryError")
+    second = attempt_end(tmp_path, 2, second_id, RuntimeError("ray's wrapper"))
+    assert second.cause.endswith("(2.9 GiB free)"), "only this attempt's incidents count"
     assert second.signature == first.signature  # the free-memory figure differs; the failure is the same
     assert stop_reason([first, second], 3)
 
 
+def died_in_ray(rank: int) -> WorkerGroupError:
+    """The error Ray Train 2.60 raises when a worker process is killed: its health check failed on a dead actor."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    return WorkerGroupError("Training failed due to worker errors:\nrank 1 died",
+                            {rank: WorkerHealthCheckFailedError("health check failed", ActorDiedError())})
+
+
 def test_a_dead_or_stuck_worker_is_not_an_error_of_the_run(tmp_path):
-    t0 = time.time()
+    attempt = 77.0
     (tmp_path / "heartbeat").mkdir()
     for rank, step in ((0, 7), (1, 6)):
-        (tmp_path / "heartbeat" / f"rank_{rank:05d}.json").write_text(json.dumps({"attempt": t0 + 1, "step": step}))
+        (tmp_path / "heartbeat" / f"rank_{rank:05d}.json").write_text(json.dumps({"attempt": attempt, "step": step}))
     # the peer of a killed rank raised on its broken connection: the death, not that error, ended the attempt
     record_incident(tmp_path, "error", "rank 0: Connection reset by peer", rank=0, step=7, phase="train",
-                    attempt=t0 + 1, error="RuntimeError")
-    died = WorkerGroupError("worker group failed\nrank 1 died", {1: ActorDiedError()})
-    ended = attempt_end(tmp_path, 1, t0, died)
+                    attempt=attempt, error="RuntimeError")
+    ended = attempt_end(tmp_path, 1, attempt, died_in_ray(1))
     assert ended.signature is None and ended.step == 7 and ended.cause == "rank 1 died"
-    record_incident(tmp_path, "stuck_rank", "rank 1 is not responding: no heartbeat for 121 s")
-    ended = attempt_end(tmp_path, 2, t0, RuntimeError("x"))
+    assert stop_reason([ended, attempt_end(tmp_path, 2, attempt, died_in_ray(1))], 3) is None
+    record_incident(tmp_path, "stuck_rank", "rank 1 is not responding: no heartbeat for 121 s", attempt=attempt)
+    ended = attempt_end(tmp_path, 2, attempt, RuntimeError("x"))
     assert ended.signature is None and ended.cause.startswith("rank 1 is not responding")
+
+
+def test_a_failure_no_worker_explains_is_not_retried_forever(tmp_path):
+    """Say the workers cannot even start (an output_dir they cannot write): no incident, the same error twice."""
+    ends = [attempt_end(tmp_path, n, float(n), RuntimeError("controller: cannot write /shared/out (errno 13)"))
+            for n in (1, 2)]
+    assert ends[0].signature is not None and stop_reason(ends, -1)

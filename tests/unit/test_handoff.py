@@ -1,0 +1,106 @@
+"""What leaves the tool: file modes a teammate can read, the model card, the export's dtype and
+tokenizer limits, and `predict`, which keeps the user's fields and scores gold labels. (The
+exports of real runs, loaded with plain transformers, are checked in tests/integration/test_quickstart.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from dist_train import owned
+from dist_train.checkpoint.card import card_text
+from dist_train.checkpoint.export import export_dtype, trained_limits
+from dist_train.tasks import TASK_FILE, build_task
+from dist_train.tasks.predict import predict_file
+from tests.unit.test_tasks import SPEC
+
+
+def test_outputs_get_the_modes_a_plain_write_would(tmp_path):
+    tmp = owned.temp_beside(tmp_path / "out")
+    (tmp / "sub").mkdir(mode=0o700)
+    (tmp / "sub" / "model.safetensors").write_bytes(b"x")
+    os.chmod(tmp / "sub" / "model.safetensors", 0o600)  # as transformers writes it
+    owned.replace(tmp, tmp_path / "out", "export")
+    mask = owned.umask()
+    assert mask == os.umask(mask)  # read without changing it
+    assert stat.S_IMODE((tmp_path / "out" / "sub" / "model.safetensors").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o777 & ~mask
+
+
+def test_export_dtype_and_the_tokenizer_limits_follow_the_stage():
+    assert export_dtype("auto", 10**9) == torch.float32 and export_dtype("auto", 10**9 + 1) == torch.bfloat16
+    assert export_dtype("float16", 10) == torch.float16
+    meta = {"stage": "finetune", "config": {"finetune": {"task": "sft", "data": {"max_length": 96}}}}
+    assert trained_limits(meta) == (96, "left")  # SFT kept the end of a long prompt
+    meta = {"stage": "pretrain", "config": {"pretrain": {"data": {"seq_len": 128}}}}
+    assert trained_limits(meta) == (128, "right")
+    assert trained_limits({"stage": "pretrain", "config": {}}) == (None, "right")  # an odd meta.json: no limit
+
+
+def test_the_model_card_says_where_the_model_came_from_and_how_it_scored():
+    meta = {"stage": "finetune", "tag": "step_00000100", "step": 100, "world_size": 2, "git_revision": "abc123",
+            "eval": {"accuracy": 0.81, "loss": 0.52},
+            "task": {"name": "sequence_classification", "examples": {"train": 800, "validation": 100, "test": 97}},
+            "config": {"seed": 3, "model": {"name_or_path": "org/base"},
+                       "finetune": {"init_from": "runs/x/pretrain/export", "task": "sequence_classification",
+                                    "data": {"train": "t.jsonl", "test": "test.jsonl", "max_length": 96},
+                                    "train": {"max_steps": 100, "global_batch_size": 32},
+                                    "deepspeed": {"precision": "bf16", "zero_stage": 2}}}}
+    text = card_text(meta, "runs/x/finetune/export", test={"accuracy": 0.79, "examples": 97.0})
+    assert text.startswith("---\nlibrary_name: transformers\npipeline_tag: text-classification\n")
+    for needle in ("# The finetune export of the dist-train run x", "| starting model | runs/x/pretrain/export",
+                   "| checkpoint | step_00000100 (step 100 of 100) |", "| max length | 96 tokens",
+                   "| examples | train 800, validation 100, test 97 |", "| evaluation at this checkpoint | "
+                   "accuracy 0.81, loss 0.52 |", "| test set (this export) | accuracy 0.79, examples 97 |",
+                   'AutoModelForSequenceClassification.from_pretrained("runs/x/finetune/export")',
+                   "dist-train predict"):
+        assert needle in text, needle
+    plan = {"corpora": [{"root": "/d/shards", "samples": 2048, "documents": 300, "manifest_sha256": "f" * 64}]}
+    pre = card_text({**meta, "stage": "pretrain", "task": None, "plan": plan, "config": {
+        **meta["config"], "pretrain": {"objective": "masked_lm", "data": {"seq_len": 128},
+                                       "train": {"max_steps": 100, "global_batch_size": 16}}}}, "r/pretrain/export")
+    assert "pipeline_tag: fill-mask" in pre and "| tokens trained | 204,800 |" in pre
+    assert "| data | /d/shards: 2048 samples of 128 tokens, 300 documents, manifest sha256 ffffffffffffffff…" in pre
+    card_text({"stage": None, "config": None}, "x")  # a damaged meta.json still gives a card, not a traceback
+
+
+@pytest.fixture
+def classifier(tmp_path, tokenizer_dir):
+    """A real (tiny, untrained) fine-tune export: weights, tokenizer, task file."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    task = build_task("sequence_classification", SPEC, tok, [{"text": "a", "label": "news"},
+                                                             {"text": "b", "label": "sports"}])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, id2label=dict(enumerate(task.labels)), label2id={k: i for i, k in enumerate(task.labels)}))
+    export = tmp_path / "export"
+    model.save_pretrained(export)
+    tok.save_pretrained(export)
+    (export / TASK_FILE).write_text(json.dumps({"name": task.name, "peft_task_type": task.peft_task_type, **SPEC,
+                                                **task.describe()}))
+    return export
+
+
+def test_predict_keeps_every_field_and_scores_gold_labels(tmp_path, classifier):
+    rows = [{"id": i, "text": f"some words {i}", "label": "news" if i % 2 else "sports", "source": "s"}
+            for i in range(5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    n, metrics = predict_file(str(classifier), str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), 2)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert n == 5 and [{k: o[k] for k in ("id", "text", "label", "source")} for o in out] == rows
+    assert all(o["pred_label"] in ("news", "sports") and set(o["pred_probabilities"]) == {"news", "sports"}
+               for o in out)
+    accuracy = sum(o["pred_label"] == o["label"] for o in out) / 5
+    assert metrics is not None and metrics["accuracy"] == pytest.approx(accuracy)
+    # without gold labels: predictions only, no metrics
+    (tmp_path / "bare.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    n, metrics = predict_file(str(classifier), str(tmp_path / "bare.jsonl"), str(tmp_path / "bare_out.jsonl"))
+    assert metrics is None and all("label" not in json.loads(line) and "pred_label" in json.loads(line)
+                                   for line in (tmp_path / "bare_out.jsonl").read_text().splitlines())

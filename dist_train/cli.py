@@ -15,6 +15,21 @@ from pathlib import Path
 import yaml
 
 EXIT_USER_ERROR = 2
+EXIT_CODES = """exit status:
+  0   done
+  1   a run failed on the cluster (the last line names the stage, step and cause)
+  2   a mistake in the command, config or data, found before anything ran (one line says what to fix)
+  75  stopped on request (SIGTERM) after a checkpoint: rerun the same command to resume (Slurm: requeue)
+  130 interrupted (Ctrl-C)"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dist_train")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +38,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0], epilog=EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="validate, then train the configured stages on Ray + DeepSpeed")
@@ -32,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a config (and its data paths) without starting Ray")
     _config_args(p)
-    p.add_argument("--stage", choices=["pretrain", "finetune"])
+    p.add_argument("--stage", choices=["pretrain", "finetune"], help="check one stage only")
     p.add_argument("--plan", action="store_true", help="size the job instead: memory per rank (model states at "
                    "the ZeRO stage, activations with and without checkpointing), checkpoint size, lanes per rank")
     p.add_argument("--nodes", type=int, default=1, help="--plan: nodes in the allocation")
@@ -43,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("print-config", help="print the resolved config tree")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="print the DeepSpeed JSON each stage runs with (typed keys merged with config_file/extra)")
+    p.add_argument("--stage", choices=["pretrain", "finetune"], help="--deepspeed: this stage only")
 
     data = sub.add_parser("data", help="build, plan and inspect token shards").add_subparsers(
         dest="data_cmd", required=True)
@@ -50,12 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--input", required=True, help="file, glob or directory (.jsonl/.txt/.parquet) or saved HF dataset")
     b.add_argument("--output", required=True, help="directory to create")
     b.add_argument("--tokenizer", required=True, help="tokenizer directory or cached HF id")
-    b.add_argument("--seq-len", type=int, required=True)
-    b.add_argument("--text-field", default="text")
-    b.add_argument("--samples-per-shard", type=int, default=1000)
+    b.add_argument("--seq-len", type=int, required=True, help="tokens per packed sample (pretrain.data.seq_len)")
+    b.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.csv/.parquet input "
+                                                        "(default: %(default)s)")
+    b.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default: %(default)s)")
     b.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--seed", type=int, default=0, help="seed of the validation split (default: %(default)s)")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier shard directory at --output")
     b.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                    help="tokenizer processes (the output does not depend on it)")
     b.add_argument("--chunk-docs", type=int, default=1024, help="documents per tokenizing task")
@@ -63,15 +84,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse a document (a line, or a whole .txt file) larger than this, before reading it")
 
     pl = data.add_parser("plan", help="print the exact samples each rank gets at each step")
-    pl.add_argument("data_dir")
-    pl.add_argument("--global-batch", type=int, required=True)
-    pl.add_argument("--world-size", type=int, required=True)
+    pl.add_argument("data_dir", help="a shard directory built by `dist-train data build`")
+    pl.add_argument("--global-batch", type=int, required=True, help="pretrain.train.global_batch_size")
+    pl.add_argument("--world-size", type=int, required=True, help="ray.num_workers")
     pl.add_argument("--lanes", type=int, help="default: the world size")
-    pl.add_argument("--window-shards", type=int, default=1)
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--window-shards", type=int, default=1, help="pretrain.data.window_shards (default: %(default)s)")
+    pl.add_argument("--seed", type=int, default=0, help="the run's seed (default: %(default)s)")
     pl.add_argument("--epoch", type=int, help="count --from-step from the first step of this epoch")
-    pl.add_argument("--from-step", type=int, default=0)
-    pl.add_argument("--steps", type=int, default=1)
+    pl.add_argument("--from-step", type=int, default=0, help="first step to show (default: %(default)s)")
+    pl.add_argument("--steps", type=int, default=1, help="steps to show (default: %(default)s)")
     pl.add_argument("--json", action="store_true", help="one JSON object per (step, rank)")
     pl.add_argument("--mix", action="append", default=[], metavar="DIR:WEIGHT",
                     help="a further corpus and its share, as pretrain.data.mix (repeatable)")
@@ -90,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", required=True, help="records to predict (.jsonl/.csv/.parquet), fields as in training")
     pr.add_argument("--output", help="write here instead of stdout (a new file, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default: %(default)s)")
     pr.add_argument("--max-new-tokens", type=int, default=64, help="sft: length of generated responses")
 
     ev = sub.add_parser("eval", help="score a causal-LM export on standard benchmarks (lm-evaluation-harness; "
@@ -100,17 +121,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-path", help="a directory of your own task YAMLs (e.g. over local jsonl files)")
     ev.add_argument("--limit", type=int, help="score only the first N examples of each task (a quick look)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--batch-size", type=int, default=8, help="harness batch size (default: %(default)s)")
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.add_argument("--output", help="also write the results as JSON to this file")
 
     led = sub.add_parser("ledger", help="check what was trained on").add_subparsers(dest="ledger_cmd", required=True)
     lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
-    lv.add_argument("output_dir")
-    lv.add_argument("--stage", default="pretrain", choices=["pretrain"])
+    lv.add_argument("output_dir", help="the run's output_dir")
+    lv.add_argument("--stage", default="pretrain", choices=["pretrain"], help="the stage whose ledger to check")
 
     rep = sub.add_parser("report", help="write report.md (and --html) with PNG plots for a run's output_dir")
-    rep.add_argument("output_dir")
+    rep.add_argument("output_dir", help="the run's output_dir")
     rep.add_argument("--html", action="store_true", help="also write report.html")
 
     runs = sub.add_parser("runs", help="list the runs under a directory: state, stage, step, best metric, age")
@@ -122,8 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--output", help="write it here (docs/configuration.md) instead of stdout")
 
     ins = data.add_parser("inspect", help="summarize a shard directory and show a sample")
-    ins.add_argument("data_dir")
-    ins.add_argument("--samples", type=int, default=1)
+    ins.add_argument("data_dir", help="a shard directory built by `dist-train data build`")
+    ins.add_argument("--samples", type=int, default=1, help="samples to decode and show (default: %(default)s)")
     return ap
 
 
@@ -154,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError, load_config, to_dict
 
+    if args.cmd == "print-config" and args.deepspeed:
+        from dist_train.config.derived import derive_stage
+        from dist_train.launch.driver import stages_to_run
+
+        cfg = load_config(args.config, args.overrides)
+        print(json.dumps({s: derive_stage(cfg, s).deepspeed for s in stages_to_run(cfg, args.stage)}, indent=1))
+        return 0
     if args.cmd == "print-config":
         d = to_dict(load_config(args.config, args.overrides))
         print(json.dumps(d, indent=1) if args.json else yaml.safe_dump(d, sort_keys=False), end="")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dist_train.config.derived import derive_stage, stage_section
+from dist_train.config.derived import derive_stage, init_dir, stage_section
 from dist_train.config.loader import ConfigError
 from dist_train.config.schema import (
     DeepSpeedSection,
@@ -247,6 +247,12 @@ def cpu_has_fp16() -> bool:
         return False
 
 
+def epochs_note(steps: int, batch: int, available: int, unit: str) -> str:
+    """How many passes over the data `steps` optimizer steps of `batch` make, in words."""
+    seen = steps * batch
+    return f"max_steps={steps} × global batch {batch} = {seen} {unit}, {seen / max(available, 1):.2f} epochs"
+
+
 def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     """Raise ConfigError/DataError/ModelError for anything that would fail later; return notes."""
     from dist_train.data.manifest import read_manifest
@@ -263,8 +269,13 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
 
         check_prepare_dir(cfg.prepare.dir)  # a folder of the user's is refused before anything is built
     model = cfg.model
-    if (model.name_or_path is None) == (model.arch is None):
+    # a fine-tune alone may name its model by finetune.init_from only (weights, config and tokenizer)
+    by_init = stages == ["finetune"] and init_dir(cfg) is not None and model.name_or_path is None and model.arch is None
+    if model.name_or_path is not None and model.arch is not None:
         raise ConfigError("set exactly one of model.name_or_path (pretrained) and model.arch (from scratch)")
+    if model.name_or_path is None and model.arch is None and not by_init:
+        raise ConfigError("set model.name_or_path (pretrained) or model.arch (from scratch); a fine-tune alone can "
+                          "instead start from a model directory in finetune.init_from")
     if not stages:
         raise ConfigError("no stage to run: add a `pretrain:` or `finetune:` section")
     _check_faults(cfg)
@@ -288,14 +299,19 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
                               f"of the model (max_steps={train.max_steps}): use fewer warm-up steps")
         if (tag := check_resume(cfg, stage)) is not None:
             notes.append(f"{stage} will resume from {tag}")
+        for key, what in (("eval_every", "evaluation"), ("save_every", "checkpoint")):
+            every = getattr(train, key)
+            if every > train.max_steps:
+                notes.append(f"{stage}.train.{key}={every} is beyond max_steps={train.max_steps}: only the final "
+                             f"{what} happens (0 says so on purpose)")
 
-    tokenizer_name = model.tokenizer or model.name_or_path
+    tokenizer_name = model.tokenizer or model.name_or_path or (init_dir(cfg) if by_init else None)
     if tokenizer_name is None:
         raise ConfigError("model.tokenizer is not set: name a tokenizer directory (model.arch has none)")
     tokenizer = None
     if not _pending(cfg, tokenizer_name):
         tokenizer = load_tokenizer(tokenizer_name, model.trust_remote_code)
-        vocab = model_vocab_size(model.name_or_path, model.arch, len(tokenizer))
+        vocab = model_vocab_size(model.name_or_path or init_dir(cfg), model.arch, len(tokenizer))
         if len(tokenizer) > vocab:
             raise ConfigError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the model embeds "
                               f"only {vocab}: use the model's own tokenizer or raise model.arch.vocab_size")
@@ -317,8 +333,10 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
             from dist_train.train.pretrain import plan_of, read_sources
 
             plan_of(cfg, read_sources(cfg), derive_stage(cfg, "pretrain")).check(cfg.ray.num_workers)
-            notes.append(f"pretrain data: {len(man.train)} shards, "
-                         f"{sum(s.samples for s in man.train)} samples of {man.seq_len} tokens")
+            samples = sum(s.samples for s in man.train)
+            notes.append(f"pretrain data: {len(man.train)} shards, {samples} samples of {man.seq_len} tokens; "
+                         + epochs_note(cfg.pretrain.train.max_steps, cfg.pretrain.train.global_batch_size, samples,
+                                       "samples"))
         if max_pos is not None and data.seq_len > max_pos:
             raise ConfigError(f"pretrain.data.seq_len={data.seq_len} exceeds model.arch.max_position_embeddings="
                               f"{max_pos}: lower seq_len or raise max_position_embeddings")
@@ -420,6 +438,9 @@ def _check_compare_base(cfg: RunConfig) -> list[str]:
         raise ConfigError("finetune.compare_base compares a fine-tune of the adapted model with one of the unadapted "
                           "model, but finetune.init_from already starts from the unadapted one: set "
                           "finetune.init_from: pretrain (or an adapted export), or drop compare_base")
+    if cfg.model.name_or_path is None and cfg.model.arch is None:
+        raise ConfigError("finetune.compare_base also fine-tunes the unadapted model, and none is named: set "
+                          "model.name_or_path (or model.arch), or drop compare_base")
     base = cfg.model.name_or_path or "model.arch, freshly initialised"
     return [f"finetune.compare_base: then the same fine-tune of the unadapted model ({base}), in "
             f"{Path(cfg.output_dir) / 'compare_base'}"]
@@ -453,7 +474,14 @@ def _check_finetune_task(cfg: RunConfig, tokenizer) -> list[str]:
                 skeleton = getattr(transformers, task.auto_class).from_config(config)
             check_lora_targets(skeleton, list(lora_config(ft.lora, task.peft_task_type,
                                                           config.model_type).target_modules))
-    notes = [f"finetune: {len(train)} train, {len(val or [])} validation, {len(test or [])} test examples"]
+    notes = [f"finetune: {len(train)} train, {len(val or [])} validation, {len(test or [])} test examples; "
+             + epochs_note(ft.train.max_steps, ft.train.global_batch_size, len(train), "examples")]
+    if not val:
+        notes.append("finetune: no validation data (finetune.data.validation, or validation_fraction > 0): nothing is "
+                     "evaluated during training, so no best checkpoint is tracked and export=best exports the last")
+    if not test:
+        notes.append("finetune: no test data (finetune.data.test, or test_fraction > 0): the export is not scored, and "
+                     "the report has no test metrics")
     if tokenizer is not None and ft.task == "sequence_classification":
         from dist_train.tasks.heads import label_key
 

@@ -107,12 +107,20 @@ def _check_deepspeed(ds: DeepSpeedSection, stage: str) -> None:
 
 
 def model_hidden_size(cfg: RunConfig) -> int:
-    """Width of the model's residual stream: the inline arch's, or read from the model's HF config."""
+    """Width of the model's residual stream: the inline arch's, or read from the model's HF config (a
+    fine-tune-only config may name its model by finetune.init_from alone)."""
     if cfg.model.arch is not None:
         return cfg.model.arch.hidden_size
     from dist_train.model.build import model_config_value
 
-    return int(model_config_value(cfg.model.name_or_path, "hidden_size"))
+    source = cfg.model.name_or_path or init_dir(cfg)
+    return int(model_config_value(source, "hidden_size"))
+
+
+def init_dir(cfg: RunConfig) -> str | None:
+    """finetune.init_from when it names a model directory (not `pretrain`, not null)."""
+    init = cfg.finetune.init_from if cfg.finetune is not None else None
+    return init if init not in (None, "pretrain") else None
 
 
 # Smallest gradient-reduce bucket (elements). hidden² alone (HF Trainer's "auto") makes ~100 tiny

@@ -212,6 +212,20 @@ MOVED = {  # keys of earlier versions: where their meaning lives now
 }
 
 
+def nearest_choice(value: str, choices: list[str]) -> str | None:
+    """The choice a mistyped `value` most likely meant: spelling first, but a value that is a whole
+    word of exactly one choice means that one ("classification" is sequence_classification, not the
+    better-spelled token_classification)."""
+    words = value.lower().replace("-", "_")
+    whole = [c for c in choices if words in c.lower().split("_") or c.lower().endswith("_" + words)]
+    if len(whole) > 1:  # ambiguous as a word: the plain sequence one is the common meaning
+        whole = [c for c in whole if c.lower().startswith("sequence_")] or whole
+    if len(whole) == 1:
+        return whole[0]
+    near = difflib.get_close_matches(value, choices, n=1)
+    return near[0] if near else None
+
+
 def _suggest(path: str) -> str:
     if path in MOVED:
         return f": {MOVED[path]}"
@@ -281,8 +295,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            near = nearest_choice(str(value), [str(c) for c in choices])
+            hint = f"; did you mean {near!r}?" if near else ""
             raise ConfigError(f"{path} = {_show(value)} is not one of {list(choices)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):

@@ -28,8 +28,9 @@ from dist_train.control import clear as clear_requests
 from dist_train.launch.lock import hold
 from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
-from dist_train.outputs import REPORT, RESULT, write_atomic
+from dist_train.outputs import INCIDENTS, REPORT, RESULT, write_atomic
 from dist_train.progress import DRIVER_TTY_ENV, EVERY_S_ENV
+from dist_train.train.heartbeat import read_incidents
 
 
 class RunFailed(RuntimeError):
@@ -114,7 +115,20 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def start_ray(cfg: RunConfig) -> None:
+def quiet_ray_console() -> None:
+    """What Ray prints in this process reads well in a Slurm .out file (set before Ray is imported;
+    each stays as the user set it). Ray's own logs keep everything, in its session directory."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no ANSI codes in a file
+    # Our workers' lines carry their stage and, where it matters, their rank: "(RayTrainWorker pid=…)" adds nothing.
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
+    # Ray's node-drain watcher: dist-train handles preemption by SIGTERM, and its shutdown prints a
+    # core_worker error line at the end of every successful stage. Ray Train passes this to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def start_ray(cfg: RunConfig, log=print) -> None:
+    quiet_ray_console()
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -129,8 +143,11 @@ def start_ray(cfg: RunConfig) -> None:
     if address:
         from dist_train.launch.cluster import check_capacity
 
-        ray.init(address=address, log_to_driver=True)
+        t = time.time()
+        info = ray.init(address=address, log_to_driver=True)
         check_capacity(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, address)
+        log(f"[setup] joined the Ray cluster at {address} in {time.time() - t:.1f} s"
+            + (f" (dashboard http://{info.dashboard_url})" if getattr(info, "dashboard_url", None) else ""))
         return
     # A local instance binds to this machine; Ray's notice that it uses token auth tells the user nothing.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -144,9 +161,12 @@ def start_ray(cfg: RunConfig) -> None:
     # cluster and might query another one. The dashboard listens on loopback only.
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    t = time.time()
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")
+    log(f"[setup] started a private Ray instance in {time.time() - t:.1f} s (dashboard http://127.0.0.1:{port}; "
+        "its logs, Ray Train's included, in /tmp/ray/session_latest/logs)")
 
 
 def free_port() -> int:
@@ -169,6 +189,8 @@ def fit_stage(cfg: RunConfig, stage: str, log=print, label: str | None = None) -
     ends = []
     while True:
         attempt = time.time()  # this start's id, handed to every rank and recorded with what they report
+        log(f"[{label or stage}] starting {cfg.ray.num_workers} workers"
+            + (f" (attempt {len(ends) + 1})" if ends else ""))
         try:
             make_trainer(cfg, stage, attempt).fit()
             break
@@ -181,6 +203,8 @@ def fit_stage(cfg: RunConfig, stage: str, log=print, label: str | None = None) -
                                 f"checkpoint (exit status {REQUEUE_EXIT} asks a Slurm script to requeue)") from e
             stop = stop_reason(ends, cfg.ray.max_failures)
             if stop is not None:
+                if end.signature is not None and any(i.get("kind") == "error" for i in read_incidents(stage_dir)):
+                    log(f"[{label or stage}] each failed rank's traceback: {stage_dir / INCIDENTS}")
                 raise RunFailed(f"stage {stage} failed{where}: {end.cause}" + (f" ({stop})" if stop else "")) from e
             left = "unlimited" if cfg.ray.max_failures == -1 else cfg.ray.max_failures - len(ends)
             log(f"[{label or stage}] {end.line()}; restarting from the last committed checkpoint "
@@ -199,7 +223,7 @@ def fit_stage(cfg: RunConfig, stage: str, log=print, label: str | None = None) -
 
 def make_trainer(cfg: RunConfig, stage: str, attempt: float) -> Any:
     """One attempt at a stage: a Ray Train trainer whose own restarts are off (fit_stage decides)."""
-    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -215,6 +239,10 @@ def make_trainer(cfg: RunConfig, stage: str, attempt: float) -> Any:
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RayRunConfig(name=stage, storage_path=str(Path(cfg.output_dir) / "_ray"),
                                 failure_config=FailureConfig(max_failures=0),
+                                # Ray Train's own progress and its copy of a worker's traceback stay in its
+                                # log files: the driver prints one line per failure, and the traceback is in
+                                # <stage>/incidents.jsonl
+                                logging_config=LoggingConfig(log_level="CRITICAL"),
                                 worker_runtime_env={"env_vars": worker_env(cfg)}),
     )
 
@@ -240,7 +268,7 @@ def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, 
     log(describe(cfg, stages))
     timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}
     t = time.time()
-    start_ray(cfg)  # a cluster too small for the workers leaves nothing behind (hold removes the directory)
+    start_ray(cfg, log)  # a cluster too small for the workers leaves nothing behind (hold removes the directory)
     timings["ray_init_s"] = time.time() - t
     out = Path(cfg.output_dir)
     clear_requests(out)  # a stop request of an earlier, preempted run is not for this one
@@ -259,6 +287,7 @@ def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, 
             status.write(stage=stage)
             if stage == "pretrain":
                 pack_eval_sets(cfg)
+            write_deepspeed_json(cfg, stage, log)
             with trackers.follow(stage) if trackers else contextlib.nullcontext():
                 result = fit_stage(cfg, stage, log)
             timings[f"{stage}_s"] = time.time() - t
@@ -283,6 +312,17 @@ def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, 
             trackers.summary(report, report_path)
     log(f"report: {report_path} (plots: dist-train report {cfg.output_dir})")
     return report
+
+
+def write_deepspeed_json(cfg: RunConfig, stage: str, log=print) -> None:
+    """OUTPUT_DIR/<stage>/deepspeed.json: the merged DeepSpeed config the stage's engines get (for the
+    planned worker count), named once on the console."""
+    from dist_train.config.derived import derive_stage
+
+    path = Path(cfg.output_dir) / stage / "deepspeed.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(derive_stage(cfg, stage).deepspeed, indent=1))
+    log(f"[{stage}] DeepSpeed config: {path}")
 
 
 def pack_eval_sets(cfg: RunConfig) -> None:

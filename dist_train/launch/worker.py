@@ -7,6 +7,7 @@ topology is read), and runs the requested stage.
 from __future__ import annotations
 
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     from dist_train.train.pretrain import build_pretrain
     from dist_train.train.stage import run_stage
 
+    started = time.time()
     quiet_libraries()
     allow_deepspeed_checkpoints()
     cfg = from_dict(payload["config"])
@@ -68,7 +70,7 @@ def train_worker(payload: dict[str, Any]) -> None:
         heartbeat.start()
         d = derive_stage(cfg, stage, world.world_size)
         build = {"pretrain": build_pretrain, "finetune": build_finetune}[stage]
-        run_stage(cfg, stage, d, world, build(cfg, d, world), attempt=attempt, heartbeat=heartbeat)
+        run_stage(cfg, stage, d, world, build(cfg, d, world), attempt=attempt, heartbeat=heartbeat, started=started)
     except Exception as e:
         error = e
         if isinstance(e, RuntimeError) and is_collective_timeout(e):
@@ -79,7 +81,8 @@ def train_worker(payload: dict[str, Any]) -> None:
         # The driver reads this to say why the attempt ended, and to tell an error that a restart would
         # repeat (the same one at the same step) from one it may not.
         record_incident(stage_dir, "error", f"rank {world.rank}: {first_line(error)}", rank=world.rank,
-                        step=heartbeat.step, phase=heartbeat.phase, attempt=attempt, error=type(error).__name__)
+                        step=heartbeat.step, phase=heartbeat.phase, attempt=attempt, error=type(error).__name__,
+                        traceback=traceback.format_exc()[-20_000:])
         if error is e:
             raise
         raise error from e

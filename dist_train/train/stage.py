@@ -88,10 +88,11 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: StageParts,
-              attempt: float, heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+              attempt: float, heartbeat: Heartbeat | None = None, started: float | None = None) -> dict[str, Any]:
     """Train one stage to its max_steps and export it; returns the stage's report entry.
     Stopped by a preemption request, it returns {"preempted": True, ...} after a checkpoint instead.
-    `attempt` identifies this start of the worker group (the same value on every rank)."""
+    `attempt` identifies this start of the worker group (the same value on every rank); `started`:
+    when this worker began (before the model and data were built), for the setup line."""
     t_start = time.time()
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
@@ -116,6 +117,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     if tag is not None:  # the warm-up this run started with (max_steps may have changed); 0 before warm-ups
         head_steps = world.broadcast_object(ckpt.meta(tag).get("head_warmup_steps", 0) if world.is_main else None)
     ckpt.run_info["head_warmup_steps"] = head_steps  # every checkpoint records it
+    t_engine = time.time()
     engine = build_engine(parts.model, ds_config, section.optim.weight_decay, head if head_steps else None)
     state = TrainState()
     resumed_from = None
@@ -135,6 +137,10 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         warm = HeadWarmup(engine, body, head_steps, section.optim.warmup_steps,
                           section.train.head_lr or HEAD_LR_SCALE * section.optim.lr)
         warm.at(state.step)
+    if world.is_main and started is not None:
+        print(f"[{stage}] {world.world_size} workers ready {time.time() - started:.1f} s after they started: model and "
+              f"data {t_start - started:.1f} s, DeepSpeed engine {time.time() - t_engine:.1f} s"
+              + (f" (checkpoint {tag} loaded)" if tag else ""), flush=True)
     if world.is_main and (line := parts.loaded.new_line(stage)):
         print(line + (f"; only they train for the first {head_steps} steps (train.head_warmup_steps), then "
                       "everything" if head_steps else ""), flush=True)

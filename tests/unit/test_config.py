@@ -41,6 +41,8 @@ def test_yaml_1_1_exponent_without_dot_is_accepted(tmp_path):
     ("pretrain.optim.lr=-1.0", "must be > 0"),
     ("pretrain.deepspeed.zero_stage=4", "must be <= 3"),
     ("pretrain.deepspeed.precision=bf61", "did you mean 'bf16'"),
+    ("finetune.task=classification", "did you mean 'sequence_classification'"),  # the meaning, not the spelling
+    ("finetune.task=token", "did you mean 'token_classification'"),
     ("ray.use_gpu=yes please", "must be true or false"),
     ("ray=3", "must be a mapping"),
 ])
@@ -118,3 +120,18 @@ def test_relative_outputs_are_refused_only_inside_a_ray_job_working_dir():
     with pytest.raises(ConfigError, match=r"prepare.dir='data/quickstart' is relative"):
         check_job_paths(load_config(QUICKSTART, ["output_dir=/shared/run"]), cwd=job_dir)
     check_job_paths(load_config(QUICKSTART, ["output_dir=/shared/run", "prepare.dir=/shared/qs"]), cwd=job_dir)
+
+
+def test_print_config_shows_the_deepspeed_json_each_stage_gets(capsys):
+    import json
+
+    from dist_train.cli import main
+
+    assert main(["print-config", str(QUICKSTART), "--deepspeed", "pretrain.deepspeed.extra={comms_logger: "
+                                                                 "{enabled: true}}"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert set(shown) == {"pretrain", "finetune"}
+    assert shown["pretrain"]["comms_logger"] == {"enabled": True}  # your keys, merged
+    assert shown["finetune"]["train_batch_size"] == load_config(QUICKSTART).finetune.train.global_batch_size
+    assert main(["print-config", str(QUICKSTART), "--deepspeed", "--stage", "finetune"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"finetune"}

@@ -104,3 +104,51 @@ def test_predict_keeps_every_field_and_scores_gold_labels(tmp_path, classifier):
     n, metrics = predict_file(str(classifier), str(tmp_path / "bare.jsonl"), str(tmp_path / "bare_out.jsonl"))
     assert metrics is None and all("label" not in json.loads(line) and "pred_label" in json.loads(line)
                                    for line in (tmp_path / "bare_out.jsonl").read_text().splitlines())
+
+
+def test_a_fine_tune_alone_needs_only_init_from(tmp_path, classifier, capsys):
+    """No model section: the directory in finetune.init_from gives weights, config and tokenizer; validate
+    also says how many epochs max_steps means and what a missing test split costs."""
+    import yaml
+
+    from dist_train.cli import main
+
+    rows = [{"text": f"words {i}", "label": "news" if i % 2 else "sports"} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "ft.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "ray": {"num_workers": 2},
+        "finetune": {"init_from": str(classifier), "task": "sequence_classification",
+                     "data": {"train": str(tmp_path / "train.jsonl"), "validation_fraction": 0.2},
+                     "train": {"max_steps": 10, "global_batch_size": 8, "micro_batch_size": 4, "eval_every": 50}}}))
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "config OK" in out
+    (counts,) = [ln for ln in out.splitlines() if ln.startswith("finetune: ") and "train," in ln]
+    train = int(counts.split()[1])
+    assert counts.endswith(f"max_steps=10 × global batch 8 = 80 examples, {80 / train:.2f} epochs")
+    assert "finetune: no test data" in out and "finetune.train.eval_every=50 is beyond max_steps=10" in out
+
+
+def test_every_flag_is_explained_and_the_exit_codes_are_listed(capsys):
+    import argparse
+
+    from dist_train.cli import _parser, main
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    silent = [f"{p.prog} {a.option_strings or a.dest}" for p in parsers(_parser()) for a in p._actions
+              if not a.help and not isinstance(a, argparse._SubParsersAction)]
+    assert not silent, silent
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("dist-train 0.")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {code} " in text for code in ("0", "1", "2", "75", "130"))

@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-doc-mb", type=int, default=64,
                    help="refuse a document (a line, or a whole .txt file) larger than this, before reading it")
 
+    tk = data.add_parser("tokenizer", help="train a tokenizer on your corpus (for a model trained from scratch)")
+    tk.add_argument("--input", required=True, help="file, glob or directory (.jsonl/.txt/.parquet), as data build")
+    tk.add_argument("--output", required=True, help="directory to create (a Hugging Face tokenizer)")
+    tk.add_argument("--vocab-size", type=int, required=True, help="entries in the vocabulary, special tokens included")
+    tk.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe",
+                    help="bpe: byte-level BPE for causal LMs; wordpiece: BERT-style for encoders (default: bpe)")
+    tk.add_argument("--text-field", default="text", help="field holding the text (default: %(default)s)")
+    tk.add_argument("--overwrite", action="store_true", help="replace an earlier tokenizer at --output")
+
     pl = data.add_parser("plan", help="print the exact samples each rank gets at each step")
     pl.add_argument("data_dir", help="a shard directory built by `dist-train data build`")
     pl.add_argument("--global-batch", type=int, required=True, help="pretrain.train.global_batch_size")
@@ -378,6 +387,14 @@ def _plan_job(cfg, stages: list[str], args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "tokenizer":
+        from dist_train.data.tokenizer import build_tokenizer
+
+        got = build_tokenizer(args.input, Path(args.output), args.vocab_size, args.kind, args.text_field,
+                              args.overwrite)
+        print(f"wrote a {args.kind} tokenizer of {int(got['vocab_size'])} tokens to {args.output} "
+              f"({got['tokens_per_word']:.2f} tokens per word on the corpus, {int(got['documents'])} documents)")
+        return 0
     if args.data_cmd == "build":
         from dist_train.data.build import build_shards
 

@@ -36,7 +36,7 @@ def corpus_jsonl(tmp_path_factory, corpus_docs) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_docs) -> Path:
-    from dist_train.data.quickstart import train_tokenizer
+    from dist_train.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_tokenizer(corpus_docs, 512, out)

@@ -61,7 +61,8 @@ class TinyArch:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str | None = doc("HF model id or local directory to start from. "
+    name_or_path: str | None = doc("Local model directory (or HF model id: dist-train runs offline unless "
+                                   "HF_HUB_OFFLINE=0 is exported where a hub is reachable) to start from. "
                                    "Exactly one of name_or_path and arch.", None)
     arch: TinyArch | None = doc("Inline architecture for from-scratch training.", None)
     tokenizer: str | None = doc("Tokenizer id or directory; defaults to name_or_path.", None)

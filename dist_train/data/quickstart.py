@@ -110,21 +110,6 @@ def _split(text: str) -> str:
     return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
 
 
-def train_tokenizer(corpus: list[str], vocab_size: int, out_dir: Path) -> None:
-    """A byte-level BPE tokenizer (GPT-2 style) with <pad> and <eos>, saved as an HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    fast.save_pretrained(str(out_dir))
-
-
 def _earlier(root: Path) -> bool:
     """Quickstart data from a version before ownership markers: it has the READY file."""
     return (root / READY).is_file()
@@ -144,6 +129,7 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
     (with manifest.json), task/{,sft_,ner_}{train,validation,test}.jsonl.
     """
     from dist_train.data.build import build_shards
+    from dist_train.data.tokenizer import train_tokenizer
 
     root = Path(root)
     stamp = {"version": VERSION, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed, "tokenizer": tokenizer}
@@ -160,7 +146,7 @@ def prepare_python_docs(root: str | Path, *, seq_len: int, vocab_size: int, seed
                 f.write(json.dumps({"text": doc}) + "\n")
         write_tasks(tmp / "task", examples)
         if tokenizer is None:
-            train_tokenizer(corpus, vocab_size, tmp / "tokenizer")
+            train_tokenizer(corpus, vocab_size, tmp / "tokenizer", "bpe")
         build_shards(input_spec=str(tmp / "corpus.jsonl"), output=tmp / "shards",
                      tokenizer_name=tokenizer or str(tmp / "tokenizer"), seq_len=seq_len, samples_per_shard=256,
                      val_fraction=0.05, seed=seed, progress=progress,

@@ -213,3 +213,33 @@ def test_long_documents_tokenize_in_pieces_to_the_same_ids(which, tokenizer_dir,
     monkeypatch.setattr(packing, "_ENCODE", slow)  # a chunk of long documents only: no empty batch is sent
     got = packing.encode_documents([doc[:9000], doc[:7000]])
     assert [int(x.sum()) for x in got] == [9000, 7000] and all(len(x) >= 3 for x in got)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_data_tokenizer_trains_on_your_corpus(kind, tmp_path, corpus_jsonl):
+    """`dist-train data tokenizer`: a Hugging Face tokenizer of the asked size and kind that data build
+    takes; an existing output is replaced only with --overwrite, and only if it is a tokenizer."""
+    from dist_train.cli import main
+    from dist_train.data.build import sample_prefix_id, separator_id
+
+    out = tmp_path / "tok"
+    argv = ["data", "tokenizer", "--input", str(corpus_jsonl), "--output", str(out), "--vocab-size", "600",
+            "--kind", kind]
+    assert main(argv) == 0
+    tok = load_tokenizer(str(out))
+    assert len(tok) == 600
+    ids = tok("def main(): return 0")["input_ids"]
+    if kind == "wordpiece":  # an encoder's tokenizer: [CLS] … [SEP], a mask token, and no unknown pieces in code
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id and tok.mask_token == "[MASK]"
+        assert sample_prefix_id(tok) == tok.cls_token_id and separator_id(tok) == tok.sep_token_id
+    else:
+        assert tok.eos_token == "<eos>" and tok.decode(ids) == "def main(): return 0"  # bytes round-trip
+    man = build_shards(input_spec=str(corpus_jsonl), output=tmp_path / "shards", tokenizer_name=str(out), seq_len=32,
+                       progress=False)
+    assert man.vocab_size == 600
+    assert main(argv) == 2  # exists: --overwrite replaces it
+    assert main([*argv, "--overwrite"]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main([*argv[:5], str(tmp_path / "mine"), *argv[6:], "--overwrite"]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"

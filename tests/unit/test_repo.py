@@ -73,3 +73,20 @@ def test_the_test_command_collects_every_tier():
     assert tiers == {"unit", "dist", "integration"}, res.stdout[-2000:] + res.stderr[-2000:]
     on_disk = {str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py")}
     assert on_disk == files, "every test file is collected"
+
+
+def test_every_config_a_script_or_page_names_exists():
+    """A config named in the README, docs, launch recipes, Slurm script or another config is shipped
+    (configs/my_*.yaml stand for the reader's own)."""
+    texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "launch").iterdir(),
+             *(REPO / "slurm").iterdir(), *(REPO / "configs").glob("*.yaml")]
+    named = {(p.name, m) for p in texts if p.is_file()
+             for m in re.findall(r"configs/[A-Za-z0-9_./-]+?\.yaml", p.read_text())}
+    missing = sorted(f"{page}: {m}" for page, m in named if not (REPO / m).is_file() and "/my_" not in m)
+    assert not missing, missing
+
+
+def test_the_quickstart_time_is_stated_once_the_same_way():
+    readme = re.search(r"~(\d+) min\S* on 2 CPU cores", (REPO / "README.md").read_text())
+    config = re.search(r"~(\d+) min\S* on 2 CPU cores", (REPO / "configs" / "quickstart.yaml").read_text())
+    assert readme and config and readme.group(1) == config.group(1)

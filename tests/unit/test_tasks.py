@@ -166,3 +166,16 @@ def test_sft_uses_the_chat_template_when_the_tokenizer_has_one(tokenizer_dir):
     assert tok.decode(ids) == "<|user|>hello\n<|assistant|>"
     batch = task.encode([{"prompt": "hello", "response": " hi"}])
     assert (batch["labels"][0, :len(ids)] == -100).all() and (batch["labels"][0, len(ids):] != -100).all()
+
+
+def test_sft_long_examples_lose_the_prompt_first_then_the_response_end(tok):
+    """What docs/finetuning.md says: a long example loses its prompt's start; only a response longer
+    than max_length on its own is cut, at its end (its EOS too)."""
+    task = build_task("sft", {**SPEC, "max_length": 16}, tok, None)
+    prompt, short, long = "word " * 40, " ok", " and more" * 40
+    kept = task.encode([{"prompt": prompt, "response": short}])
+    answer = tok(short, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert kept["input_ids"].shape[1] == 16 and kept["labels"][0, -len(answer):].tolist() == answer
+    cut = task.encode([{"prompt": prompt, "response": long}])
+    ids = tok(long, add_special_tokens=False)["input_ids"]
+    assert cut["labels"][0].tolist() == ids[:16] and tok.eos_token_id not in cut["labels"][0].tolist()

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, help="--plan: GPUs per node (one rank each); default: "
                    "ray.num_workers ranks")
     p.add_argument("--gpu-memory", help="--plan: memory per GPU, e.g. 80GB; warns when a stage will not fit")
+    p.add_argument("--json", action="store_true", help="one JSON object: ok, notes and each stage's derived numbers "
+                                                       "(or ok false and the error)")
 
     p = sub.add_parser("print-config", help="print the resolved config tree")
     _config_args(p)
@@ -138,10 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     lv = led.add_parser("verify", help="prove every sample was trained exactly once per completed epoch")
     lv.add_argument("output_dir", help="the run's output_dir")
     lv.add_argument("--stage", default="pretrain", choices=["pretrain"], help="the stage whose ledger to check")
+    lv.add_argument("--json", action="store_true", help="one JSON object (numbers as numbers) instead of text")
 
     rep = sub.add_parser("report", help="write report.md (and --html) with PNG plots for a run's output_dir")
     rep.add_argument("output_dir", help="the run's output_dir")
     rep.add_argument("--html", action="store_true", help="also write report.html")
+    rep.add_argument("--json", action="store_true", help="also print the report's numbers as one JSON object (state, "
+                                                         "per stage: steps, tokens, throughput, metrics, attempts)")
 
     runs = sub.add_parser("runs", help="list the runs under a directory: state, stage, step, best metric, age")
     runs.add_argument("root", nargs="?", default="runs", help="directory holding output_dirs (default: runs)")
@@ -154,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = data.add_parser("inspect", help="summarize a shard directory and show a sample")
     ins.add_argument("data_dir", help="a shard directory built by `dist-train data build`")
     ins.add_argument("--samples", type=int, default=1, help="samples to decode and show (default: %(default)s)")
+    ins.add_argument("--json", action="store_true",
+                     help="one JSON object: counts, tokenizer, length histogram, samples")
     return ap
 
 
@@ -174,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, DataError, ModelError, ClusterError, OwnershipError) as e:
+        if getattr(args, "json", False):  # a script reads stdout: the refusal is JSON there too
+            print(json.dumps({"ok": False, "error": str(e)}))
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -206,7 +215,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _plan_job(cfg, stages, args)
         if args.nodes != 1 or args.gpus_per_node is not None or args.gpu_memory is not None:
             raise ConfigError("--nodes, --gpus-per-node and --gpu-memory size a plan: add --plan")
-        for note in check_run(cfg, stages):
+        notes = check_run(cfg, stages)
+        if args.json:
+            from dataclasses import asdict
+
+            from dist_train.config.derived import derive_stage
+
+            derived = {s: {k: v for k, v in asdict(derive_stage(cfg, s)).items() if k not in ("stage", "deepspeed")}
+                       for s in stages}
+            print(json.dumps({"ok": True, "config": args.config, "notes": notes, "stages": derived}))
+            return 0
+        for note in notes:
             print(note)
         print(describe(cfg, stages))
         print(f"config OK: {args.config}")
@@ -242,7 +261,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "eval":
         return _eval(args)
     if args.cmd == "ledger":
-        return _ledger_verify(args.output_dir, args.stage)
+        return _ledger_verify(args.output_dir, args.stage, args.json)
     if args.cmd in ("report", "runs"):
         return _report(args)
     if args.cmd == "config-reference":
@@ -356,16 +375,20 @@ def _report(args: argparse.Namespace) -> int:
             from dist_train.report.page import write_report
 
             files = write_report(args.output_dir, ("md", "html") if args.html else ("md",))
+            if args.json:
+                from dist_train.report.data import load_run
+                from dist_train.report.runs import run_summary
+
+                print(json.dumps(run_summary(load_run(Path(args.output_dir)))))
+                return 0
             pages = [f for f in files if f.suffix != ".png"]
             print(f"wrote {', '.join(map(str, pages))} and {len(files) - len(pages)} plots in "
                   f"{files[-1].parent if len(files) > len(pages) else '-'}")
             return 0
-        from dataclasses import asdict
-
         from dist_train.report.runs import list_runs, render
 
         rows = list_runs(args.root)
-        print("\n".join(json.dumps(asdict(r)) for r in rows) if args.json else render(rows))
+        print("\n".join(json.dumps(r.typed()) for r in rows) if args.json else render(rows))
         return 0
     except NotARun as e:
         raise ConfigError(str(e)) from None
@@ -421,23 +444,33 @@ def _data(args: argparse.Namespace) -> int:
     from dist_train.model.build import load_tokenizer
 
     n = sum(s.samples for s in man.train)
-    print(f"{args.data_dir}: {len(man.train)} train shards, {n} samples × {man.seq_len} tokens "
-          f"({n * man.seq_len} tokens); {len(man.validation)} validation shards; tokenizer "
-          f"{man.tokenizer['name_or_path']} ({man.vocab_size} tokens)")
-    if man.doc_tokens_histogram:
-        width = max(man.doc_tokens_histogram.values())
-        print("documents by length in tokens:")
-        for bucket, n in man.doc_tokens_histogram.items():
-            print(f"  {bucket:>13} {n:>9}  {'#' * max(1, round(40 * n / width))}")
     try:
         tok = load_tokenizer(man.tokenizer["name_or_path"])
     except ValueError:
         tok = None
     first = man.train[0]
     rows = read_shard(man.path(first), samples=first.samples, seq_len=man.seq_len, sha256=first.sha256)
-    for i, arr in enumerate(rows[:args.samples]):
-        text = tok.decode(arr.tolist()) if tok is not None else arr[:32].tolist()
-        print(f"--- {man.train[0].file}:{i}\n{text}")
+    shown = [(i, arr.tolist(), tok.decode(arr.tolist()) if tok is not None else None)
+             for i, arr in enumerate(rows[:args.samples])]
+    if args.json:
+        print(json.dumps({"path": args.data_dir, "train_shards": len(man.train), "samples": n, "seq_len": man.seq_len,
+                          "tokens": n * man.seq_len, "validation_shards": len(man.validation),
+                          "documents": man.documents, "tokenizer": man.tokenizer["name_or_path"],
+                          "vocab_size": man.vocab_size, "manifest_sha256": man.sha256,
+                          "doc_tokens_histogram": man.doc_tokens_histogram,
+                          "samples_shown": [{"shard": first.file, "index": i, "tokens": ids, "text": text}
+                                            for i, ids, text in shown]}))
+        return 0
+    print(f"{args.data_dir}: {len(man.train)} train shards, {n} samples × {man.seq_len} tokens "
+          f"({n * man.seq_len} tokens); {len(man.validation)} validation shards; tokenizer "
+          f"{man.tokenizer['name_or_path']} ({man.vocab_size} tokens)")
+    if man.doc_tokens_histogram:
+        width = max(man.doc_tokens_histogram.values())
+        print("documents by length in tokens:")
+        for bucket, count in man.doc_tokens_histogram.items():
+            print(f"  {bucket:>13} {count:>9}  {'#' * max(1, round(40 * count / width))}")
+    for i, ids, text in shown:
+        print(f"--- {first.file}:{i}\n{text if text is not None else ids[:32]}")
     return 0
 
 
@@ -524,7 +557,7 @@ def _export(checkpoint: str, output: str, adapter_only: bool = False, dtype: str
     return 0
 
 
-def _ledger_verify(output_dir: str, stage: str) -> int:
+def _ledger_verify(output_dir: str, stage: str, as_json: bool = False) -> int:
     from pathlib import Path
 
     from dist_train.checkpoint.manager import latest_committed, verify_files
@@ -541,12 +574,11 @@ def _ledger_verify(output_dir: str, stage: str) -> int:
     problem = verify_files(root / tag)  # before anything it lists is believed
     if problem is not None:
         raise DataError(f"checkpoint {tag} of {stage_dir} is damaged ({problem}): its data plan cannot be trusted")
-    found = (tag, json.loads((root / tag / "meta.json").read_text()))
     try:
-        plan = found[1]["plan"]
+        plan = json.loads((root / tag / "meta.json").read_text())["plan"]
         sources = [str(plan["shards"]), *(str(m["shards"]) for m in plan["mix"])]
     except (KeyError, TypeError) as e:
-        raise DataError(f"checkpoint {found[0]} of {stage_dir} has no readable data plan ({e!r}): it was not written "
+        raise DataError(f"checkpoint {tag} of {stage_dir} has no readable data plan ({e!r}): it was not written "
                         "by a pretraining stage of dist-train") from None
     for src in sources:
         if src.startswith(PIPE):  # a command read from a file is never run
@@ -556,6 +588,11 @@ def _ledger_verify(output_dir: str, stage: str) -> int:
     mix = Mixture.build(mans, lanes=plan["lanes"], global_batch=plan["global_batch"], seed=plan["seed"],
                         window_shards=plan["window_shards"], mix_weights=tuple(m["weight"] for m in plan["mix"]))
     v = verify(stage_dir, mix, [[s.file for s in man.train] for man in mans])
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps({"stage": stage, "checkpoint": tag, **asdict(v), "ok": v.ok}))
+        return 0 if v.ok else 1
     print(f"{stage}: {v.steps} steps, {v.samples} samples, {v.complete_epochs} complete epochs, world sizes "
           f"{v.world_sizes}; duplicated {v.duplicated}, missing {v.missing}, off-plan steps {v.off_plan_steps}, "
           f"re-run steps {v.rerun_steps}")

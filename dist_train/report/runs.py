@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dist_train.config.schema import STAGES, headline
 from dist_train.outputs import REPORT, STATUS
@@ -29,6 +30,8 @@ MAX_DEPTH = 4
 
 @dataclass
 class RunRow:
+    """One run as `dist-train runs` shows it (display strings), with the numbers behind them."""
+
     path: str
     state: str
     stage: str
@@ -36,6 +39,19 @@ class RunRow:
     best: str
     age: str
     note: str
+    step_n: int | None = None
+    max_steps: int | None = None
+    best_metric: str | None = None
+    best_value: float | None = None
+    best_step: int | None = None
+    updated: float | None = None  # unix time of the run's last sign of life
+
+    def typed(self) -> dict[str, Any]:
+        """The row for scripts (`runs --json`): numbers as numbers, None where unknown."""
+        return {"path": self.path, "state": self.state, "stage": None if self.stage == "-" else self.stage,
+                "step": self.step_n, "max_steps": self.max_steps, "best_metric": self.best_metric,
+                "best_value": self.best_value, "best_step": self.best_step, "updated": self.updated,
+                "note": self.note}
 
 
 def find_runs(root: Path, depth: int = MAX_DEPTH) -> list[Path]:
@@ -88,8 +104,8 @@ def state_of(run: RunData, now: float | None = None) -> tuple[str, str]:
     return "failed", "stopped before its first checkpoint" if state != "preempted" else "preempted before a checkpoint"
 
 
-def best_of(stage: StageData, metric: str | None) -> str:
-    """The best checkpoint's value of the stage's best metric (or the last evaluation)."""
+def best_of(stage: StageData, metric: str | None) -> tuple[str, float, int | None] | None:
+    """(metric, value, step) of the best checkpoint by the stage's best metric (or of the last evaluation)."""
     best = next((c for c in stage.checkpoints if c.tag == stage.best), None) or next(
         (c for c in reversed(stage.checkpoints) if c.eval), None)  # no `best` yet: the newest evaluated one
     evaluation = best.eval if best else (stage.result or {}).get("eval") or {}
@@ -97,10 +113,27 @@ def best_of(stage: StageData, metric: str | None) -> str:
         evals = stage.evals
         evaluation = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
     metric = metric if metric in evaluation else next(iter(headline(evaluation)), next(iter(evaluation), None))
-    if metric is None:
-        return "-"
-    at = f" @{best.step}" if best else ""
-    return f"{metric} {evaluation[metric]:.4g}{at}"
+    if metric is None or not isinstance(evaluation[metric], int | float):
+        return None
+    return metric, float(evaluation[metric]), best.step if best else None
+
+
+STAGE_NUMBERS = ("steps", "tokens", "tokens_per_s", "mfu", "goodput", "final_train_loss", "eval", "test",
+                 "test_int8", "best_metric", "exported_checkpoint", "export_dir", "resumed_from", "stopped_early",
+                 "attempts_ended", "adaptation", "compare_base")
+
+
+def run_summary(run: RunData) -> dict[str, Any]:
+    """A run's state and each stage's figures for scripts (`report --json`): numbers as numbers."""
+    state, note = state_of(run)
+    stages = {}
+    for name, s in run.stages.items():
+        result = s.result if isinstance(s.result, dict) else {}
+        stages[name] = {**{k: result[k] for k in STAGE_NUMBERS if k in result},
+                        "last_step": s.last_step, "attempts": len(s.attempts),
+                        "checkpoints": [c.tag for c in s.checkpoints], "latest": s.latest, "best": s.best,
+                        "incidents": len(s.incidents)}
+    return {"path": str(run.out), "state": state, "note": note, "updated": run.updated or None, "stages": stages}
 
 
 def describe(path: Path, root: Path, now: float | None = None) -> RunRow:
@@ -109,15 +142,19 @@ def describe(path: Path, root: Path, now: float | None = None) -> RunRow:
     status = run.status or {}
     stage_name = status.get("stage") or (list(run.stages)[-1] if run.stages else "-")
     stage = run.stages.get(stage_name)
-    step, best = "-", "-"
+    step, best, total, found = "-", "-", None, None
     if stage is not None:
         total = run.max_steps(stage_name)
         step = f"{stage.last_step}/{total}" if total else str(stage.last_step)
-        metric = (stage.result or {}).get("best_metric")
-        best = best_of(stage, metric)
+        found = best_of(stage, (stage.result or {}).get("best_metric"))
+        if found is not None:
+            best = f"{found[0]} {found[1]:.4g}" + (f" @{found[2]}" if found[2] is not None else "")
     rel = str(path.relative_to(root)) if path != root else path.name
-    return RunRow(path=rel or ".", state=state, stage=stage_name, step=step, best=best,
-                  age=age(run.updated), note=note)
+    return RunRow(path=rel or ".", state=state, stage=stage_name, step=step, best=best, age=age(run.updated),
+                  note=note, step_n=stage.last_step if stage is not None else None,
+                  max_steps=total or None, best_metric=found[0] if found else None,
+                  best_value=found[1] if found else None, best_step=found[2] if found else None,
+                  updated=run.updated or None)
 
 
 def list_runs(root: str | Path, now: float | None = None) -> list[RunRow]:
@@ -141,7 +178,7 @@ def render(rows: list[RunRow]) -> str:
     if not rows:
         return "no runs found"
     cols = ["path", "state", "stage", "step", "best", "age", "note"]
-    table = [[c.upper() for c in cols]] + [[str(asdict(r)[c]) for c in cols] for r in rows]
+    table = [[c.upper() for c in cols]] + [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols) - 1)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]
                      for line in table).rstrip()

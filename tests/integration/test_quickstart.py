@@ -94,6 +94,13 @@ def test_report_and_runs_read_the_quickstart(quickstart):
                    "No restarts.", "| step_00000120 | 120 |", "![Throughput and MFU over time](report/throughput.png)"):
         assert needle in page, needle
     assert (out / "report.html").read_text().count("<img ") == 5
+    res = run_cli("report", str(out), "--json")  # the same figures, for scripts
+    summary = json.loads(res.stdout)
+    assert summary["state"] == "completed" and summary["stages"]["pretrain"]["steps"] == 120
+    assert isinstance(summary["stages"]["finetune"]["test"]["accuracy"], float)
+    res = run_cli("ledger", "verify", str(out), "--json")
+    verdict = json.loads(res.stdout)
+    assert res.returncode == 0 and verdict["ok"] is True and verdict["steps"] == 120 and verdict["duplicated"] == 0
     res = run_cli("runs", str(out.parent))
     assert res.returncode == 0, res.stderr
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("run ")]

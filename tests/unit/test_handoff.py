@@ -152,3 +152,31 @@ def test_every_flag_is_explained_and_the_exit_codes_are_listed(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert all(f"  {code} " in text for code in ("0", "1", "2", "75", "130"))
+
+
+def test_validate_and_data_inspect_speak_json(tmp_path, shards_dir, capsys):
+    """Numbers as numbers for scripts; a refused config is JSON on stdout too (and one line on stderr)."""
+    import yaml
+
+    from dist_train.cli import main
+
+    assert main(["data", "inspect", str(shards_dir), "--json", "--samples", "2"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["seq_len"] == 32 and shown["samples"] == shown["tokens"] // 32 and len(shown["samples_shown"]) == 2
+    assert len(shown["samples_shown"][0]["tokens"]) == 32 and isinstance(shown["samples_shown"][0]["text"], str)
+    assert len(shown["manifest_sha256"]) == 64
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "ray": {"num_workers": 2},
+        "model": {"tokenizer": json.loads((shards_dir / "manifest.json").read_text())["tokenizer"]["name_or_path"],
+                  "arch": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+        "pretrain": {"data": {"shards": str(shards_dir), "seq_len": 32},
+                     "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2}}}))
+    assert main(["validate", str(config), "--json"]) == 0
+    ok = json.loads(capsys.readouterr().out)
+    assert ok["ok"] is True and ok["stages"]["pretrain"]["grad_accum"] == 1 and ok["stages"]["pretrain"]["lanes"] == 2
+    assert any(n.startswith("pretrain data: ") for n in ok["notes"])
+    assert main(["validate", str(config), "--json", "pretrain.train.global_batch_size=3"]) == 2
+    out, err = capsys.readouterr()
+    refused = json.loads(out)
+    assert refused["ok"] is False and "global_batch_size=3" in refused["error"] and err.count("\n") == 1

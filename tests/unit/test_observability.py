@@ -200,6 +200,11 @@ def test_runs_tells_running_completed_resumable_and_failed_apart(tmp_path):
     assert table.splitlines()[0].split() == ["PATH", "STATE", "STAGE", "STEP", "BEST", "AGE", "NOTE"]
     res = run_cli("runs", str(root), "--json")
     assert res.returncode == 0 and len(res.stdout.splitlines()) == 9
+    typed = {r["path"]: r for r in map(json.loads, res.stdout.splitlines())}
+    done = typed["b-done"]
+    assert (done["step"], done["max_steps"], done["best_metric"], done["best_value"], done["best_step"]) == \
+        (20, 40, "loss", 5.5, 20) and isinstance(done["updated"], float) and done["state"] == "completed"
+    assert typed["f-early"]["best_value"] is None
     res = run_cli("runs", str(tmp_path / "missing"))
     assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
 

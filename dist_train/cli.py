@@ -119,10 +119,16 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="batch inference with a fine-tune export: one JSON line per input")
     pr.add_argument("export_dir", help="<output_dir>/finetune/export")
-    pr.add_argument("--input", required=True, help="records to predict (.jsonl/.csv/.parquet), fields as in training")
+    pr.add_argument("--input", required=True, help="records to predict: .jsonl/.csv/.parquet with the training field "
+                                                   "names, .txt with one text per line, or - for JSON lines on stdin")
+    pr.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                    help="how to read --input: by its suffix (auto; stdin: jsonl), or say so (default: %(default)s)")
     pr.add_argument("--output", help="write here instead of stdout (a new file, unless --overwrite)")
     pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    pr.add_argument("--batch-size", type=int, default=16, help="records per forward pass (default: %(default)s)")
+    pr.add_argument("--batch-size", type=int, help="records per forward pass (default: the fine-tune's micro batch)")
+    for field in ("text", "text-pair", "label", "tokens", "tags", "prompt", "response"):
+        pr.add_argument(f"--{field}-field", help=f"the input's field for the task's {field.replace('-', ' ')} "
+                                                 "(default: the name used in training)")
     pr.add_argument("--max-new-tokens", type=int, default=64, help="sft: length of generated responses")
 
     ev = sub.add_parser("eval", help="score a causal-LM export on standard benchmarks (lm-evaluation-harness; "
@@ -251,7 +257,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from dist_train.tasks.predict import predict_file
 
         _check_predict_args(args)
-        n, metrics = predict_file(args.export_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
+        fields = {f"{k}_field": getattr(args, f"{k}_field") for k in ("text", "text_pair", "label", "tokens", "tags",
+                                                                       "prompt", "response")}
+        n, metrics = predict_file(args.export_dir, args.input, args.output, args.batch_size, args.max_new_tokens,
+                                  fields={k: v for k, v in fields.items() if v}, input_format=args.input_format)
         if args.output:
             print(f"wrote {n} predictions to {args.output}")
         if metrics:  # on stderr: stdout may be the predictions themselves
@@ -336,16 +345,17 @@ def _check_predict_args(args: argparse.Namespace) -> None:
     from dist_train.config.loader import ConfigError
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
     if not Path(args.export_dir).is_dir():
         raise ConfigError(f"{args.export_dir!r} is not a directory: pass a fine-tune export "
                           "(<output_dir>/finetune/export)")
-    if not Path(args.input).is_file():
-        raise ConfigError(f"--input {args.input!r} is not a file: pass the records to predict (.jsonl/.csv/.parquet)")
+    if args.input != "-" and not Path(args.input).is_file():
+        raise ConfigError(f"--input {args.input!r} is not a file: pass the records to predict (.jsonl/.csv/.parquet, "
+                          ".txt, or - for stdin)")
     if args.output:
         out = Path(os.path.realpath(args.output))
-        if out == Path(os.path.realpath(args.input)):
+        if args.input != "-" and out == Path(os.path.realpath(args.input)):
             raise ConfigError(f"--output {args.output!r} is the input file: write the predictions to another file")
         if Path(os.path.realpath(args.export_dir)) in out.parents:
             raise ConfigError(f"--output {args.output!r} is inside the model directory: write it elsewhere")

@@ -19,8 +19,10 @@ from dist_train.data.manifest import DataError
 from dist_train.tasks import TASK_FILE, Task, build_task
 
 
-def load_export(export_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Any, Task]:
-    """(model in eval mode on `device`, tokenizer, task) of an export directory."""
+def load_export(export_dir: str | Path, device: str = "cpu",
+                fields: dict[str, str] | None = None) -> tuple[torch.nn.Module, Any, Task]:
+    """(model in eval mode on `device`, tokenizer, task) of an export directory; `fields` renames the
+    task's record fields (text_field, label_field, ...)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -30,7 +32,7 @@ def load_export(export_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.M
     if not info_file.is_file():
         raise DataError(f"{export_dir} is not a fine-tune export (no {TASK_FILE}): point at "
                         "<output_dir>/finetune/export")
-    info = json.loads(info_file.read_text())
+    info = {**json.loads(info_file.read_text()), **(fields or {})}
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(export_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
@@ -54,24 +56,68 @@ def load_export(export_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.M
 PRED = "pred_"  # prefix of every key predict adds: a record's own fields (its gold label) are never replaced
 
 
-def predict_file(export_dir: str, input_path: str, output: str | None, batch_size: int = 16,
-                 max_new_tokens: int = 64) -> tuple[int, dict[str, Any] | None]:
+def read_inputs(input_path: str, input_format: str, fields: list[str], text_field: str) -> list[dict[str, Any]]:
+    """The records to predict: a table file (read_records), text lines (.txt or `text`: one record per
+    non-empty line, under `text_field`), or JSON lines on stdin (`-`)."""
+    import sys
+
+    from dist_train.tasks.records import read_records
+
+    text = input_format == "text" or (input_format == "auto" and input_path.endswith(".txt"))
+    if input_path != "-" and not text:
+        return read_records(input_path, fields, keep_all=True)
+    source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
+    try:
+        lines = [line.rstrip("\n") for line in source if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"--input {input_path!r} is not UTF-8 text") from None
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    if text:
+        records = [{text_field: line} for line in lines]
+    else:
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise DataError(f"--input {input_path!r} line {number} is not a JSON object: give JSON lines, or "
+                                "--input-format text for one text per line")
+            records.append(row)
+    missing = next((f for f in fields for r in records if f not in r), None)
+    if missing is not None:
+        raise DataError(f"--input {input_path!r}: a record has no field {missing!r}: name the field with "
+                        f"--{missing.replace('_', '-')}-field, or pass the name the fine-tune used")
+    if not records:
+        raise DataError(f"--input {input_path!r} holds no records")
+    return records
+
+
+def predict_file(export_dir: str, input_path: str, output: str | None, batch_size: int | None = None,
+                 max_new_tokens: int = 64, fields: dict[str, str] | None = None,
+                 input_format: str = "auto") -> tuple[int, dict[str, Any] | None]:
     """Write one JSON line per input record (to `output`, or stdout): the record with every field it
     had, plus the prediction under `pred_*` keys. Returns the record count and, when every record
-    carries the task's gold labels (not for sft), the task's metrics on them."""
+    carries the task's gold labels (not for sft), the task's metrics on them. `fields` renames the
+    task's input fields (text_field, label_field, ...: the names the fine-tune used by default);
+    `batch_size` defaults to the fine-tune's micro batch, and inputs are truncated as trained."""
     import sys
 
     import numpy as np
 
     from dist_train.tasks import task_fields
-    from dist_train.tasks.records import read_records
 
-    model, tokenizer, task = load_export(export_dir)
-    info = json.loads((Path(export_dir) / TASK_FILE).read_text())
-    fields = task_fields(task.name, info)
-    inputs_only = fields[:1 if task.name in ("sft", "token_classification") else -1]
-    records = read_records(input_path, inputs_only, keep_all=True)
-    gold = task.name != "sft" and all(f in r and r[f] is not None for r in records for f in fields)
+    model, tokenizer, task = load_export(export_dir, fields=fields)
+    info = {**json.loads((Path(export_dir) / TASK_FILE).read_text()), **(fields or {})}
+    batch_size = batch_size or int(info.get("batch_size") or 16)
+    needed = task_fields(task.name, info)
+    inputs_only = needed[:1 if task.name in ("sft", "token_classification") else -1]
+    text_field = info.get("prompt_field" if task.name == "sft" else "text_field") or "text"
+    records = read_inputs(input_path, input_format, inputs_only, text_field)
+    gold = task.name != "sft" and all(f in r and r[f] is not None for r in records for f in needed)
     total: np.ndarray | None = None
     tmp = Path(output).with_name(f".{Path(output).name}.tmp-{os.getpid()}") if output else None
     sink = open(tmp, "w") if tmp else sys.stdout  # the file appears whole, or not at all

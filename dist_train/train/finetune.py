@@ -141,6 +141,6 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
                       loss_fn=task.loss, seq_len=sec.data.max_length, loaded=loaded,
                       export_adapter_only=sec.lora.enabled and sec.lora.export == "adapter",
                       run_info={"task": {"name": sec.task, "peft_task_type": task.peft_task_type, **spec,
-                                         **task.describe(), "examples": {
+                                         **task.describe(), "batch_size": d.micro_batch_size, "examples": {
                                              "train": len(train), "validation": len(validation or []),
                                              "test": len(test or [])}}})

@@ -180,3 +180,23 @@ def test_validate_and_data_inspect_speak_json(tmp_path, shards_dir, capsys):
     out, err = capsys.readouterr()
     refused = json.loads(out)
     assert refused["ok"] is False and "global_batch_size=3" in refused["error"] and err.count("\n") == 1
+
+
+def test_predict_reads_text_lines_stdin_and_other_field_names(tmp_path, classifier, monkeypatch, capsys):
+    import io
+
+    from dist_train.cli import main
+
+    (tmp_path / "texts.txt").write_text("first text\n\nsecond text\n")
+    assert main(["predict", str(classifier), "--input", str(tmp_path / "texts.txt")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["first text", "second text"] and all("pred_label" in r for r in rows)
+    # JSON lines on stdin, with the user's own field names
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"body": "a b", "gold": "news"}\n{"body": "c", "gold": "sports"}\n'))
+    assert main(["predict", str(classifier), "--input", "-", "--text-field", "body", "--label-field", "gold"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["gold"] for r in rows] == ["news", "sports"] and "metrics on the 2 records' gold labels" in err
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"body": "a b"}\n'))
+    assert main(["predict", str(classifier), "--input", "-"]) == 2  # the training name, text, is not there
+    assert "no field 'text': name the field with --text-field" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from typing import Any
 from dist_train import owned
 from dist_train.config.schema import headline as headline_metrics
 from dist_train.outputs import write_atomic
-from dist_train.report import plots
+from dist_train.report import plots, sections
 from dist_train.report.data import RunData, StageData, load_run
 from dist_train.report.runs import state_of
 
@@ -39,7 +39,8 @@ def _legacy_plots(path: Path) -> bool:
     """An older version's plot directory: nothing but the PNGs it draws."""
     return all(p.is_file() and p.suffix == ".png" and p.stem in plots.PLOTS for p in path.iterdir())
 PLOT_TITLES = {"adaptation": "What adaptation bought", "loss": "Loss and evaluation",
-               "learning_rate": "Learning rate", "throughput": "Throughput and MFU over time", "memory": "Memory"}
+               "learning_rate": "Learning rate", "throughput": "Throughput and MFU over time",
+               "optimization": "Gradient norm and data wait", "memory": "Memory"}
 
 Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"table"|"img", payload)
 
@@ -111,11 +112,7 @@ def summary(run: RunData) -> list[Block]:
         blocks.append(("p", f"Unreadable (cut short or damaged), so left out: {', '.join(unreadable)}."))
     if evals:
         blocks.append(("table", (["stage", "split", "metrics"], evals)))
-    exports = [[s.name, f"`{s.result['export_dir']}`", s.result.get("exported_checkpoint", "-")]
-               for s in run.stages.values() if (s.result or {}).get("export_dir")]
-    if exports:
-        blocks += [("p", "Exports (Hugging Face directories):"), ("table", (["stage", "directory", "from"], exports))]
-    return blocks
+    return blocks + sections.exports(run)
 
 
 def pct(v: Any) -> str:
@@ -215,7 +212,8 @@ def checkpoints(s: StageData) -> list[Block]:
 
 
 def build_blocks(run: RunData, images: dict[str, Path]) -> list[Block]:
-    blocks = headline(run) + summary(run) + adaptation(run, images)
+    blocks = headline(run) + summary(run) + sections.hyperparameters(run) + sections.test_details(run)
+    blocks += adaptation(run, images)
     for key, title in PLOT_TITLES.items():
         if key in images and key != "adaptation":
             blocks += [("h2", title), ("img", (f"{PLOT_DIR}/{images[key].name}", title))]
@@ -255,7 +253,11 @@ def _inline(text: str) -> str:
     return text.replace("  \n", "<br>\n")
 
 
-def to_html(blocks: list[Block], title: str) -> str:
+def to_html(blocks: list[Block], title: str, base: Path | None = None) -> str:
+    """The page as one HTML file; with `base` (the run's directory) its images are embedded, so the file
+    alone can be mailed or attached to an issue."""
+    import base64
+
     body = []
     for kind, payload in blocks:
         if kind in ("h1", "h2"):
@@ -263,7 +265,10 @@ def to_html(blocks: list[Block], title: str) -> str:
         elif kind == "p":
             body.append(f"<p>{_inline(payload)}</p>")
         elif kind == "img":
-            body.append(f'<img src="{html.escape(payload[0])}" alt="{html.escape(payload[1])}">')
+            src = html.escape(payload[0])
+            if base is not None and (base / payload[0]).is_file():
+                src = "data:image/png;base64," + base64.b64encode((base / payload[0]).read_bytes()).decode()
+            body.append(f'<img src="{src}" alt="{html.escape(payload[1])}">')
         elif kind == "table":
             head, rows = payload
             cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
@@ -297,5 +302,5 @@ def write_report(out: str | Path, formats: tuple[str, ...] = ("md",)) -> list[Pa
     blocks = build_blocks(run, images)
     title = f"dist_train report: {run.out.resolve().name}"
     for page in pages:
-        write_atomic(page, to_markdown(blocks) if page.suffix == ".md" else to_html(blocks, title))
+        write_atomic(page, to_markdown(blocks) if page.suffix == ".md" else to_html(blocks, title, run.out))
     return pages + sorted(images.values())

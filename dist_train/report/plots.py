@@ -51,8 +51,12 @@ def loss(run: RunData, path: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.4 * len(stages)), squeeze=False)
     for (ax, ax_eval), s in zip(axes, stages, strict=True):
-        ax.plot([r["step"] for r in s.train_rows], [r["loss"] for r in s.train_rows], label="train loss",
-                color="tab:blue")
+        steps, per_step = _step_losses(s)
+        if steps:  # every step's loss, light; the interval means on top
+            ax.plot(steps, per_step, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss, each step")
+        ax.plot([r["step"] for r in s.train_rows], [r["loss"] for r in s.train_rows],
+                label="train loss" + (f" (mean of {s.train_rows[-1]['step'] - s.train_rows[-2]['step']} steps)"
+                                      if steps and len(s.train_rows) > 1 else ""), color="tab:blue")
         evals = [r for r in s.evals if "eval_loss" in r]
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss",
@@ -72,6 +76,41 @@ def loss(run: RunData, path: Path) -> Path | None:
             ax_eval.legend(fontsize=8)
         ax_eval.set(title=f"{s.name}: evaluation", xlabel="step")
         ax_eval.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _step_losses(s: StageData) -> tuple[list[int], list[float]]:
+    """(step, loss) of every step the rows record (`step_losses`: the interval's steps, oldest first)."""
+    steps, losses = [], []
+    for r in s.train_rows:
+        values = r.get("step_losses")
+        if isinstance(values, list):
+            first = r["step"] - len(values) + 1
+            pairs = [(first + i, v) for i, v in enumerate(values) if isinstance(v, (int, float)) and math.isfinite(v)]
+            steps += [p[0] for p in pairs]
+            losses += [p[1] for p in pairs]
+    return steps, losses
+
+
+def optimization(run: RunData, path: Path) -> Path | None:
+    """Per stage: the gradient norm over steps (log scale) and the share of step time spent waiting for data."""
+    stages = [s for s in run.stages.values() if any("grad_norm" in r for r in s.train_rows)]
+    if not stages:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(stages), 2, figsize=(11, 3.2 * len(stages)), squeeze=False)
+    for (ax, ax_wait), s in zip(axes, stages, strict=True):
+        rows = [r for r in s.train_rows if isinstance(r.get("grad_norm"), (int, float)) and r["grad_norm"] > 0]
+        ax.plot([r["step"] for r in rows], [r["grad_norm"] for r in rows], ".-", color="tab:purple")
+        ax.set_yscale("log")
+        ax.set(title=f"{s.name}: gradient norm (before clipping)", xlabel="step", ylabel="norm (log)")
+        rows = [r for r in s.train_rows if isinstance(r.get("data_wait_frac"), (int, float))]
+        ax_wait.plot([r["step"] for r in rows], [100 * r["data_wait_frac"] for r in rows], ".-", color="tab:brown")
+        ax_wait.set_ylim(bottom=0)
+        ax_wait.set(title=f"{s.name}: time waiting for data", xlabel="step", ylabel="% of step time")
+        for a in (ax, ax_wait):
+            _mark_resumes(a, s)
+            a.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
@@ -110,6 +149,20 @@ def _mark_attempts(ax: Any, run_start: float, stages: list[StageData]) -> None:
             first = False
 
 
+def _mark_setup(ax: Any, run_start: float, stages: list[StageData]) -> None:
+    """Hatch the time from each attempt's start to its first logged step: Ray, workers, model, engine."""
+    first = True
+    for s in stages:
+        times = [r["time"] for r in s.train_rows if "time" in r]
+        for a in s.attempts:
+            logged = [t for t in times if t >= a["start"]]
+            if logged:
+                ax.axvspan((a["start"] - run_start) / 60, (min(logged) - run_start) / 60, color="gray",
+                           alpha=0.15, hatch="//", label="setup until the first logged step" if first
+                           else None)
+                first = False
+
+
 def throughput(run: RunData, path: Path) -> Path | None:
     """tokens/s and MFU over wall time (minutes since the run's first attempt), restarts marked."""
     t0, stages = _timeline(run)
@@ -124,6 +177,8 @@ def throughput(run: RunData, path: Path) -> Path | None:
         ax_mfu.plot(minutes, [100 * r["mfu"] for r in rows], ".-", label=f"{s.name} MFU")
     for a in (ax, ax_mfu):
         _mark_attempts(a, t0, stages)
+        _mark_setup(a, t0, stages)
+        a.set_ylim(bottom=0)  # rates: a dip reads as what it is
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     ax.set(title="throughput", ylabel="tokens/s")
@@ -246,4 +301,4 @@ def _compare_base(ax: Any, c: dict[str, Any]) -> None:
 
 
 PLOTS = {"adaptation": adaptation, "loss": loss, "learning_rate": learning_rate, "throughput": throughput,
-         "memory": memory}
+         "optimization": optimization, "memory": memory}

@@ -103,9 +103,12 @@ class Classification(_Sequence):
         out = M.classification_metrics(m[:n, :n], self.labels)
         total = m.sum()
         base = M.ratio(m[self.id[self.majority]].sum(), total) if self.majority in self.id else float("nan")
+        unseen = m[n, :n].sum() > 0
+        confusion = {"labels": self.labels, "gold_labels": self.labels + (["(not in training)"] if unseen else []),
+                     "counts": [[round(float(v), 6) for v in row[:n]] for row in m[:n + 1 if unseen else n]]}
         return {"accuracy": M.ratio(np.trace(m), total), "macro_f1": out["macro_f1"],
                 "loss": M.ratio(stats[-1], total), "majority_rate": base, "examples": float(total),
-                "per_class": out["per_class"]}
+                "per_class": out["per_class"], "confusion": confusion}
 
     def predict(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         probs = torch.softmax(logits.float(), -1).cpu()

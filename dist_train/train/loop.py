@@ -176,6 +176,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
     saved; enough of them in a row, or any at the end, raise NonFiniteLoss."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
+    step_targets: list[float] = []  # per step of the interval: its targets over all ranks (for per-step losses)
     targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
     while state.step < cadence.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
@@ -190,6 +191,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
             losses.append(engine.forward_backward(micro, loss_fn, weight))
             engine.step()
         targets += sum(batch.targets)
+        step_targets.append(global_targets)
         ledger.record(state.step, batch.ids)  # plan steps count from 0
         state.step += 1
         after_step(state.step)
@@ -203,8 +205,11 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         do_eval = cadence.eval_due(state.step) and not broken
         do_save = (cadence.due(state.step, cadence.save_every) or stop > 0) and not broken
         if do_eval or do_save or state.step % cadence.log_every == 0:
-            loss_sum, n, global_tokens, global_replaced = world.all_reduce_sum(
-                [float(torch.stack(losses).sum()), targets, tokens, replaced])
+            # Each step's own loss rides on the interval's one all-reduce: a float per step, no extra sync.
+            per_micro = torch.stack(losses).float()
+            per_step = per_micro.reshape(len(step_targets), -1).sum(1).tolist()
+            loss_sum, n, global_tokens, global_replaced, *step_sums = world.all_reduce_sum(
+                [float(per_micro.sum()), targets, tokens, replaced, *per_step])
             state.tokens += int(global_tokens)
             state.replaced_samples += int(global_replaced)
             state.last_loss = loss_sum / n
@@ -214,7 +219,8 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                    "tokens": state.tokens, "tokens_per_s": tps,
                    "mfu": flops_per_token * tps / (peak_flops * world.world_size),
                    **memory_mb(), "data_wait_frac": wait_s / step_s,
-                   "skipped_steps": engine.skipped_steps, "replaced_samples": state.replaced_samples}
+                   "skipped_steps": engine.skipped_steps, "replaced_samples": state.replaced_samples,
+                   "step_losses": [s / max(t, 1.0) for s, t in zip(step_sums, step_targets, strict=True)]}
             if engine.loss_scale is not None:
                 row["loss_scale"] = engine.loss_scale
             if do_eval:
@@ -225,7 +231,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                     state.stopped_early = early_stopping.should_stop(state, state.last_eval)
                 row.update({f"eval_{k}": v for k, v in state.last_eval.items() if isinstance(v, (int, float))})
             log.log(row)
-            losses, targets, tokens, replaced, step_s, wait_s = [], 0, 0, 0, 0.0, 0.0
+            losses, step_targets, targets, tokens, replaced, step_s, wait_s = [], [], 0, 0, 0, 0.0, 0.0
         if do_save:
             save(state.step)
         if stop and state.step < cadence.max_steps:

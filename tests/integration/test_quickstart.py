@@ -86,14 +86,17 @@ def test_report_and_runs_read_the_quickstart(quickstart):
     res = run_cli("report", str(out), "--html")
     assert res.returncode == 0, res.stderr[-2000:]
     plots = sorted(p.name for p in (out / "report").glob("*.png"))
-    assert plots == ["adaptation.png", "learning_rate.png", "loss.png", "memory.png", "throughput.png"]
+    assert plots == ["adaptation.png", "learning_rate.png", "loss.png", "memory.png", "optimization.png",
+                     "throughput.png"]
     assert all((out / "report" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
     page = (out / "report.md").read_text()
     for needle in ("**State:** completed", "| pretrain | 120/120 |", "| finetune | test | accuracy ",
                    "## What adaptation bought", "| domain | domain | ",
                    "No restarts.", "| step_00000120 | 120 |", "![Throughput and MFU over time](report/throughput.png)"):
         assert needle in page, needle
-    assert (out / "report.html").read_text().count("<img ") == 5
+    assert (out / "report.html").read_text().count('<img src="data:image/png;base64,') == 6
+    for needle in ("## Settings", "## Fine-tune: the test set, class by class", "| true ↓ predicted → |"):
+        assert needle in page, needle
     res = run_cli("report", str(out), "--json")  # the same figures, for scripts
     summary = json.loads(res.stdout)
     assert summary["state"] == "completed" and summary["stages"]["pretrain"]["steps"] == 120

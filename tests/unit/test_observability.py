@@ -224,14 +224,34 @@ def test_report_marks_restarts_and_lists_checkpoints(tmp_path):
     commit_checkpoint(out / "pretrain", 40, {"loss": 4.0})
     (out / "pretrain" / "checkpoints" / "best").write_text("step_00000040")
     assert load_run(out).stages["pretrain"].resume_points() == [(30, t + 30)]
+    # the settings, and a classification fine-tune's test set class by class
+    config = {"seed": 3, "ray": {"num_workers": 2},
+              "pretrain": {"train": {"max_steps": 40, "global_batch_size": 16}, "optim": {"lr": 3e-4}},
+              "finetune": {"task": "sequence_classification", "train": {"max_steps": 20}, "optim": {"lr": 1e-3}}}
+    test = {"accuracy": 0.75, "per_class": {"a": {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2.0},
+                                            "b": {"precision": 0.667, "recall": 1.0, "f1": 0.8, "support": 2.0}},
+            "confusion": {"labels": ["a", "b"], "gold_labels": ["a", "b"], "counts": [[1.0, 1.0], [0.0, 2.0]]}}
+    (out / "finetune").mkdir()
+    (out / "finetune" / "result.json").write_text(json.dumps({"steps": 20, "test": test, "export_dir": "/x/export",
+                                                              "int8_export_dir": "/x/export-int8"}))
+    (out / "report.json").write_text(json.dumps({"config": config, "stages": {"pretrain": {"steps": 40}}}))
+    write_rows(out / "pretrain" / "metrics.jsonl", [metrics_row(41, 2.0, t + 41, step_losses=[0.5])])
     files = write_report(out, ("md", "html"))
     names = sorted(p.name for p in files)
-    assert names == ["learning_rate.png", "loss.png", "memory.png", "report.html", "report.md", "throughput.png"]
+    assert names == ["learning_rate.png", "loss.png", "memory.png", "optimization.png", "report.html", "report.md",
+                     "throughput.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in files if p.suffix == ".png")
     page = (out / "report.md").read_text()
     assert "1 restart(s); each is a red dashed line on the plots." in page
     assert "| step_00000040 | 40 |" in page and "| latest, best |" in page and "![Loss and evaluation]" in page
-    assert "<table>" in (out / "report.html").read_text() and not list(tmp_path.glob("run/.report.*"))
+    for needle in ("| setting | pretrain | finetune |", "| learning rate | 0.0003 | 0.001 |", "| workers | 2 | 2 |",
+                   "| class | precision | recall | F1 | support |", "| a | 1 | 0.5 | 0.667 | 2 |",
+                   "| true ↓ predicted → | a | b |", "| b | 0 | 2 |", "`/x/export-int8` | - | int8 copy",
+                   "![Gradient norm and data wait]"):
+        assert needle in page, needle
+    html = (out / "report.html").read_text()  # one file: the images are inside it
+    assert "<table>" in html and html.count('<img src="data:image/png;base64,') == 5 and 'src="report/' not in html
+    assert not list(tmp_path.glob("run/.report.*"))
     res = run_cli("report", str(tmp_path / "empty-dir-that-is-missing"))
     assert res.returncode == 2 and "not a directory" in res.stderr
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,6 +41,25 @@ def test_a_second_run_on_the_same_output_dir_refuses(quickstart):
     assert "is in use by another run" in second.stderr and "pid" in second.stderr
     holder = json.loads((out / "run.lock").read_text())
     assert holder["released"] >= holder["started"], "the first run released it when it ended"
+
+
+# What a run started without a terminal (a Slurm .out file, `> log 2>&1`) may print: our own lines only.
+CONSOLE = re.compile(r"^(\[(setup|pretrain|finetune|finetune compare_base)\] |data build: |pretrain[ .:]|finetune[ .:]|"
+                     r"report: )")
+
+
+def test_the_console_reads_well_in_a_log_file(quickstart):
+    """Line by line against an allow-list: no colour codes, no Ray prefixes or controller chatter, no
+    core_worker errors, and the setup phases say what they did."""
+    _, _, res, _ = quickstart
+    text = res.stdout + res.stderr
+    assert "\x1b[" not in text
+    strays = [line for line in text.splitlines() if line.strip() and not CONSOLE.match(line)]
+    assert not strays, "\n".join(strays[:30])
+    for needle in ("[setup] started a private Ray instance in ", "(dashboard http://127.0.0.1:",
+                   "[pretrain] DeepSpeed config: ", "[pretrain] starting 2 workers", "[pretrain] 2 workers ready ",
+                   "[pretrain] done: ", "[finetune] done: ", "report: "):
+        assert needle in text, needle
 
 
 def test_report_matches_the_contract(quickstart):

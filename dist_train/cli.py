@@ -14,10 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from dist_train.outputs import dumps_strict
+
 EXIT_USER_ERROR = 2
 EXIT_CODES = """exit status:
   0   done
-  1   a run failed on the cluster (the last line names the stage, step and cause)
+  1   a run failed on the cluster (the last line names the stage, step and cause), or ledger verify
+      found the ledger wrong
   2   a mistake in the command, config or data, found before anything ran (one line says what to fix)
   75  stopped on request (SIGTERM) after a checkpoint: rerun the same command to resume (Slurm: requeue)
   130 interrupted (Ctrl-C)"""
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except (ConfigError, DataError, ModelError, ClusterError, OwnershipError) as e:
         if getattr(args, "json", False):  # a script reads stdout: the refusal is JSON there too
-            print(json.dumps({"ok": False, "error": str(e)}))
+            print(dumps_strict({"ok": False, "error": str(e)}))
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -207,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps({s: derive_stage(cfg, s).deepspeed for s in stages_to_run(cfg, args.stage)}, indent=1))
         return 0
     if args.cmd == "print-config":
+        if args.stage:
+            raise ConfigError("--stage picks the stage of --deepspeed: add --deepspeed")
         d = to_dict(load_config(args.config, args.overrides))
         print(json.dumps(d, indent=1) if args.json else yaml.safe_dump(d, sort_keys=False), end="")
         return 0
@@ -218,6 +223,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = resolve(load_config(args.config, args.overrides))
         stages = stages_to_run(cfg, args.stage)
         if args.plan:
+            if args.json:
+                raise ConfigError("--plan prints a table for people; --json is for validate without --plan")
             return _plan_job(cfg, stages, args)
         if args.nodes != 1 or args.gpus_per_node is not None or args.gpu_memory is not None:
             raise ConfigError("--nodes, --gpus-per-node and --gpu-memory size a plan: add --plan")
@@ -229,7 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             derived = {s: {k: v for k, v in asdict(derive_stage(cfg, s)).items() if k not in ("stage", "deepspeed")}
                        for s in stages}
-            print(json.dumps({"ok": True, "config": args.config, "notes": notes, "stages": derived}))
+            print(dumps_strict({"ok": True, "config": args.config, "notes": notes, "stages": derived}))
             return 0
         for note in notes:
             print(note)
@@ -389,7 +396,7 @@ def _report(args: argparse.Namespace) -> int:
                 from dist_train.report.data import load_run
                 from dist_train.report.runs import run_summary
 
-                print(json.dumps(run_summary(load_run(Path(args.output_dir)))))
+                print(dumps_strict(run_summary(load_run(Path(args.output_dir)))))
                 return 0
             pages = [f for f in files if f.suffix != ".png"]
             print(f"wrote {', '.join(map(str, pages))} and {len(files) - len(pages)} plots in "
@@ -398,7 +405,7 @@ def _report(args: argparse.Namespace) -> int:
         from dist_train.report.runs import list_runs, render
 
         rows = list_runs(args.root)
-        print("\n".join(json.dumps(r.typed()) for r in rows) if args.json else render(rows))
+        print("\n".join(dumps_strict(r.typed()) for r in rows) if args.json else render(rows))
         return 0
     except NotARun as e:
         raise ConfigError(str(e)) from None
@@ -463,7 +470,7 @@ def _data(args: argparse.Namespace) -> int:
     shown = [(i, arr.tolist(), tok.decode(arr.tolist()) if tok is not None else None)
              for i, arr in enumerate(rows[:args.samples])]
     if args.json:
-        print(json.dumps({"path": args.data_dir, "train_shards": len(man.train), "samples": n, "seq_len": man.seq_len,
+        print(dumps_strict({"path": args.data_dir, "train_shards": len(man.train), "samples": n, "seq_len": man.seq_len,
                           "tokens": n * man.seq_len, "validation_shards": len(man.validation),
                           "documents": man.documents, "tokenizer": man.tokenizer["name_or_path"],
                           "vocab_size": man.vocab_size, "manifest_sha256": man.sha256,
@@ -601,7 +608,7 @@ def _ledger_verify(output_dir: str, stage: str, as_json: bool = False) -> int:
     if as_json:
         from dataclasses import asdict
 
-        print(json.dumps({"stage": stage, "checkpoint": tag, **asdict(v), "ok": v.ok}))
+        print(dumps_strict({"stage": stage, "checkpoint": tag, **asdict(v), "ok": v.ok}))
         return 0 if v.ok else 1
     print(f"{stage}: {v.steps} steps, {v.samples} samples, {v.complete_epochs} complete epochs, world sizes "
           f"{v.world_sizes}; duplicated {v.duplicated}, missing {v.missing}, off-plan steps {v.off_plan_steps}, "

@@ -8,6 +8,7 @@ and the trackers all read; it imports nothing heavy, so the read-only commands s
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None: what strict JSON (and `json.dumps(...,
+    allow_nan=False)`) accepts. A diverged run's losses are NaN; a script must still parse its report."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_strict(obj: Any) -> str:
+    """One line of strict JSON for scripts (--json outputs)."""
+    return json.dumps(json_safe(obj), allow_nan=False)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -247,10 +247,11 @@ def cpu_has_fp16() -> bool:
         return False
 
 
-def epochs_note(steps: int, batch: int, available: int, unit: str) -> str:
-    """How many passes over the data `steps` optimizer steps of `batch` make, in words."""
+def epochs_note(steps: int, batch: float, available: int, unit: str) -> str:
+    """How many passes over the data `steps` optimizer steps drawing `batch` items of it make, in words."""
     seen = steps * batch
-    return f"max_steps={steps} × global batch {batch} = {seen} {unit}, {seen / max(available, 1):.2f} epochs"
+    return (f"max_steps={steps} × {batch:g} {unit} per step = {seen:,.0f} {unit}, "
+            f"{seen / max(available, 1):.2f} epochs")
 
 
 def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
@@ -334,9 +335,10 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
 
             plan_of(cfg, read_sources(cfg), derive_stage(cfg, "pretrain")).check(cfg.ray.num_workers)
             samples = sum(s.samples for s in man.train)
+            share = 1.0 - sum(m.weight for m in data.mix)  # the main corpus's part of every batch
             notes.append(f"pretrain data: {len(man.train)} shards, {samples} samples of {man.seq_len} tokens; "
-                         + epochs_note(cfg.pretrain.train.max_steps, cfg.pretrain.train.global_batch_size, samples,
-                                       "samples"))
+                         + epochs_note(cfg.pretrain.train.max_steps, cfg.pretrain.train.global_batch_size * share,
+                                       samples, "samples" + (" of this corpus" if data.mix else "")))
         if max_pos is not None and data.seq_len > max_pos:
             raise ConfigError(f"pretrain.data.seq_len={data.seq_len} exceeds model.arch.max_position_embeddings="
                               f"{max_pos}: lower seq_len or raise max_position_embeddings")

@@ -9,7 +9,7 @@ record bound), and is deterministic for the same corpus and options.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -59,8 +59,9 @@ def build_tokenizer(input_spec: str, output: Path, vocab_size: int, kind: str = 
 
     if kind not in KINDS:
         raise DataError(f"--kind {kind!r} is not one of {list(KINDS)}")
-    if vocab_size < 64:
-        raise DataError(f"--vocab-size {vocab_size} is too small: use at least 64 (byte-level BPE alone needs 256+)")
+    least = 258 if kind == "bpe" else 64  # byte-level BPE: 256 bytes and its two special tokens
+    if vocab_size < least:
+        raise DataError(f"--vocab-size {vocab_size} is too small for {kind}: use at least {least}")
     max_mb = max_doc_mb or MAX_RECORD_MB
     source_kind, files = expand_inputs(input_spec)
     check_record_sizes(source_kind, files, f"--input {input_spec!r}", max_mb)
@@ -69,19 +70,28 @@ def build_tokenizer(input_spec: str, output: Path, vocab_size: int, kind: str = 
         owned.check_output(output, TOKENIZER_KIND, overwrite=overwrite, inputs=inputs, what="--output")
     except owned.OwnershipError as e:
         raise DataError(str(e)) from None
-    docs = list(read_documents(input_spec, text_field, None))
-    if not docs:
-        raise DataError(f"--input {input_spec!r} holds no non-empty documents in field {text_field!r}")
+    sample: list[str] = []  # the first documents, to measure the result on; the corpus itself streams
+    count = 0
+
+    def documents() -> Iterator[str]:
+        nonlocal count
+        for doc in read_documents(input_spec, text_field, None):
+            count += 1
+            if len(sample) < 2000:
+                sample.append(doc)
+            yield doc
+
     tmp = owned.temp_beside(output)
     try:
-        train_tokenizer(docs, vocab_size, tmp, kind)  # type: ignore[arg-type]
+        train_tokenizer(documents(), vocab_size, tmp, kind)  # type: ignore[arg-type]
+        if count == 0:
+            raise DataError(f"--input {input_spec!r} holds no non-empty documents in field {text_field!r}")
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tmp))
-        sample = docs[:2000]
         words = sum(len(d.split()) for d in sample)
         tokens = sum(len(ids) for ids in tok(sample, add_special_tokens=False)["input_ids"])
         owned.replace(tmp, output, TOKENIZER_KIND, what="--output")
     finally:
         owned.discard(tmp)
-    return {"vocab_size": float(len(tok)), "tokens_per_word": tokens / max(words, 1), "documents": float(len(docs))}
+    return {"vocab_size": float(len(tok)), "tokens_per_word": tokens / max(words, 1), "documents": float(count)}

@@ -28,7 +28,7 @@ from dist_train.control import clear as clear_requests
 from dist_train.launch.lock import hold
 from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
-from dist_train.outputs import INCIDENTS, REPORT, RESULT, write_atomic
+from dist_train.outputs import REPORT, RESULT, write_atomic
 from dist_train.progress import DRIVER_TTY_ENV, EVERY_S_ENV
 from dist_train.train.heartbeat import read_incidents
 
@@ -147,7 +147,8 @@ def start_ray(cfg: RunConfig, log=print) -> None:
         info = ray.init(address=address, log_to_driver=True)
         check_capacity(cfg.ray.num_workers, cfg.ray.cpus_per_worker, cfg.ray.use_gpu, address)
         log(f"[setup] joined the Ray cluster at {address} in {time.time() - t:.1f} s"
-            + (f" (dashboard http://{info.dashboard_url})" if getattr(info, "dashboard_url", None) else ""))
+            + (f" (dashboard http://{info.dashboard_url}" if getattr(info, "dashboard_url", None) else " (")
+            + f"; Ray's logs, Ray Train's included, in {session_logs(info)} on the head node)")
         return
     # A local instance binds to this machine; Ray's notice that it uses token auth tells the user nothing.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -162,11 +163,17 @@ def start_ray(cfg: RunConfig, log=print) -> None:
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     t = time.time()
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, configure_logging=True,
-             logging_level="WARNING")
+    info = ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True,
+                    dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, configure_logging=True,
+                    logging_level="WARNING")
     log(f"[setup] started a private Ray instance in {time.time() - t:.1f} s (dashboard http://127.0.0.1:{port}; "
-        "its logs, Ray Train's included, in /tmp/ray/session_latest/logs)")
+        f"its logs, Ray Train's included, in {session_logs(info)})")
+
+
+def session_logs(info: Any) -> str:
+    """The log directory of the Ray session `ray.init` returned (its address_info names the session)."""
+    session = (getattr(info, "address_info", None) or {}).get("session_dir")
+    return str(Path(session) / "logs") if session else "the Ray session's logs directory"
 
 
 def free_port() -> int:
@@ -204,7 +211,7 @@ def fit_stage(cfg: RunConfig, stage: str, log=print, label: str | None = None) -
             stop = stop_reason(ends, cfg.ray.max_failures)
             if stop is not None:
                 if end.signature is not None and any(i.get("kind") == "error" for i in read_incidents(stage_dir)):
-                    log(f"[{label or stage}] each failed rank's traceback: {stage_dir / INCIDENTS}")
+                    log(f"[{label or stage}] each failed rank's traceback: {stage_dir / 'tracebacks'}")
                 raise RunFailed(f"stage {stage} failed{where}: {end.cause}" + (f" ({stop})" if stop else "")) from e
             left = "unlimited" if cfg.ray.max_failures == -1 else cfg.ray.max_failures - len(ends)
             log(f"[{label or stage}] {end.line()}; restarting from the last committed checkpoint "

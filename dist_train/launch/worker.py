@@ -82,12 +82,24 @@ def train_worker(payload: dict[str, Any]) -> None:
         # repeat (the same one at the same step) from one it may not.
         record_incident(stage_dir, "error", f"rank {world.rank}: {first_line(error)}", rank=world.rank,
                         step=heartbeat.step, phase=heartbeat.phase, attempt=attempt, error=type(error).__name__,
-                        traceback=traceback.format_exc()[-20_000:])
+                        traceback=save_traceback(stage_dir, attempt, world.rank))
         if error is e:
             raise
         raise error from e
     finally:
         heartbeat.stop()
+
+
+def save_traceback(stage_dir: Path, attempt: float, rank: int) -> str | None:
+    """The exception being handled, written whole to <stage>/tracebacks/ (a file per rank and attempt: no
+    rank's long write interleaves with another's); its path relative to the stage, or None."""
+    name = f"tracebacks/attempt_{attempt:.6f}.rank_{rank:05d}.txt"
+    try:
+        (stage_dir / "tracebacks").mkdir(parents=True, exist_ok=True)
+        (stage_dir / name).write_text(traceback.format_exc())
+    except OSError:
+        return None
+    return name
 
 
 def first_line(e: BaseException) -> str:

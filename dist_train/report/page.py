@@ -67,14 +67,19 @@ def size(n: int) -> str:
     return str(n)
 
 
+def _mapping(value: Any) -> dict:
+    """`value` when it is a mapping, else empty: a hand-edited report.json must not take the page down."""
+    return value if isinstance(value, dict) else {}
+
+
 def headline(run: RunData) -> list[Block]:
     state, note = state_of(run)
     cfg, status = run.config, run.status or {}
-    model = cfg.get("model") or {}
-    arch = model.get("arch")
-    what = model.get("name_or_path") or (f"{arch['family']} from scratch (hidden {arch['hidden_size']}, "
-                                         f"{arch['num_layers']} layers)" if arch else "-")
-    ray = cfg.get("ray") or {}
+    model = _mapping(cfg.get("model"))
+    arch = _mapping(model.get("arch"))
+    what = model.get("name_or_path") or (f"{arch.get('family')} from scratch (hidden {arch.get('hidden_size')}, "
+                                         f"{arch.get('num_layers')} layers)" if arch else "-")
+    ray = _mapping(cfg.get("ray"))
     started = status.get("started") or min((a["start"] for s in run.stages.values() for a in s.attempts), default=None)
     lines = [f"**State:** {state}{f' ({note})' if note else ''}",
              f"**Stages:** {', '.join(run.stages) or '-'} · **model:** {what} · **workers:** "
@@ -112,7 +117,7 @@ def summary(run: RunData) -> list[Block]:
         blocks.append(("p", f"Unreadable (cut short or damaged), so left out: {', '.join(unreadable)}."))
     if evals:
         blocks.append(("table", (["stage", "split", "metrics"], evals)))
-    return blocks + sections.exports(run)
+    return blocks + sections.safely(sections.exports, run)
 
 
 def pct(v: Any) -> str:
@@ -212,7 +217,8 @@ def checkpoints(s: StageData) -> list[Block]:
 
 
 def build_blocks(run: RunData, images: dict[str, Path]) -> list[Block]:
-    blocks = headline(run) + summary(run) + sections.hyperparameters(run) + sections.test_details(run)
+    blocks = headline(run) + summary(run) + sections.safely(sections.hyperparameters, run)
+    blocks += sections.safely(sections.test_details, run)
     blocks += adaptation(run, images)
     for key, title in PLOT_TITLES.items():
         if key in images and key != "adaptation":

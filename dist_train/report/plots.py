@@ -55,8 +55,7 @@ def loss(run: RunData, path: Path) -> Path | None:
         if steps:  # every step's loss, light; the interval means on top
             ax.plot(steps, per_step, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss, each step")
         ax.plot([r["step"] for r in s.train_rows], [r["loss"] for r in s.train_rows],
-                label="train loss" + (f" (mean of {s.train_rows[-1]['step'] - s.train_rows[-2]['step']} steps)"
-                                      if steps and len(s.train_rows) > 1 else ""), color="tab:blue")
+                label="train loss" + (" (each log interval's mean)" if steps else ""), color="tab:blue")
         evals = [r for r in s.evals if "eval_loss" in r]
         if evals:
             ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss",
@@ -154,8 +153,9 @@ def _mark_setup(ax: Any, run_start: float, stages: list[StageData]) -> None:
     first = True
     for s in stages:
         times = [r["time"] for r in s.train_rows if "time" in r]
-        for a in s.attempts:
-            logged = [t for t in times if t >= a["start"]]
+        ends = [b["start"] for b in s.attempts[1:]] + [float("inf")]
+        for a, end in zip(s.attempts, ends, strict=True):  # an attempt that never logged has no setup to show
+            logged = [t for t in times if a["start"] <= t < end]
             if logged:
                 ax.axvspan((a["start"] - run_start) / 60, (min(logged) - run_start) / 60, color="gray",
                            alpha=0.15, hatch="//", label="setup until the first logged step" if first

@@ -7,6 +7,8 @@ the run has nothing of that kind; a damaged file leaves its section out, never t
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from dist_train.report.data import RunData
@@ -24,10 +26,23 @@ SETTINGS = (  # (label, path in the stage's config section)
 )
 
 
+def safely(section: Callable[[RunData], list[Block]], run: RunData) -> list[Block]:
+    """A section's blocks, or none when a file it reads holds something odd (a hand-edited or damaged
+    report.json, result.json): the rest of the page is still written."""
+    try:
+        return section(run)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        return []
+
+
 def _get(section: Any, path: tuple[str, ...]) -> Any:
     for key in path:
         section = section.get(key) if isinstance(section, dict) else None
     return section
+
+
+def _count(v: Any) -> str:
+    return str(round(v)) if isinstance(v, int | float) and math.isfinite(v) else "-"
 
 
 def _show(v: Any) -> str:
@@ -59,13 +74,14 @@ def test_details(run: RunData) -> list[Block]:
     per_class, confusion = test.get("per_class"), test.get("confusion")
     blocks: list[Block] = []
     if isinstance(per_class, dict) and per_class:
-        rows = [[label, *(_show(v.get(k)) for k in ("precision", "recall", "f1")), _show(int(v.get("support", 0)))]
+        rows = [[str(label), *(_show(v.get(k)) for k in ("precision", "recall", "f1")), _count(v.get("support"))]
                 for label, v in per_class.items() if isinstance(v, dict)]
         blocks += [("h2", "Fine-tune: the test set, class by class"),
                    ("table", (["class", "precision", "recall", "F1", "support"], rows))]
     if isinstance(confusion, dict) and isinstance(confusion.get("counts"), list):
         labels, gold = confusion.get("labels") or [], confusion.get("gold_labels") or []
-        rows = [[str(g), *(_show(int(c)) for c in row)] for g, row in zip(gold, confusion["counts"], strict=False)]
+        rows = [[str(g), *(_count(c) for c in row)] for g, row in zip(gold, confusion["counts"], strict=False)
+                if isinstance(row, list)]
         blocks += [("p", "Confusion matrix (rows: the true class; columns: the predicted one):"),
                    ("table", (["true ↓ predicted →", *map(str, labels)], rows))]
     return blocks

@@ -56,16 +56,20 @@ def load_export(export_dir: str | Path, device: str = "cpu",
 PRED = "pred_"  # prefix of every key predict adds: a record's own fields (its gold label) are never replaced
 
 
-def read_inputs(input_path: str, input_format: str, fields: list[str], text_field: str) -> list[dict[str, Any]]:
+def read_inputs(input_path: str, input_format: str, fields: list[str], text_field: str,
+                words: bool = False) -> list[dict[str, Any]]:
     """The records to predict: a table file (read_records), text lines (.txt or `text`: one record per
-    non-empty line, under `text_field`), or JSON lines on stdin (`-`)."""
+    non-empty line, under `text_field`; split into a list of words with `words`, for token
+    classification), or JSON lines on stdin (`-`). A missing field names the flag that maps it."""
     import sys
 
     from dist_train.tasks.records import read_records
 
     text = input_format == "text" or (input_format == "auto" and input_path.endswith(".txt"))
     if input_path != "-" and not text:
-        return read_records(input_path, fields, keep_all=True)
+        records = read_records(input_path, [], keep_all=True)
+        _check_fields(input_path, records, fields)
+        return records
     source = sys.stdin if input_path == "-" else open(input_path, encoding="utf-8")
     try:
         lines = [line.rstrip("\n") for line in source if line.strip()]
@@ -75,7 +79,7 @@ def read_inputs(input_path: str, input_format: str, fields: list[str], text_fiel
         if source is not sys.stdin:
             source.close()
     if text:
-        records = [{text_field: line} for line in lines]
+        records = [{text_field: line.split() if words else line} for line in lines]
     else:
         records = []
         for number, line in enumerate(lines, 1):
@@ -87,13 +91,17 @@ def read_inputs(input_path: str, input_format: str, fields: list[str], text_fiel
                 raise DataError(f"--input {input_path!r} line {number} is not a JSON object: give JSON lines, or "
                                 "--input-format text for one text per line")
             records.append(row)
-    missing = next((f for f in fields for r in records if f not in r), None)
-    if missing is not None:
-        raise DataError(f"--input {input_path!r}: a record has no field {missing!r}: name the field with "
-                        f"--{missing.replace('_', '-')}-field, or pass the name the fine-tune used")
     if not records:
         raise DataError(f"--input {input_path!r} holds no records")
+    _check_fields(input_path, records, fields)
     return records
+
+
+def _check_fields(input_path: str, records: list[dict[str, Any]], fields: list[str]) -> None:
+    missing = next((f for f in fields for r in records if f not in r or r[f] is None), None)
+    if missing is not None:
+        raise DataError(f"--input {input_path!r}: a record has no field {missing!r} (the name the fine-tune used): "
+                        "name your field with the matching --...-field flag, e.g. --text-field body")
 
 
 def predict_file(export_dir: str, input_path: str, output: str | None, batch_size: int | None = None,
@@ -115,8 +123,8 @@ def predict_file(export_dir: str, input_path: str, output: str | None, batch_siz
     batch_size = batch_size or int(info.get("batch_size") or 16)
     needed = task_fields(task.name, info)
     inputs_only = needed[:1 if task.name in ("sft", "token_classification") else -1]
-    text_field = info.get("prompt_field" if task.name == "sft" else "text_field") or "text"
-    records = read_inputs(input_path, input_format, inputs_only, text_field)
+    text_field = inputs_only[0]  # a .txt line fills the task's first input: text, prompt, or the words
+    records = read_inputs(input_path, input_format, inputs_only, text_field, words=task.name == "token_classification")
     gold = task.name != "sft" and all(f in r and r[f] is not None for r in records for f in needed)
     total: np.ndarray | None = None
     tmp = Path(output).with_name(f".{Path(output).name}.tmp-{os.getpid()}") if output else None

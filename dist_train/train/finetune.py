@@ -97,7 +97,9 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         if not validation:
             return {}
         engine.train(False)
-        return evaluate_records(task, engine.forward, validation, world, d.micro_batch_size)
+        metrics = evaluate_records(task, engine.forward, validation, world, d.micro_batch_size)
+        metrics.pop("confusion", None)  # n × n: for the test set's report, not every checkpoint's meta.json
+        return metrics
 
     def final(export_dir: Path) -> dict[str, Any]:
         """After export: the test metrics of the exported model, loaded with plain transformers."""

@@ -176,7 +176,8 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
     saved; enough of them in a row, or any at the end, raise NonFiniteLoss."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
-    step_targets: list[float] = []  # per step of the interval: its targets over all ranks (for per-step losses)
+    step_losses: list[torch.Tensor] = []  # per step of the interval: this rank's loss sum (no sync until logged)
+    step_targets: list[float] = []  # per step of the interval: its targets over all ranks
     targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
     while state.step < cadence.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
@@ -200,16 +201,14 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         step_s += time.perf_counter() - t0
         wait_s += t_data
 
-        broken = nonfinite is not None and nonfinite.check(state.step, torch.stack(losses[-len(batch.micro):]).sum(),
-                                                           engine, world)
+        step_losses.append(torch.stack(losses[-len(batch.micro):]).sum())
+        broken = nonfinite is not None and nonfinite.check(state.step, step_losses[-1], engine, world)
         do_eval = cadence.eval_due(state.step) and not broken
         do_save = (cadence.due(state.step, cadence.save_every) or stop > 0) and not broken
         if do_eval or do_save or state.step % cadence.log_every == 0:
             # Each step's own loss rides on the interval's one all-reduce: a float per step, no extra sync.
-            per_micro = torch.stack(losses).float()
-            per_step = per_micro.reshape(len(step_targets), -1).sum(1).tolist()
             loss_sum, n, global_tokens, global_replaced, *step_sums = world.all_reduce_sum(
-                [float(per_micro.sum()), targets, tokens, replaced, *per_step])
+                [float(torch.stack(losses).sum()), targets, tokens, replaced, *torch.stack(step_losses).tolist()])
             state.tokens += int(global_tokens)
             state.replaced_samples += int(global_replaced)
             state.last_loss = loss_sum / n
@@ -231,7 +230,8 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                     state.stopped_early = early_stopping.should_stop(state, state.last_eval)
                 row.update({f"eval_{k}": v for k, v in state.last_eval.items() if isinstance(v, (int, float))})
             log.log(row)
-            losses, step_targets, targets, tokens, replaced, step_s, wait_s = [], [], 0, 0, 0, 0.0, 0.0
+            losses, step_losses, step_targets = [], [], []
+            targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
         if do_save:
             save(state.step)
         if stop and state.step < cadence.max_steps:

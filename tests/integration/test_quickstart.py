@@ -117,6 +117,10 @@ def test_report_and_runs_read_the_quickstart(quickstart):
     assert (out / "report.html").read_text().count('<img src="data:image/png;base64,') == 6
     for needle in ("## Settings", "## Fine-tune: the test set, class by class", "| true ↓ predicted → |"):
         assert needle in page, needle
+    rows = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "step_losses" in r]  # each step's own loss: the interval's mean is theirs
+    assert logged and all(len(r["step_losses"]) == 10 for r in logged[1:])  # log_every 10
+    assert all(sum(r["step_losses"]) / len(r["step_losses"]) == pytest.approx(r["loss"], rel=1e-5) for r in logged)
     res = run_cli("report", str(out), "--json")  # the same figures, for scripts
     summary = json.loads(res.stdout)
     assert summary["state"] == "completed" and summary["stages"]["pretrain"]["steps"] == 120
@@ -180,6 +184,17 @@ def test_export_command_reproduces_the_stage_export(quickstart, tmp_path):
     a = load_file(tmp_path / "again" / "model.safetensors")
     b = load_file(out / "pretrain" / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    # a bfloat16 export (the default above 1B parameters) loads as bfloat16 with plain transformers
+    import torch
+    from transformers import AutoModel
+
+    res = run_cli("export", str(out / "pretrain"), "--output", str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    assert res.returncode == 0, res.stderr
+    half = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in half.values())
+    assert all(torch.equal(half[k], b[k].bfloat16()) for k in b)
+    assert next(AutoModel.from_pretrained(tmp_path / "bf16").parameters()).dtype == torch.bfloat16
+    assert (tmp_path / "bf16" / "README.md").is_file()
     res = run_cli("export", str(tmp_path), "--output", str(tmp_path / "nothing"))
     assert res.returncode == 2 and "not a committed checkpoint" in res.stderr
 

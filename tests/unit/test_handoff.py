@@ -126,7 +126,7 @@ def test_a_fine_tune_alone_needs_only_init_from(tmp_path, classifier, capsys):
     assert "config OK" in out
     (counts,) = [ln for ln in out.splitlines() if ln.startswith("finetune: ") and "train," in ln]
     train = int(counts.split()[1])
-    assert counts.endswith(f"max_steps=10 × global batch 8 = 80 examples, {80 / train:.2f} epochs")
+    assert counts.endswith(f"max_steps=10 × 8 examples per step = 80 examples, {80 / train:.2f} epochs")
     assert "finetune: no test data" in out and "finetune.train.eval_every=50 is beyond max_steps=10" in out
 
 
@@ -199,4 +199,4 @@ def test_predict_reads_text_lines_stdin_and_other_field_names(tmp_path, classifi
     assert [r["gold"] for r in rows] == ["news", "sports"] and "metrics on the 2 records' gold labels" in err
     monkeypatch.setattr("sys.stdin", io.StringIO('{"body": "a b"}\n'))
     assert main(["predict", str(classifier), "--input", "-"]) == 2  # the training name, text, is not there
-    assert "no field 'text': name the field with --text-field" in capsys.readouterr().err
+    assert "no field 'text' (the name the fine-tune used): name your field" in capsys.readouterr().err

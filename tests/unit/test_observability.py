@@ -302,3 +302,19 @@ def test_runs_lists_every_run_when_one_is_damaged(tmp_path):
     names = [line.split()[0] for line in res.stdout.splitlines()[1:]]
     assert sorted(names) == ["bad", "good"]
     assert run_cli("report", str(bad)).returncode == 0, "its page is still written, from what can be read"
+
+
+def test_a_damaged_result_leaves_its_section_out_not_the_page(tmp_path):
+    from dist_train.report.page import write_report
+
+    out = make_run(tmp_path, "run", "completed", 5, checkpoint=20, done=True)
+    (out / "finetune").mkdir()
+    (out / "finetune" / "result.json").write_text(json.dumps({"steps": 2, "test": {
+        "accuracy": float("nan"), "per_class": {"a": {"precision": None, "support": float("nan")}},
+        "confusion": {"labels": ["a"], "gold_labels": ["a"], "counts": [1, 2]}}}))
+    (out / "report.json").write_text(json.dumps({"config": {"pretrain": "not a mapping", "ray": 3}, "stages": {}}))
+    write_report(out)
+    page = (out / "report.md").read_text()
+    assert "| a | - | - | - | - |" in page and "## Settings" not in page
+    res = run_cli("report", str(out), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["stages"]["finetune"]["test"]["accuracy"] is None

@@ -57,4 +57,4 @@ def test_minilm_token_classification_and_predict(tmp_path, minilm_dir):
     res = run_cli("predict", ft["export_dir"], "--input", str(tmp_path / "in.jsonl"))
     assert res.returncode == 0, res.stderr[-2000:]
     preds = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [len(p["tags"]) for p in preds] == [len(r["tokens"]) for r in rows]
+    assert [len(p["pred_tags"]) for p in preds] == [len(r["tokens"]) for r in rows]

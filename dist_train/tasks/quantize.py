@@ -11,8 +11,10 @@ knows), instead of loading the config's architecture with random linear layers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,20 @@ def quantize_dynamic(model: torch.nn.Module) -> torch.nn.Module:
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
-                            dtype=torch.qint8)
+    with _quiet():
+        return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                dtype=torch.qint8)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.ao's notes (once per quantized layer, on every load) tell a predict user nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
+        yield
 
 
 def _quantized_linears(model: torch.nn.Module) -> dict[str, Any]:
@@ -100,9 +114,10 @@ def load_int8(int8_dir: Path, auto_class: str) -> torch.nn.Module:
     model.load_state_dict({k: v for k, v in tensors.items() if not k.endswith(("_int8", "_scales"))}, strict=False)
     model.tie_weights()
     qmodel = quantize_dynamic(model)  # the linear layers' weights are replaced below
-    for name, m in _quantized_linears(qmodel).items():
-        scales = tensors[f"{name}.weight_scales"].double()
-        q = torch._make_per_channel_quantized_tensor(tensors[f"{name}.weight_int8"], scales,
-                                                     torch.zeros_like(scales, dtype=torch.long), 0)
-        m.set_weight_bias(q, tensors.get(f"{name}.bias"))
+    with _quiet():
+        for name, m in _quantized_linears(qmodel).items():
+            scales = tensors[f"{name}.weight_scales"].double()
+            q = torch._make_per_channel_quantized_tensor(tensors[f"{name}.weight_int8"], scales,
+                                                         torch.zeros_like(scales, dtype=torch.long), 0)
+            m.set_weight_bias(q, tensors.get(f"{name}.bias"))
     return qmodel.eval()

@@ -300,8 +300,12 @@ def test_early_stopping_triggers_and_the_best_checkpoint_is_exported(quickstart)
     task = out.parent / "data" / "quickstart" / "task" / "test.jsonl"
     res = run_cli("predict", ft["int8_export_dir"], "--input", str(task))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"metrics on the {int(ft['test']['examples'])} records' gold labels: accuracy " \
-           f"{ft['test_int8']['accuracy']:.4g}" in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("metrics on the ")]
+    assert line.startswith(f"metrics on the {int(ft['test']['examples'])} records' gold labels: accuracy ")
+    # dynamic int8 quantizes each batch's activations with that batch's range: batches of another size give
+    # slightly other logits, and this near-untrained model's near-ties can flip
+    assert abs(float(line.split("accuracy ")[1].split(",")[0]) - ft["test_int8"]["accuracy"]) < 0.05
+    assert res.stderr.strip() == line, "nothing else on stderr (no library warnings)"
 
 
 def test_sft_trains_on_responses_and_generates(quickstart, tmp_path):

@@ -26,6 +26,7 @@ from dist_train.config.schema import STAGES, RunConfig, headline
 from dist_train.control import REQUEUE_EXIT, preemption_requested, request_preemption
 from dist_train.control import clear as clear_requests
 from dist_train.launch.lock import hold
+from dist_train.launch.recovery import attempt_end, stop_reason
 from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
 from dist_train.outputs import REPORT, RESULT, write_atomic
@@ -190,8 +191,6 @@ def fit_stage(cfg: RunConfig, stage: str, log=print, label: str | None = None) -
     committed checkpoint up to ray.max_failures times, unless it repeats the attempt before it
     (launch/recovery.py). The result lists how each attempt ended when there was more than one.
     `label` names the stage on the console (compare_base's fine-tune of the base model)."""
-    from dist_train.launch.recovery import attempt_end, stop_reason
-
     stage_dir = Path(cfg.output_dir) / stage
     ends = []
     while True:

@@ -44,7 +44,9 @@ def card_text(meta: dict[str, Any], export_dir: str, test: dict[str, Any] | None
     train = section.get("train") or {}
     task = (meta.get("task") or {}).get("name") if stage == "finetune" else None
     base = model.get("name_or_path") or "a model initialised from scratch (model.arch)"
-    if stage == "finetune" and section.get("init_from"):
+    if stage == "finetune" and section.get("init_from") == "pretrain":
+        base = f"{Path(export_dir).parent.parent / 'pretrain' / 'export'} (this run's pretrain stage)"
+    elif stage == "finetune" and section.get("init_from"):
         base = f"{section['init_from']} (finetune.init_from)"
     objective = task or section.get("objective") or ""
     pipeline = PIPELINES.get(task or "", "fill-mask" if objective == "masked_lm" else "text-generation")

@@ -73,8 +73,13 @@ def loss(run: RunData, path: Path) -> Path | None:
         if others:
             _mark_resumes(ax_eval, s)
             ax_eval.legend(fontsize=8)
-        ax_eval.set(title=f"{s.name}: evaluation", xlabel="step")
-        ax_eval.grid(alpha=0.3)
+            ax_eval.set(title=f"{s.name}: evaluation", xlabel="step")
+            ax_eval.grid(alpha=0.3)
+        else:  # an empty 0..1 frame says nothing: say where the stage's evaluation is drawn instead
+            ax_eval.axis("off")
+            ax_eval.text(0.5, 0.5, f"{s.name}: no evaluation metric besides the loss"
+                         + (" (perplexity per set: adaptation.png)" if s.name == "pretrain" else ""),
+                         ha="center", va="center", fontsize=9, color="gray", transform=ax_eval.transAxes)
     return _save(fig, path)
 
 

@@ -21,7 +21,7 @@ SETTINGS = (  # (label, path in the stage's config section)
     ("schedule", ("optim", "schedule")), ("warmup steps", ("optim", "warmup_steps")),
     ("weight decay", ("optim", "weight_decay")), ("ZeRO stage", ("deepspeed", "zero_stage")),
     ("precision", ("deepspeed", "precision")), ("gradient checkpointing", ("train", "gradient_checkpointing")),
-    ("objective / task", ("objective",)), ("task", ("task",)), ("sequence length", ("data", "seq_len")),
+    ("objective", ("objective",)), ("task", ("task",)), ("sequence length", ("data", "seq_len")),
     ("max length", ("data", "max_length")), ("LoRA", ("lora", "enabled")), ("export", ("train", "export")),
 )
 

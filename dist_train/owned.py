@@ -142,11 +142,17 @@ def share(root: Path) -> None:
     """Give every file under `root` the modes a plain write would (0666 and directories 0777, less the
     umask): some writers (transformers' safetensors saving, tempfile) create files 0600, which
     teammates on shared storage then cannot read."""
+    import stat
+
     mask = umask()
     for path in [Path(root), *Path(root).rglob("*")]:
-        if not path.is_symlink():
-            with contextlib.suppress(OSError):
-                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        with contextlib.suppress(OSError):
+            mode = path.lstat().st_mode  # one stat per path; a checkpoint's files mostly need no change
+            if stat.S_ISLNK(mode):
+                continue
+            want = (0o777 if stat.S_ISDIR(mode) else 0o666) & ~mask
+            if stat.S_IMODE(mode) != want:
+                path.chmod(want)
 
 
 def remove(path: Path, kind: str, *, legacy: Proof | None = None) -> None:

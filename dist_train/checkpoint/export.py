@@ -39,6 +39,8 @@ def describe_model(module: torch.nn.Module, tokenizer: Any, ckpt_dir: Path, task
     config = copy.deepcopy(base.config)
     config.architectures = [type(base).__name__]
     config.dtype = torch.float32
+    if hasattr(config, "use_cache"):  # off in training (packed rows, checkpointing); generation wants it
+        config.use_cache = True
     config.save_pretrained(str(hf))
     tokenizer.save_pretrained(str(hf))
     if task is not None:

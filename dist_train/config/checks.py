@@ -348,6 +348,10 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
         ft = cfg.finetune
         import glob
 
+        if ft.data.packing and ft.task != "sft":
+            raise ConfigError(f"finetune.data.packing=true packs causal-LM examples, and task {ft.task!r} is not "
+                              "one: set it to null or false (length grouping already keeps its padding low)")
+
         for name in ("train", "validation", "test"):
             path = getattr(ft.data, name)
             if path and not _pending(cfg, path) and not Path(path).exists() and not glob.glob(path):

@@ -294,7 +294,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return value
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        if not any(value == c and type(value) is type(c) for c in choices):  # 1 is not True here
             near = nearest_choice(str(value), [str(c) for c in choices])
             hint = f"; did you mean {near!r}?" if near else ""
             raise ConfigError(f"{path} = {_show(value)} is not one of {list(choices)}{hint}")

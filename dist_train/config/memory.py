@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LOSS_CHUNK_ELEMENTS = 1 << 24  # fp32 logits per chunk of the chunked LM loss (64 MiB; model/lm_head.py)
+
 
 @dataclass(frozen=True)
 class ModelStateBytes:
@@ -99,17 +101,26 @@ class ActivationBytes:
 
 
 def activation_bytes(shape: ArchShape, seq_len: int, micro_batch: int, checkpointing: bool, act_bytes: int = 2,
-                     lm_head: bool = True, flash_attention: bool = True) -> ActivationBytes:
+                     lm_head: bool = True, flash_attention: bool = True, chunked_loss: bool = False,
+                     head_trains: bool = True) -> ActivationBytes:
     """Activations of one micro batch: every block's (no checkpointing), or with checkpointing each
     block's input (h elements per token) plus one block recomputed at a time during backward.
 
     The LM head's logits are (act_bytes + 4 + 4)·vocab bytes per token: the logits, HF's fp32
     copy for the cross-entropy, and the fp32 gradient; at a 128k vocabulary they outweigh a
-    checkpointed model."""
+    checkpointed model. The chunked loss (train.chunked_loss) keeps instead one chunk of fp32
+    logits and its softmax, the hidden states' gradient, and (`head_trains`) the head weight's fp32
+    gradient."""
     tokens = seq_len * micro_batch
     layer = layer_activation_bytes_per_token(shape, seq_len, act_bytes, flash_attention) * tokens
     blocks = (shape.layers * shape.hidden * act_bytes * tokens + layer) if checkpointing else shape.layers * layer
-    head = (act_bytes + 8) * shape.vocab * tokens if lm_head else 0.0
+    if not lm_head:
+        head = 0.0
+    elif chunked_loss:
+        head = (2 * 4 * LOSS_CHUNK_ELEMENTS + act_bytes * shape.hidden * tokens
+                + (4 * shape.vocab * shape.hidden if head_trains else 0))
+    else:
+        head = (act_bytes + 8) * shape.vocab * tokens
     return ActivationBytes(blocks=float(blocks), lm_head=float(head))
 
 

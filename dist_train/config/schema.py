@@ -105,7 +105,15 @@ class TrainLoopConfig:
     global_batch_size: int = doc("Samples per optimizer step over all workers. Fixed per run, so a "
                                  "resume on another worker count keeps the data plan.", 16, ge=1)
     micro_batch_size: int = doc("Samples per forward pass per worker.", 4, ge=1)
-    gradient_checkpointing: bool = doc("Recompute activations in backward to save memory.", False)
+    gradient_checkpointing: Literal["auto", True, False] = doc(
+        "Recompute activations in backward to save memory (about a third more compute). auto: off when the "
+        "stage's plan (validate --plan) needs at most 75% of a worker's memory without it (a GPU's, or on CPU "
+        "the host's share per worker), on otherwise; decided on the workers, printed and recorded in "
+        "result.json.", "auto")
+    chunked_loss: bool = doc("Causal/masked LM and sft: compute the loss through the LM head a chunk of "
+                             "rows at a time, and only at positions with a target, so the full fp32 logits "
+                             "(vocab × tokens) are never held; the same loss and gradients. false: HF's "
+                             "full logits.", True)
     log_every: int = doc("Steps between metric lines.", 10,
                          ge=1)
     eval_every: int = doc("Steps between evaluations; 0 evaluates only at the end.", 50, ge=0)
@@ -261,6 +269,15 @@ class FinetuneData:
     prompt_field: str = doc("Field holding the prompt (sft).", "prompt")
     response_field: str = doc("Field holding the response the model learns to produce (sft).", "response")
     max_length: int = doc("Truncate inputs to this many tokens.", 128, ge=8)
+    group_by_length: bool = doc("Put examples of similar length in the same micro batch (shuffled within "
+                                "windows of 50 global batches, the batches shuffled again), so batches pad "
+                                "to their own longest example, not to a random one; false: plain shuffling.",
+                                True)
+    packing: bool | None = doc("sft: pack several examples into one row of max_length tokens (positions "
+                               "restart and attention stays within each example), so no position is padding; "
+                               "null: on for sft where flash_attn is installed on a GPU (its variable-length "
+                               "kernel), off otherwise (on CPU the dense block mask costs more than the "
+                               "padding it saves). Other tasks cannot pack.", None)
 
 
 @dataclass(frozen=True)
@@ -299,7 +316,7 @@ class FinetuneConfig:
     optim: OptimConfig = doc("Optimizer and schedule.",
                              factory=lambda: OptimConfig(lr=5.0e-5, weight_decay=0.01, warmup_steps=5))
     train: TrainLoopConfig = doc("Steps, batch and cadence.",
-                                 factory=lambda: TrainLoopConfig(gradient_checkpointing=True, export="best",
+                                 factory=lambda: TrainLoopConfig(export="best",
                                                                  head_warmup_steps=0))
 
 

@@ -30,6 +30,7 @@ from dist_train.config.schema import FinetuneConfig, PretrainConfig, RunConfig
 GiB = 2**30
 FRAMEWORK_GPU_BYTES = 2 * GiB  # CUDA context, NCCL communicators and cuBLAS workspaces, per GPU
 HEADROOM = 0.9  # fraction of device memory a plan may use: fragmentation and workspaces need the rest
+AUTO_CHECKPOINTING_SHARE = 0.75  # gradient_checkpointing auto: off when the stage needs at most this share without
 GATED = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo", "olmo2"}
 
 
@@ -70,11 +71,22 @@ class StagePlan:
     export: float
     data: str
     capacity: float | None
+    full_logits: float = 0.0  # the LM head's activations without the chunked loss
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def checkpointing(self) -> bool:
-        return self.section.train.gradient_checkpointing
+    def auto(self) -> bool:
+        return self.section.train.gradient_checkpointing == "auto"
+
+    @property
+    def checkpointing(self) -> bool | None:
+        """As configured, or as auto decides it on this plan's memory; None: auto without a capacity
+        (the workers decide on their own device's)."""
+        if not self.auto:
+            return bool(self.section.train.gradient_checkpointing)
+        if self.capacity is None:
+            return None
+        return self.device_total(False) > self.capacity * AUTO_CHECKPOINTING_SHARE
 
     def device_total(self, checkpointing: bool) -> float:
         act = self.act_on if checkpointing else self.act_off
@@ -205,8 +217,10 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
     seq_len = cfg.pretrain.data.seq_len if stage == "pretrain" else cfg.finetune.data.max_length
     act_b = 2 if ds.precision in ("bf16", "fp16") else 4
     mb = sec.train.micro_batch_size
-    acts = {on: activation_bytes(shape, seq_len, mb, on, act_b, lm_head=lm_head, flash_attention=on_gpu)
-            for on in (True, False)}
+    acts = {on: activation_bytes(shape, seq_len, mb, on, act_b, lm_head=lm_head, flash_attention=on_gpu,
+                                 chunked_loss=sec.train.chunked_loss, head_trains=trainable == shape.params)
+            for on in (True, False)}  # LoRA leaves the LM head frozen
+    full_logits = activation_bytes(shape, seq_len, mb, True, act_b, lm_head=lm_head).lm_head
     states = model_state_bytes(shape.params, ds.zero_stage, world, ds.precision, ds.offload_optimizer,
                                ds.offload_params, trainable=trainable)
     data, warnings = _data_line(cfg, stage, world)
@@ -216,7 +230,7 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
         states=states, buffers=zero_buffer_bytes(shape, ds.zero_stage, bucket, act_b), act_on=acts[True],
         act_off=acts[False], grad_accum=derived.grad_accum, seq_len=seq_len,
         checkpoint=checkpoint_bytes(shape.params, trainable, ds.precision), export=shape.params * 4.0, data=data,
-        capacity=hw.gpu_memory, warnings=warnings)
+        capacity=hw.gpu_memory, full_logits=full_logits, warnings=warnings)
     if hw.gpus_per_node and world != configured:
         plan.warnings.append(f"the config has ray.num_workers={configured}: pass ray.num_workers={world} "
                              f"(and ray.use_gpu=true) to use all {world} GPUs")
@@ -224,11 +238,19 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
     return plan
 
 
+def auto_checkpointing(cfg: RunConfig, stage: str, capacity: float) -> tuple[bool, float]:
+    """gradient_checkpointing auto for one worker with `capacity` bytes: whether it turns on, and the
+    bytes per worker the stage's plan needs without it."""
+    plan = plan_stage(cfg, stage, Hardware(gpu_memory=capacity))
+    need = plan.device_total(False)
+    return need > capacity * AUTO_CHECKPOINTING_SHARE, need
+
+
 def _fit_warnings(plan: StagePlan) -> None:
     if plan.capacity is None:
         return
     limit = plan.capacity * HEADROOM
-    need = plan.device_total(plan.checkpointing)
+    need = plan.device_total(bool(plan.checkpointing))
     if need <= limit:
         return
     fixes = []
@@ -274,10 +296,14 @@ def render(plan: StagePlan) -> str:
               row("DeepSpeed buffers", plan.buffers)]
     for on in (True, False):
         act = plan.act_on if on else plan.act_off
-        mark = "  <- configured" if on == plan.checkpointing else ""
+        mark = ("  <- auto picks this" if plan.auto else "  <- configured") if on == plan.checkpointing else ""
         lines.append(row(f"activations, checkpointing {'on' if on else 'off'}", act.total, note=mark))
-    if plan.act_on.lm_head:
-        lines.append(f"      of which the LM head's logits: {plan.act_on.lm_head / div:.2f} {unit}")
+    if plan.act_on.lm_head and plan.section.train.chunked_loss:
+        lines.append(f"      of which the LM head, chunked loss: {plan.act_on.lm_head / div:.2f} {unit} (full logits would "
+                     f"take {plan.full_logits / div:.2f}: {(plan.full_logits - plan.act_on.lm_head) / div:.2f} saved)")
+    elif plan.act_on.lm_head:
+        lines.append(f"      of which the LM head's logits: {plan.act_on.lm_head / div:.2f} {unit} (train.chunked_loss "
+                     "would save most of it)")
     if plan.on_gpu:
         lines.append(row("CUDA context, NCCL", FRAMEWORK_GPU_BYTES))
     for on in (True, False):
@@ -287,6 +313,9 @@ def render(plan: StagePlan) -> str:
             verdict = ("  fits" if total <= plan.capacity * HEADROOM else "  DOES NOT FIT") + \
                       f" ({total / plan.capacity:.0%} of the GPU)"
         lines.append(row(f"total, checkpointing {'on' if on else 'off'}", total, st.on_cpu, verdict))
+    if plan.auto and plan.checkpointing is None:
+        lines.append(f"  gradient checkpointing auto: each run decides on its workers' memory (off when the total "
+                     f"without it is at most {AUTO_CHECKPOINTING_SHARE:.0%}); --gpu-memory shows the choice")
     if st.on_cpu:
         lines.append(f"  CPU memory per node for offload: {st.on_cpu * per_node / GiB:.1f} GiB")
     lines += [f"  checkpoint: {plan.checkpoint / div:.1f} {unit} per save (keep {train.keep_checkpoints}: "

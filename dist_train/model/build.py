@@ -273,6 +273,9 @@ def _finish(model: torch.nn.Module, gradient_checkpointing: bool) -> torch.nn.Mo
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Training never decodes: a KV cache is pure overhead, and with one transformers ignores the
+    # position ids that keep packed examples apart. The export turns it back on.
+    if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model
 
@@ -305,19 +308,54 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     return [g for g in groups if g["params"]] if head_ids else groups
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM convention: 6·N + 12·L·H·Q·T.
+@dataclass(frozen=True)
+class FlopsModel:
+    """Training FLOPs of a model, counted as what its matmuls compute (forward + backward).
 
-    N counts matmul parameters: the input embedding is excluded unless it is tied to the output.
-    Recomputation from activation checkpointing is not counted (that would be HFU, not MFU).
+    Every Linear weight costs 6 FLOPs per token it is applied to when it trains (forward 2, input
+    gradient 2, weight gradient 2) and 4 when it is frozen (LoRA's base weights: no weight gradient);
+    embedding lookups cost nothing. `per_token`: the Linears of the body and of a task head, applied
+    to every token; `head`: the LM head (tied or not), applied to every token, or only to the tokens
+    with a target when the chunked loss skips the rest. `per_attention`: 12·L·H per (query, key) pair,
+    counted over each sequence's real length and without halving for causal masks (PaLM's
+    convention). Recomputation by activation checkpointing is not counted: this is MFU, not HFU.
     """
+
+    per_token: float
+    per_attention: float
+    head: float = 0.0
+
+    def of(self, tokens: int, attention_units: int, head_tokens: int | None = None) -> float:
+        """FLOPs of a batch of `tokens` real tokens whose sequences' squared lengths sum to
+        `attention_units`, with the LM head applied to `head_tokens` of them (None: all)."""
+        return (self.per_token * tokens + self.per_attention * attention_units
+                + self.head * (tokens if head_tokens is None else head_tokens))
+
+    def per_token_at(self, seq_len: int) -> float:
+        """FLOPs per token when every sequence is `seq_len` long and the head sees every token."""
+        return self.per_token + self.head + self.per_attention * seq_len
+
+
+def flops_model(model: torch.nn.Module) -> FlopsModel:
+    """The FlopsModel of `model` (partitioned ZeRO-3 parameters count at their full size)."""
+    get = getattr(model, "get_output_embeddings", None)
+    output = get() if get is not None else None
+    body = head = 0.0
+    for module in model.modules():
+        # transformers' Conv1D (GPT-2) is a Linear with its weight transposed
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            cost = (6.0 if module.weight.requires_grad else 4.0) * _numel(module.weight)
+            if module is output:
+                head += cost
+            else:
+                body += cost
     cfg = model.config
-    n = sum(_numel(p) for p in model.parameters())
-    emb = model.get_input_embeddings()
-    if emb is not None and not getattr(cfg, "tie_word_embeddings", False):
-        n -= _numel(emb.weight)
-    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    return 6.0 * n + 12.0 * layers * hidden * seq_len
+    return FlopsModel(body, 12.0 * cfg.num_hidden_layers * cfg.hidden_size, head)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token at sequences of `seq_len` tokens (see FlopsModel)."""
+    return flops_model(model).per_token_at(seq_len)
 
 
 def _numel(p: torch.Tensor) -> int:

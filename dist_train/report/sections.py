@@ -51,6 +51,12 @@ def _show(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _auto(setting: Any, chosen: Any) -> Any:
+    if setting == "auto" and isinstance(chosen, bool):
+        return f"auto ({'on' if chosen else 'off'})"
+    return setting
+
+
 def hyperparameters(run: RunData) -> list[Block]:
     """One row per setting, one column per stage (only settings some stage has)."""
     stages = [s for s in run.stages if isinstance(run.config.get(s), dict)]
@@ -59,6 +65,9 @@ def hyperparameters(run: RunData) -> list[Block]:
     rows = []
     for label, path in SETTINGS:
         values = [_get(run.config[s], path) for s in stages]
+        if path == ("train", "gradient_checkpointing"):  # auto: what the workers chose, from result.json
+            values = [_auto(v, (run.stages[s].result or {}).get("gradient_checkpointing")) for s, v in zip(
+                stages, values, strict=True)]
         if any(v is not None for v in values):
             rows.append([label, *map(_show, values)])
     ray = run.config.get("ray") or {}

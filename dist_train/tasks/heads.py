@@ -11,6 +11,7 @@ import torch
 
 from dist_train.data.manifest import DataError
 from dist_train.tasks import metrics as M
+from dist_train.tasks.batching import Example, collate_tokens
 
 IGNORE = -100
 
@@ -25,12 +26,35 @@ class _Sequence:
         self.spec, self.tok = spec, tokenizer
         self.text, self.pair, self.label = spec["text_field"], spec.get("text_pair_field"), spec["label_field"]
 
-    def tokenize(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def tokenize(self, records: list[dict[str, Any]]) -> list[Example]:
+        """Unpadded token ids per record (and token types for a text pair, where the tokenizer has them)."""
         texts = [str(r[self.text]) for r in records]
         pairs = [str(r[self.pair]) for r in records] if self.pair else None
-        enc = self.tok(texts, pairs, truncation=True, max_length=self.spec["max_length"], padding=True,
-                       return_tensors="pt")  # (B, T) padded to the longest in the batch
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        enc = self.tok(texts, pairs, truncation=True, max_length=self.spec["max_length"])
+        keys = ["input_ids"] + (["token_type_ids"] if self.pair and "token_type_ids" in enc else [])
+        return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+
+    def featurize(self, records: list[dict[str, Any]], with_labels: bool = True) -> list[Example]:
+        """Each record as an unpadded example, with its label (see `label_of`)."""
+        examples = self.tokenize(records)
+        if with_labels:
+            for e, r in zip(examples, records, strict=True):
+                e["labels"] = self.label_of(r)
+        return examples
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """A batch padded to its longest example (rounded up to a multiple of 8)."""
+        return collate_tokens(examples, self.spec["max_length"], {"input_ids": self.pad_id, "token_type_ids": 0})
+
+    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
+        return self.collate(self.featurize(records, with_labels))
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    def label_of(self, record: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE).sum())
@@ -72,11 +96,8 @@ class Classification(_Sequence):
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                 "label2id": {lab: i for i, lab in enumerate(self.labels)}}
 
-    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
-        batch = self.tokenize(records)
-        if with_labels:  # a label unseen in training cannot be predicted: it counts as an error
-            batch["labels"] = torch.tensor([self.label_id(r[self.label]) for r in records])
-        return batch
+    def label_of(self, record: dict[str, Any]) -> int:
+        return self.label_id(record[self.label])  # a label unseen in training cannot be predicted: an error
 
     def label_id(self, value: Any) -> int:
         return self.id.get(label_key(value), len(self.labels))
@@ -147,17 +168,9 @@ class MultiLabel(_Sequence):
                 "label2id": {lab: i for i, lab in enumerate(self.labels)},
                 "problem_type": "multi_label_classification"}
 
-    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
-        batch = self.tokenize(records)
-        if with_labels:
-            y = torch.zeros(len(records), len(self.labels))
-            index = {lab: i for i, lab in enumerate(self.labels)}
-            for row, r in enumerate(records):
-                for lab in self.as_list(r[self.label]):
-                    if lab in index:
-                        y[row, index[lab]] = 1.0
-            batch["labels"] = y
-        return batch
+    def label_of(self, record: dict[str, Any]) -> list[float]:
+        present = set(self.as_list(record[self.label]))
+        return [1.0 if lab in present else 0.0 for lab in self.labels]
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].shape[0])
@@ -206,11 +219,8 @@ class Regression(_Sequence):
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_labels": 1, "problem_type": "regression"}
 
-    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
-        batch = self.tokenize(records)
-        if with_labels:
-            batch["labels"] = torch.tensor([float(r[self.label]) for r in records])
-        return batch
+    def label_of(self, record: dict[str, Any]) -> float:
+        return float(record[self.label])
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["labels"].shape[0])

@@ -15,6 +15,8 @@ import torch
 
 from dist_train.data.manifest import DataError
 from dist_train.tasks import metrics as M
+from dist_train.model.lm_head import LMLoss
+from dist_train.tasks.batching import Example, collate_packed, collate_tokens
 
 IGNORE = -100
 
@@ -28,6 +30,7 @@ class SFT:
     def __init__(self, spec: dict[str, Any], tokenizer: Any, train: list[dict[str, Any]] | None) -> None:
         self.spec, self.tok = spec, tokenizer
         self.prompt, self.response = spec["prompt_field"], spec["response_field"]
+        self.loss = LMLoss(shift=True)  # an LMLoss: the engine may compute it with the chunked LM head
         if tokenizer.eos_token_id is None:
             raise DataError("sft needs a tokenizer with an EOS token (responses end with it): "
                             "use a decoder's tokenizer")
@@ -42,9 +45,15 @@ class SFT:
     def model_kwargs(self) -> dict[str, Any]:
         return {}
 
-    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
+    def featurize(self, records: list[dict[str, Any]], with_labels: bool = True) -> list[Example]:
+        """Unpadded examples: prompt + response + EOS token ids and their labels (-100 on the prompt);
+        without labels, the prompt alone (for generation)."""
         limit = self.spec["max_length"]
-        rows, labels = [], []
+        examples = []
         for r in records:
             p = self.prompt_ids(str(r[self.prompt]))
             a = self.tok(str(r[self.response]), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] \
@@ -52,27 +61,26 @@ class SFT:
             if len(p) + len(a) > limit:  # keep the response; cut the prompt's start
                 p = p[max(0, len(p) + len(a) - limit):]
                 a = a[:limit - len(p)]
-            rows.append(p + a)
-            labels.append([IGNORE] * len(p) + a)
-        width = max(len(x) for x in rows)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        left = not with_labels  # generation continues from the end: pad prompts on the left
-        ids = torch.tensor([([pad] * (width - len(x)) if left else []) + x + ([] if left else [pad] * (width - len(x)))
-                            for x in rows])
-        mask = torch.tensor([([0] * (width - len(x)) if left else []) + [1] * len(x) + ([] if left else
-                             [0] * (width - len(x))) for x in rows])
-        batch = {"input_ids": ids, "attention_mask": mask}
-        if with_labels:
-            batch["labels"] = torch.tensor([y + [IGNORE] * (width - len(y)) for y in labels])
-        return batch
+            examples.append({"input_ids": p + a, **({"labels": [IGNORE] * len(p) + a} if with_labels else {})})
+        return examples
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """A padded batch; prompts alone (no labels) are padded on the left, since generation continues
+        from the end."""
+        left = "labels" not in examples[0]
+        return collate_tokens(examples, self.spec["max_length"], {"input_ids": self.pad_id, "labels": IGNORE}, left)
+
+    def pack(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        """The examples packed into rows of max_length tokens (see batching.collate_packed): no padding
+        between them, attention and positions per example, the same summed loss as `collate`."""
+        return collate_packed(examples, self.spec["max_length"], self.pad_id)
+
+    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
+        return self.collate(self.featurize(records, with_labels))
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())  # the first position predicts nothing
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
 
     def stats(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], weight: np.ndarray) -> np.ndarray:
         labels = batch["labels"][:, 1:]

@@ -14,6 +14,7 @@ import torch
 
 from dist_train.data.manifest import DataError
 from dist_train.tasks import metrics as M
+from dist_train.tasks.batching import Example, collate_tokens
 from dist_train.tasks.heads import label_key
 
 IGNORE = -100
@@ -44,29 +45,32 @@ class TokenClassification:
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                 "label2id": dict(self.id)}
 
-    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
+    def featurize(self, records: list[dict[str, Any]], with_labels: bool = True) -> list[Example]:
+        """Unpadded examples: token ids, and per token either its tag id (first sub-token of a word;
+        -100 elsewhere) or, for predict, the index of the word it starts (-1 elsewhere) and the word count."""
         words = [[str(w) for w in r[self.words]] for r in records]
-        enc = self.tok(words, is_split_into_words=True, truncation=True, max_length=self.spec["max_length"],
-                       padding=True, return_tensors="pt")
-        first = torch.full(enc["input_ids"].shape, -1, dtype=torch.long)  # word index at first sub-tokens
-        for b in range(len(records)):
-            prev = None
-            for t, w in enumerate(enc.word_ids(b)):
-                if w is not None and w != prev:
-                    first[b, t] = w
+        enc = self.tok(words, is_split_into_words=True, truncation=True, max_length=self.spec["max_length"])
+        examples = []
+        for b, r in enumerate(records):
+            first, prev = [], None  # word index at first sub-tokens, -1 elsewhere
+            for w in enc.word_ids(b):
+                first.append(w if w is not None and w != prev else -1)
                 prev = w
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if not with_labels:
-            batch["word_index"] = first  # for predict(): where each word's first sub-token is
-            batch["word_count"] = torch.tensor([len(w) for w in words])
-        else:
-            labels = torch.full(first.shape, IGNORE, dtype=torch.long)
-            for b, r in enumerate(records):
-                for t in (first[b] >= 0).nonzero().flatten().tolist():
-                    # a tag unseen in training cannot be predicted: id len(labels) marks it, counted as wrong
-                    labels[b, t] = self.id.get(label_key(r[self.tags][int(first[b, t])]), len(self.labels))
-            batch["labels"] = labels
-        return batch
+            e: Example = {"input_ids": enc["input_ids"][b]}
+            if with_labels:  # a tag unseen in training cannot be predicted: id len(labels) marks it, counted as wrong
+                e["labels"] = [IGNORE if w < 0 else self.id.get(label_key(r[self.tags][w]), len(self.labels))
+                               for w in first]
+            else:
+                e["word_index"], e["word_count"] = first, len(words[b])
+            examples.append(e)
+        return examples
+
+    def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        return collate_tokens(examples, self.spec["max_length"], {"input_ids": pad, "labels": IGNORE, "word_index": -1})
+
+    def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
+        return self.collate(self.featurize(records, with_labels))
 
     def targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE).sum())

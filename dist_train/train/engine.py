@@ -15,14 +15,16 @@ from typing import Any
 import torch
 
 from dist_train.model.build import param_groups
+from dist_train.model.lm_head import ChunkedLMHead, LMLoss, chunked_head
 from dist_train.train.loss import LossFn
 
 
 class Engine:
     """A DeepSpeed engine behind a small surface the training loop can read at a glance."""
 
-    def __init__(self, ds_engine: Any) -> None:
+    def __init__(self, ds_engine: Any, head: ChunkedLMHead | None = None) -> None:
         self.ds = ds_engine
+        self.head = head  # the chunked LM head (train.chunked_loss), which computes LMLoss itself
 
     @property
     def module(self) -> torch.nn.Module:
@@ -31,11 +33,19 @@ class Engine:
     def forward_backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn, weight: float) -> torch.Tensor:
         """Forward and backward one micro batch: the loss is `loss_fn(logits, labels)` (a sum over
         its targets), scaled by `weight` for the gradient. Returns the detached sum (no host sync)."""
-        batch = self._to_device(batch)
-        labels = batch.pop("labels")
-        loss = loss_fn(self.ds(**batch).logits, labels)
+        loss = self.loss(batch, loss_fn)
         self.ds.backward(loss * weight)
         return loss.detach()
+
+    def loss(self, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+        """`loss_fn(logits, labels)` of one micro batch (with gradients unless under torch.no_grad);
+        an LM loss goes through the chunked LM head when there is one, so no full logits are made."""
+        batch = self._to_device(batch)
+        labels = batch.pop("labels")
+        if self.head is not None and isinstance(loss_fn, LMLoss):
+            with self.head.loss_of(loss_fn.targets(labels)):
+                return self.ds(**batch).logits  # the head's output: the summed loss
+        return loss_fn(self.ds(**batch).logits, labels)
 
     def step(self) -> None:
         """Call once per micro batch; DeepSpeed steps the optimizer at the accumulation boundary."""
@@ -137,12 +147,14 @@ def init_distributed() -> None:
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay: float,
-                 head: list[torch.nn.Parameter] | None = None) -> Engine:
+                 head: list[torch.nn.Parameter] | None = None, chunked_loss: bool = True) -> Engine:
     """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py). `head`: the
-    parameters a head warm-up trains first, in parameter groups of their own (the rest marked body)."""
+    parameters a head warm-up trains first, in parameter groups of their own (the rest marked body).
+    `chunked_loss`: an LM's output Linear becomes a ChunkedLMHead (model/lm_head.py) first."""
     import deepspeed
 
     init_distributed()
+    lm_head = chunked_head(model) if chunked_loss else None
 
     if ds_config["zero_optimization"]["stage"] == 3:
         # Parameters created after partitioned construction (LoRA adapters) are still full fp32
@@ -154,4 +166,4 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay
                 p.data = p.data.to(dtype)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay, head),
                                               config=ds_config)
-    return Engine(ds_engine)
+    return Engine(ds_engine, lm_head)

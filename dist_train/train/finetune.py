@@ -8,6 +8,7 @@ exported model (loaded back with plain transformers), so the report describes wh
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,17 @@ import torch
 
 from dist_train.config.derived import StageDerived
 from dist_train.config.schema import RunConfig
-from dist_train.data.tasks import eval_shard, step_indices
+from dist_train.data.tasks import epoch_batches, eval_shard, rank_micro_batches, steps_per_epoch
 from dist_train.model.build import build_task_model, load_tokenizer
 from dist_train.outputs import TEST_STATS
 from dist_train.progress import Progress
 from dist_train.tasks import Task, build_task
+from dist_train.tasks.batching import Example
 from dist_train.tasks.compare import ExampleStats
 from dist_train.tasks.records import read_splits, task_spec
 from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
-from dist_train.train.stage import StageParts
+from dist_train.train.stage import StageParts, checkpointing_for
 from dist_train.world import World
 
 
@@ -39,20 +41,34 @@ def resolve_init_from(cfg: RunConfig) -> str | None:
     return init or cfg.model.name_or_path
 
 
-def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], Any], records: list[dict],
+def packs(cfg: RunConfig, use_gpu: bool | None = None) -> bool:
+    """Whether SFT examples are packed into rows (finetune.data.packing; null: where flash_attn's
+    variable-length kernel runs them, a GPU with flash_attn installed)."""
+    sec = cfg.finetune
+    if sec.task != "sft" or sec.data.packing is False:
+        return False
+    if sec.data.packing:
+        return True
+    gpu = cfg.ray.use_gpu if use_gpu is None else use_gpu
+    return bool(gpu and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None)
+
+
+def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], Any], examples: list[Example],
                      world: World, micro_batch: int, desc: str = "[finetune] eval",
                      per_example: dict[int, np.ndarray] | None = None) -> dict[str, Any]:
-    """Metrics of `forward` on `records`: each rank takes an equal share (padding rows weigh 0), and
-    the task's statistics are summed over ranks, so the result is exact on any worker count. With
-    `per_example` (a dict), each of this rank's examples' own statistics are put in it by index."""
-    shard = eval_shard(len(records), world.world_size, world.rank)
+    """Metrics of `forward` on `examples` (a task's featurized records): each rank takes an equal share
+    (padding rows weigh 0), batched by length so little of it is padding, and the task's statistics are
+    summed over ranks, so the result is exact on any worker count. With `per_example` (a dict), each
+    of this rank's examples' own statistics are put in it by index."""
+    shard = sorted(eval_shard(len(examples), world.world_size, world.rank),
+                   key=lambda p: -len(examples[p[0]]["input_ids"]))
     total: np.ndarray | None = None
     batches = -(-len(shard) // micro_batch)
     with torch.no_grad(), Progress(desc, total=batches, unit="batches", enabled=world.is_main) as bar:
         for j in range(0, len(shard), micro_batch):
             bar.update()
             part = shard[j:j + micro_batch]
-            batch = task.encode([records[i] for i, _ in part])
+            batch = task.collate([examples[i] for i, _ in part])
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             logits = forward(inputs).logits
             weights = np.array([w for _, w in part], dtype=np.float64)
@@ -66,6 +82,25 @@ def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], An
     return task.metrics(summed)
 
 
+class StepPlan:
+    """This rank's micro batches (example indices) at each step: data/tasks.py's pure plan, one epoch
+    computed at a time."""
+
+    def __init__(self, n: int, global_batch: int, micro_batch: int, seed: int, world: World,
+                 lengths: list[int] | None) -> None:
+        self.n, self.global_batch, self.micro_batch, self.seed = n, global_batch, micro_batch, seed
+        self.world, self.lengths = world, lengths
+        self.spe = steps_per_epoch(n, global_batch)
+        self.epoch, self.batches = -1, []  # type: int, list[np.ndarray]
+
+    def __call__(self, step: int) -> list[list[int]]:
+        epoch, in_epoch = divmod(step, self.spe)
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, epoch_batches(epoch, self.n, self.global_batch, self.seed, self.lengths)
+        return rank_micro_batches(self.batches[in_epoch], self.micro_batch, self.world.world_size, self.world.rank,
+                                  self.lengths)
+
+
 def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     sec = cfg.finetune
     init_from = resolve_init_from(cfg)
@@ -74,10 +109,17 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     train, validation, test = read_splits(cfg)
     spec = task_spec(cfg)
     task = build_task(sec.task, spec, tokenizer, train)
+    # tokenized once per split: a step only pads (or packs) examples it already has
+    train_ex, val_ex, test_ex = (task.featurize(split) if split else [] for split in (train, validation, test))
+    lengths = [len(e["input_ids"]) for e in train_ex]
+    plan = StepPlan(len(train_ex), d.global_batch_size, d.micro_batch_size, cfg.seed, world,
+                    lengths if sec.data.group_by_length else None)
+    packed = packs(cfg)
+    checkpointing = checkpointing_for(cfg, "finetune", world)
     with model_construction(d.deepspeed):
         model, loaded = build_task_model(task.auto_class, init_from=init_from, model_kwargs=task.model_kwargs(),
                                          pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
-                                         gradient_checkpointing=sec.train.gradient_checkpointing,
+                                         gradient_checkpointing=checkpointing,
                                          dropout=cfg.model.dropout, lora=sec.lora if sec.lora.enabled else None,
                                          peft_task_type=task.peft_task_type,
                                          trust_remote_code=cfg.model.trust_remote_code, arch=cfg.model.arch,
@@ -86,18 +128,19 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     def batches(start_step: int) -> Iterator[StepBatch]:
         step = start_step
         while True:
-            idx = step_indices(step, len(train), d.global_batch_size, cfg.seed, world.world_size, world.rank)
-            micro = [task.encode([train[i] for i in idx[j:j + d.micro_batch_size]])
-                     for j in range(0, len(idx), d.micro_batch_size)]
+            micro_ids = plan(step)
+            micro = [task.pack([train_ex[i] for i in ids]) if packed else task.collate([train_ex[i] for i in ids])
+                     for ids in micro_ids]
             yield StepBatch(micro, targets=[task.targets(m) for m in micro],
-                            tokens=int(sum(int(m["attention_mask"].sum()) for m in micro)))
+                            tokens=sum(lengths[i] for ids in micro_ids for i in ids),  # real tokens, no padding
+                            attention_units=sum(lengths[i] ** 2 for ids in micro_ids for i in ids))
             step += 1
 
     def evaluate(engine: Any) -> dict[str, Any]:
         if not validation:
             return {}
         engine.train(False)
-        metrics = evaluate_records(task, engine.forward, validation, world, d.micro_batch_size)
+        metrics = evaluate_records(task, engine.forward, val_ex, world, d.micro_batch_size)
         metrics.pop("confusion", None)  # n × n: for the test set's report, not every checkpoint's meta.json
         return metrics
 
@@ -112,19 +155,20 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             model, _, _ = load_export(export_dir, device=world.device)
             own: dict[int, np.ndarray] | None = {} if sec.compare_base else None
             out["test"] = evaluate_records(task, lambda b: model(**{k: v.to(model.device) for k, v in b.items()}),
-                                           test, world, d.micro_batch_size, desc="[finetune] test", per_example=own)
+                                           test_ex, world, d.micro_batch_size, desc="[finetune] test",
+                                           per_example=own)
             if own is not None:  # for the paired bootstrap against the unadapted model (launch/compare.py)
                 every = world.all_gather_object(ExampleStats.from_dense(own, len(test)))  # sparse: small to send
                 if world.is_main:
                     ExampleStats.merged(every).save(export_dir.parent / TEST_STATS)
         if sec.quantize_int8:
-            out.update(int8_copy(export_dir, test))
+            out.update(int8_copy(export_dir, test_ex))
             if test:  # what quantization costs, metric by metric
                 out["int8_delta"] = {k: v - out["test"][k] for k, v in out["test_int8"].items()
                                      if isinstance(v, float) and k != "examples"}
         return out
 
-    def int8_copy(export_dir: Path, test: list[dict] | None) -> dict[str, Any]:
+    def int8_copy(export_dir: Path, test: list[Example]) -> dict[str, Any]:
         """export-int8/ beside the export, and its test metrics and their change (CPU inference)."""
         from dist_train.tasks.predict import load_export
         from dist_train.tasks.quantize import load_int8, quantize_dynamic, save_int8
@@ -140,7 +184,7 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
         return result
 
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate, final=final,
-                      loss_fn=task.loss, seq_len=sec.data.max_length, loaded=loaded,
+                      loss_fn=task.loss, loaded=loaded, checkpointing=checkpointing,
                       export_adapter_only=sec.lora.enabled and sec.lora.export == "adapter",
                       run_info={"task": {"name": sec.task, "peft_task_type": task.peft_task_type, **spec,
                                          **task.describe(), "batch_size": d.micro_batch_size, "examples": {

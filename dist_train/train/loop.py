@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_train.data.ledger import Ledger
+from dist_train.model.build import FlopsModel
 from dist_train.train.engine import Engine
 from dist_train.train.loss import LossFn
 from dist_train.train.metrics import MetricsLog, Throughput, memory_mb
@@ -26,11 +27,12 @@ from dist_train.world import World
 
 @dataclass
 class StepBatch:
-    """One optimizer step's data on this rank: its micro batches and their (non-pad) token count."""
+    """One optimizer step's data on this rank: its micro batches and their real (non-pad) token count."""
 
     micro: list[dict[str, torch.Tensor]]
     targets: list[int]  # predicted positions (labels that count) in each micro batch
     tokens: int
+    attention_units: int  # the sum of each sequence's squared real length (the attention FLOPs' share)
     ids: list[tuple[str, int]] | None = None  # (shard file, sample) per row, for the ledger
     replaced: int = 0  # bad samples the loader replaced (on_bad_sample=skip)
 
@@ -163,7 +165,7 @@ class AnyOf:
 def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn, state: TrainState,
                cadence: Cadence,
                evaluate: Callable[[], dict[str, float]], save: Callable[[int], None], log: MetricsLog,
-               ledger: Ledger, world: World, flops_per_token: float, peak_flops: float,
+               ledger: Ledger, world: World, flops: FlopsModel, peak_flops: float,
                throughput: Throughput, early_stopping: EarlyStopping | AnyOf | None = None,
                stop_requested: Callable[[], bool] = lambda: False,
                after_step: Callable[[int], None] = lambda step: None,
@@ -178,7 +180,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
     step_losses: list[torch.Tensor] = []  # per step of the interval: this rank's loss sum (no sync until logged)
     step_targets: list[float] = []  # per step of the interval: its targets over all ranks
-    targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
+    targets, tokens, replaced, work, step_s, wait_s = 0, 0, 0, 0.0, 0.0, 0.0
     while state.step < cadence.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -197,6 +199,8 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         state.step += 1
         after_step(state.step)
         tokens += batch.tokens
+        # the chunked LM head runs only the positions with a target through the head
+        work += flops.of(batch.tokens, batch.attention_units, sum(batch.targets) if engine.head else None)
         replaced += batch.replaced
         step_s += time.perf_counter() - t0
         wait_s += t_data
@@ -207,16 +211,17 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         do_save = (cadence.due(state.step, cadence.save_every) or stop > 0) and not broken
         if do_eval or do_save or state.step % cadence.log_every == 0:
             # Each step's own loss rides on the interval's one all-reduce: a float per step, no extra sync.
-            loss_sum, n, global_tokens, global_replaced, *step_sums = world.all_reduce_sum(
-                [float(torch.stack(losses).sum()), targets, tokens, replaced, *torch.stack(step_losses).tolist()])
+            loss_sum, n, global_tokens, global_replaced, global_work, *step_sums = world.all_reduce_sum(
+                [float(torch.stack(losses).sum()), targets, tokens, replaced, work,
+                 *torch.stack(step_losses).tolist()])
             state.tokens += int(global_tokens)
             state.replaced_samples += int(global_replaced)
             state.last_loss = loss_sum / n
-            throughput.add(int(global_tokens), step_s)
+            throughput.add(int(global_tokens), step_s, global_work)
             tps = global_tokens / step_s
             row = {"step": state.step, "loss": state.last_loss, "lr": engine.lr, "grad_norm": engine.grad_norm,
                    "tokens": state.tokens, "tokens_per_s": tps,
-                   "mfu": flops_per_token * tps / (peak_flops * world.world_size),
+                   "mfu": global_work / step_s / (peak_flops * world.world_size),
                    **memory_mb(), "data_wait_frac": wait_s / step_s,
                    "skipped_steps": engine.skipped_steps, "replaced_samples": state.replaced_samples,
                    "step_losses": [s / max(t, 1.0) for s, t in zip(step_sums, step_targets, strict=True)]}
@@ -231,7 +236,7 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                 row.update({f"eval_{k}": v for k, v in state.last_eval.items() if isinstance(v, (int, float))})
             log.log(row)
             losses, step_losses, step_targets = [], [], []
-            targets, tokens, replaced, step_s, wait_s = 0, 0, 0, 0.0, 0.0
+            targets, tokens, replaced, work, step_s, wait_s = 0, 0, 0, 0.0, 0.0, 0.0
         if do_save:
             save(state.step)
         if stop and state.step < cadence.max_steps:

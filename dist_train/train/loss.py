@@ -10,16 +10,11 @@ from collections.abc import Callable
 
 import torch
 
+from dist_train.model.lm_head import LMLoss, lm_loss_sum
+
+__all__ = ["LMLoss", "LossFn", "classification_loss_sum", "lm_loss_sum", "loss_for"]
 IGNORE = -100
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
-    """Summed cross-entropy of a language model; `shift` predicts token t+1 from position t (clm)."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
 
 
 def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,8 +23,6 @@ def classification_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 def loss_for(objective: str) -> LossFn:
-    if objective == "clm":
-        return lambda logits, labels: lm_loss_sum(logits, labels, shift=True)
-    if objective == "mlm":
-        return lambda logits, labels: lm_loss_sum(logits, labels, shift=False)
+    if objective in ("clm", "mlm"):
+        return LMLoss(shift=objective == "clm")
     return classification_loss_sum

@@ -1,13 +1,15 @@
 """Throughput, MFU, goodput and the metrics log (metrics.jsonl, TensorBoard, one console line per log step).
 
-MFU = FLOPs/token (PaLM: 6·N + 12·L·H·Q·T) × tokens/s ÷ (peak FLOP/s per worker × workers).
-The peak is a table value on known GPUs, and measured on CPU (a bf16 or fp32 matmul with the
-worker's thread count), since CPU peaks vary too much between machines for a table.
+MFU = FLOPs computed (model/build.py's FlopsModel over the real tokens and lengths of each step)
+per second ÷ (peak FLOP/s per worker × workers). The peak is a data-sheet value on known GPUs at
+the run's precision, and measured elsewhere (a large matmul on an unknown GPU; on CPU a bf16 or
+fp32 matmul with the worker's thread count, since CPU peaks vary too much for a table).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import time
 from pathlib import Path
@@ -18,19 +20,44 @@ import torch
 from dist_train.config.schema import headline
 from dist_train.outputs import read_attempts
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s), from the vendors' data sheets.
-GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-             "L4": 121e12, "V100": 125e12, "A6000": 155e12}
+# Dense peaks (FLOP/s) from the vendors' data sheets, by device name as torch reports it ("NVIDIA H100
+# PCIe", "NVIDIA A100-SXM4-80GB"), most specific pattern first and matched on word boundaries, so an
+# L40 never gets an L4's figure. Values: (bf16/fp16 tensor-core dense, fp32 without TF32), since
+# torch computes fp32 matmuls without TF32 by default. None: not in the table, measured.
+GPU_PEAKS: list[tuple[str, str, float, float | None]] = [
+    (r"\bH200 NVL\b", "H200 NVL", 835e12, 60e12),
+    (r"\bH200\b", "H200", 989e12, 67e12),
+    (r"\bH100 NVL\b", "H100 NVL", 835e12, 60e12),
+    (r"\bH100 PCIe\b", "H100 PCIe", 756e12, 51e12),
+    (r"\bH100\b", "H100 SXM", 989e12, 67e12),
+    (r"\bB200\b", "B200", 2250e12, None),
+    (r"\bA100\b", "A100", 312e12, 19.5e12),
+    (r"\bL40S\b", "L40S", 362e12, 91.6e12),
+    (r"\bL40\b", "L40", 181e12, 90.5e12),
+    (r"\bL4\b", "L4", 121e12, 30.3e12),
+    (r"\bA10\b", "A10", 125e12, 31.2e12),
+    (r"\bRTX A6000\b", "RTX A6000", 155e12, 38.7e12),
+]
+
+
+def table_peak(name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """The data-sheet peak of GPU `name` at `dtype`, and its table key; None when the table has no
+    figure for it (an unknown GPU, or an fp32 peak not listed)."""
+    for pattern, key, half, fp32 in GPU_PEAKS:
+        if re.search(pattern, name, re.IGNORECASE):
+            peak = fp32 if dtype == torch.float32 else half
+            return (peak, key) if peak is not None else None
+    return None
 
 
 def device_peak_flops(use_gpu: bool, dtype: torch.dtype, threads: int) -> tuple[float, str]:
-    """Peak FLOP/s of the device one worker uses, and where the figure comes from."""
+    """Peak FLOP/s of the device one worker uses at `dtype`, and where the figure comes from: the
+    table for known GPUs, else a large matmul measured on the device (CPU: with the worker's threads)."""
     if use_gpu and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, peak in GPU_PEAKS.items():
-            if key in name:
-                return peak, f"table:{key}"
-        return measure_matmul_peak(dtype, threads, device="cuda"), f"measured:{name}"
+        if (found := table_peak(name, dtype)) is not None:
+            return found[0], f"table:{found[1]} {str(dtype)[6:]}"
+        return measure_matmul_peak(dtype, threads, device="cuda", n=8192), f"measured:{name} {str(dtype)[6:]}"
     return measure_matmul_peak(dtype, threads), f"measured:cpu x{threads} threads {str(dtype)[6:]}"
 
 
@@ -68,28 +95,42 @@ def memory_mb() -> dict[str, float]:
 
 
 class Throughput:
-    """Steady-state tokens/s: the first `skip` log intervals (compilation, warm caches) are not
-    counted, unless nothing else was measured (a run too short for a steady state)."""
+    """Steady-state tokens/s and FLOP/s: the first `skip` log intervals (compilation, warm caches) are
+    not counted, unless nothing else was measured (a run too short for a steady state)."""
 
     def __init__(self, skip: int = 2) -> None:
         self.skip = skip
         self.steps = 0
         self.tokens = self.all_tokens = 0
-        self.seconds = self.all_seconds = 0.0
+        self.seconds = self.all_seconds = self.flops = self.all_flops = 0.0
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: int, seconds: float, flops: float = 0.0) -> None:
         self.steps += 1
         self.all_tokens += tokens
         self.all_seconds += seconds
+        self.all_flops += flops
         if self.steps > self.skip:
             self.tokens += tokens
             self.seconds += seconds
+            self.flops += flops
 
     @property
     def tokens_per_s(self) -> float:
         if self.seconds > 0:
             return self.tokens / self.seconds
         return self.all_tokens / self.all_seconds if self.all_seconds > 0 else 0.0
+
+    @property
+    def flops_per_s(self) -> float:
+        if self.seconds > 0:
+            return self.flops / self.seconds
+        return self.all_flops / self.all_seconds if self.all_seconds > 0 else 0.0
+
+    @property
+    def flops_per_token(self) -> float:
+        """The measured FLOPs per real token (attention over the lengths that occurred)."""
+        tokens, flops = (self.tokens, self.flops) if self.seconds > 0 else (self.all_tokens, self.all_flops)
+        return flops / tokens if tokens else 0.0
 
 
 class RunClock:

@@ -31,7 +31,7 @@ from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
 from dist_train.train.loss import loss_for
 from dist_train.train.masking import mask_batch, word_starts_table
-from dist_train.train.stage import StageParts
+from dist_train.train.stage import StageParts, checkpointing_for
 from dist_train.world import World
 
 EVAL_SEED = 1 << 40  # a "step" no training step reaches: evaluation masks never repeat training ones
@@ -92,11 +92,12 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     mans = read_sources(cfg)
     man = mans[0]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
+    checkpointing = checkpointing_for(cfg, "pretrain", world)
     with model_construction(d.deepspeed):
         model, loaded = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
                          vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
-                         gradient_checkpointing=sec.train.gradient_checkpointing, dropout=cfg.model.dropout,
+                         gradient_checkpointing=checkpointing, dropout=cfg.model.dropout,
                          trust_remote_code=cfg.model.trust_remote_code)
     to_batch = make_micro(cfg, tokenizer)
     loss_fn = loss_for(sec.objective)
@@ -116,8 +117,9 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             m = d.micro_batch_size
             micro = [to_batch(rows[i:i + m], seeds[i:i + m]) for i in range(0, len(rows), m)]
             named = [(shard_name(files, src, shard), k) for src, shard, k in ids]
+            # a packed sample attends over its whole length (documents are not masked from each other)
             yield StepBatch(micro, targets=[count_targets(b, sec.objective) for b in micro], tokens=int(rows.size),
-                            ids=named, replaced=replaced)
+                            attention_units=int(rows.shape[0]) * int(rows.shape[1]) ** 2, ids=named, replaced=replaced)
 
     sets = read_eval_sets(cfg, man)
     evaluate = make_evaluate(sets, to_batch, loss_fn, sec.objective, world, d.micro_batch_size, cfg.seed,
@@ -129,7 +131,8 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             "corpora": [{"root": m.root, "samples": sum(s.samples for s in m.train), "documents": m.documents,
                          "manifest_sha256": m.sha256} for m in mans]}
     return StageParts(model=model, tokenizer=tokenizer, batches=batches, evaluate=evaluate,
-                      final=lambda export_dir: {}, loss_fn=loss_fn, seq_len=man.seq_len, run_info={"plan": plan},
+                      final=lambda export_dir: {}, loss_fn=loss_fn, run_info={"plan": plan},
+                      checkpointing=checkpointing,
                       loaded=loaded, eval_roles={s.name: s.role for s, _ in sets}, baseline=baseline_on(cfg),
                       max_forgetting=sec.eval.max_forgetting, stop_on_forgetting=sec.eval.stop_on_forgetting,
                       carry_unused=True)
@@ -178,7 +181,7 @@ def make_evaluate(sets: list[tuple[EvalSource, Manifest]], to_batch: Callable, l
                                      [(seed, EVAL_SEED, key, i) for i, _ in part])
                     labels = batch.pop("labels").clone()  # clm: the same tensor as input_ids
                     labels[torch.tensor([w == 0 for _, w in part])] = -100  # padding rows weigh 0
-                    loss_tokens += float(loss_fn(engine.forward(batch).logits, labels.to(engine.ds.device)))
+                    loss_tokens += float(engine.loss({**batch, "labels": labels}, loss_fn))
                     tokens += count_targets({"labels": labels}, objective)
                 sums += [loss_tokens, tokens]
         totals = world.all_reduce_sum(sums)

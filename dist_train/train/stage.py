@@ -7,6 +7,7 @@ train/finetune.py as a `StageParts`; the sequence around them is the same for bo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from dist_train.control import preemption_requested
 from dist_train.data.ledger import Ledger, gather
 from dist_train.data.stream import Prefetcher
 from dist_train.faults import Faults
-from dist_train.model.build import LoadReport, flops_per_token, new_parameters
+from dist_train.model.build import LoadReport, flops_model, new_parameters
 from dist_train.outputs import ATTEMPTS, METRICS, RESULT, write_atomic
 from dist_train.progress import Progress
 from dist_train.train import adaptation
@@ -59,7 +60,6 @@ class StageParts:
     evaluate: Callable[[Any], dict[str, float]]  # engine -> metrics (collective)
     final: Callable[[Path], dict[str, Any]]  # export dir -> extra result entries (e.g. test metrics)
     loss_fn: LossFn  # (logits, labels) -> loss summed over the targets
-    seq_len: int  # for the attention term of FLOPs/token
     run_info: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint's meta.json
     export_adapter_only: bool = False  # LoRA: export the adapter alone instead of merging it
     loaded: LoadReport = field(default_factory=LoadReport)  # what loading the starting weights found
@@ -68,12 +68,43 @@ class StageParts:
     max_forgetting: float | None = None
     stop_on_forgetting: bool = False
     carry_unused: bool = False  # the export keeps the starting checkpoint's unused weights (BERT's pooler)
+    checkpointing: bool = False  # activation checkpointing as built (gradient_checkpointing auto resolved)
 
 
 def _earlier_export(path: Path) -> bool:
     """The stage's own export from a dist-train version before export markers: OUTPUT_DIR/<stage>/export
     beside the stage's checkpoints, holding a model."""
     return path.name == "export" and (path.parent / "checkpoints").is_dir() and (path / "config.json").is_file()
+
+
+def worker_memory(use_gpu: bool, world: World) -> float:
+    """Bytes one worker may use: its GPU's memory, or on CPU its share of the host's."""
+    if use_gpu and torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(world.local_world_size, 1)
+
+
+def checkpointing_for(cfg: RunConfig, stage: str, world: World) -> bool:
+    """Whether this stage recomputes activations: as configured, or for `auto` as the stage's memory
+    plan decides on rank 0's worker memory (every rank takes rank 0's answer), said on the console."""
+    setting = getattr(cfg, stage).train.gradient_checkpointing
+    if setting != "auto":
+        return bool(setting)
+    choice = None
+    if world.is_main:
+        from dist_train.config.sizing import AUTO_CHECKPOINTING_SHARE, auto_checkpointing
+
+        capacity = worker_memory(cfg.ray.use_gpu, world)
+        try:
+            choice, need = auto_checkpointing(cfg, stage, capacity)
+        except Exception as e:  # a model the plan cannot size: the safe choice
+            choice = True
+            print(f"[{stage}] gradient checkpointing on (auto: the memory plan failed: {str(e)[:120]})", flush=True)
+        else:
+            print(f"[{stage}] gradient checkpointing {'on' if choice else 'off'} (auto: {need / 2**30:.2f} GiB per "
+                  f"worker without it, {'over' if choice else 'within'} {AUTO_CHECKPOINTING_SHARE:.0%} of "
+                  f"{capacity / 2**30:.1f} GiB)", flush=True)
+    return bool(world.broadcast_object(choice))
 
 
 def after_step(step: int, heartbeat: Heartbeat | None, faults: Faults | None) -> None:
@@ -118,7 +149,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         head_steps = world.broadcast_object(ckpt.meta(tag).get("head_warmup_steps", 0) if world.is_main else None)
     ckpt.run_info["head_warmup_steps"] = head_steps  # every checkpoint records it
     t_engine = time.time()
-    engine = build_engine(parts.model, ds_config, section.optim.weight_decay, head if head_steps else None)
+    engine = build_engine(parts.model, ds_config, section.optim.weight_decay, head if head_steps else None,
+                          chunked_loss=section.train.chunked_loss)
     state = TrainState()
     resumed_from = None
     if tag is not None:
@@ -147,7 +179,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
 
     peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(section.deepspeed.precision),
                                           cfg.ray.cpus_per_worker)
-    fpt = flops_per_token(parts.model, parts.seq_len)
+    flops = flops_model(parts.model)
     log = MetricsLog(out / METRICS if world.is_main else None, stage, section.train.max_steps,
                      sys.stdout if world.is_main else None, tensorboard=out / "tensorboard", clock=clock,
                      start_step=state.step, attempt=attempt)
@@ -203,7 +235,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
                    cadence=Cadence(section.train.max_steps, section.train.log_every, section.train.eval_every,
                                    section.train.save_every, also_eval=(head_steps,) if head_steps else ()),
                    evaluate=evaluate, save=save, log=log, ledger=ledger, world=world,
-                   flops_per_token=fpt, peak_flops=peak, throughput=throughput,
+                   flops=flops, peak_flops=peak, throughput=throughput,
                    early_stopping=AnyOf(tuple(rules)) if rules else None,
                    stop_requested=lambda: preemption_requested(cfg.output_dir), after_step=stepped,
                    nonfinite=NonFiniteGuard(section.train.nonfinite_patience))
@@ -241,9 +273,9 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     result = {
         "world_size": world.world_size, "zero_stage": section.deepspeed.zero_stage,
         "precision": section.deepspeed.precision,
-        "gradient_checkpointing": section.train.gradient_checkpointing, "steps": state.step,
-        "tokens": state.tokens, "tokens_per_s": tps, "mfu": fpt * tps / (peak * world.world_size),
-        "flops_per_token": fpt, "peak_flops_per_worker": peak, "peak_source": peak_source,
+        "gradient_checkpointing": parts.checkpointing, "steps": state.step,
+        "tokens": state.tokens, "tokens_per_s": tps, "mfu": throughput.flops_per_s / (peak * world.world_size),
+        "flops_per_token": throughput.flops_per_token, "peak_flops_per_worker": peak, "peak_source": peak_source,
         "final_train_loss": state.last_loss, "replaced_samples": state.replaced_samples, "eval": state.last_eval,
         "skipped_steps": engine.skipped_steps,
         "export_dir": str(export_dir), "exported_checkpoint": exported,

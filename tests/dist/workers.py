@@ -173,7 +173,7 @@ def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
     import torch
 
     from dist_train.data.ledger import Ledger
-    from dist_train.model.build import flops_per_token
+    from dist_train.model.build import flops_model
     from dist_train.train.loop import Cadence, TrainState, train_loop
     from dist_train.train.metrics import MetricsLog, Throughput
 
@@ -183,7 +183,7 @@ def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
     log = MetricsLog(metrics if world.is_main else None, "pretrain", steps, None)
     train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=TrainState(), cadence=Cadence(steps, 1, 0, 0),
                evaluate=lambda: {}, save=lambda step: None, log=log, ledger=Ledger(rank, world_size, 0.0),
-               world=world, flops_per_token=flops_per_token(parts.model, 32), peak_flops=1e12,
+               world=world, flops=flops_model(parts.model), peak_flops=1e12,
                throughput=Throughput())
     log.close()
     if world.is_main:
@@ -467,7 +467,7 @@ def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: s
     """The real loop with a learning rate that blows the weights up: it must stop with NonFiniteLoss on every
     rank at the same step, having saved only finite steps."""
     from dist_train.data.ledger import Ledger
-    from dist_train.model.build import flops_per_token
+    from dist_train.model.build import FlopsModel, flops_model
     from dist_train.train.loop import Cadence, NonFiniteGuard, NonFiniteLoss, TrainState, train_loop
     from dist_train.train.metrics import MetricsLog, Throughput
 
@@ -479,7 +479,7 @@ def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: s
     try:
         train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state, cadence=Cadence(12, 1, 0, 1),
                    evaluate=lambda: {}, save=saved.append, log=MetricsLog(None, "pretrain", 12, None),
-                   ledger=Ledger(rank, world_size, 0.0), world=world, flops_per_token=flops_per_token(parts.model, 32),
+                   ledger=Ledger(rank, world_size, 0.0), world=world, flops=flops_model(parts.model),
                    peak_flops=1e12, throughput=Throughput(), nonfinite=NonFiniteGuard(2))
     except NonFiniteLoss as e:
         error = str(e)
@@ -490,7 +490,7 @@ def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: s
         train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state,
                    cadence=Cadence(state.step + 1, 1, 0, 1), evaluate=lambda: {}, save=saved.append,
                    log=MetricsLog(None, "pretrain", state.step + 1, None), ledger=Ledger(rank, world_size, 0.0),
-                   world=world, flops_per_token=1.0, peak_flops=1e12, throughput=Throughput(),
+                   world=world, flops=FlopsModel(1.0, 0.0), peak_flops=1e12, throughput=Throughput(),
                    nonfinite=NonFiniteGuard(5))
     except NonFiniteLoss as e:
         at_end = str(e)

@@ -14,7 +14,17 @@ def test_quickstart_loads_with_documented_names():
     assert cfg.ray.num_workers == 2
     assert cfg.pretrain.deepspeed.zero_stage == 2
     assert cfg.pretrain.deepspeed.precision == "bf16"
-    assert cfg.finetune.train.gradient_checkpointing is True
+    assert cfg.finetune.train.gradient_checkpointing == "auto"  # the memory plan decides on the workers
+    assert cfg.finetune.data.group_by_length and cfg.finetune.data.packing is None and cfg.finetune.train.chunked_loss
+
+
+def test_gradient_checkpointing_takes_auto_true_or_false_and_nothing_else():
+    assert load_config(QUICKSTART, ["finetune.train.gradient_checkpointing=true"]).finetune.train.gradient_checkpointing \
+        is True
+    assert load_config(QUICKSTART, ["pretrain.train.gradient_checkpointing=false"]).pretrain.train.gradient_checkpointing \
+        is False
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing = 1 \(int\) is not one of \['auto', True, False\]"):
+        load_config(QUICKSTART, ["pretrain.train.gradient_checkpointing=1"])
 
 
 def test_overrides_reach_every_field_and_parse_types():
@@ -86,7 +96,7 @@ def test_a_partial_section_overrides_its_place_specific_defaults():
     from dist_train.config.loader import load_config
 
     cfg = load_config(None, ["finetune.data.train=x.jsonl", "finetune.train.max_steps=7", "finetune.optim.lr=1e-3"])
-    assert cfg.finetune.train.export == "best" and cfg.finetune.train.gradient_checkpointing is True
+    assert cfg.finetune.train.export == "best" and cfg.finetune.train.gradient_checkpointing == "auto"
     assert cfg.finetune.train.max_steps == 7 and cfg.finetune.optim.lr == 1e-3
     assert cfg.finetune.optim.weight_decay == 0.01  # the finetune default, not the pretrain one (0.1)
 

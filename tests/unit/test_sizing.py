@@ -33,12 +33,15 @@ def test_model_states_per_rank_follow_the_zero_paper(stage):
 
 
 def test_lora_trains_only_the_adapters():
-    plan = plan_stage(recipe(), "finetune", Hardware(4, 8, 80 * GiB))
+    plan = plan_stage(recipe("finetune.deepspeed.zero_stage=3"), "finetune", Hardware(4, 8, 80 * GiB))
     # r · (in + out) for q, k, v, o, gate, up, down in each of the 32 layers (GQA: k, v are 1024 wide).
     per_layer = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + (4096 + 14336) * 3)
     assert plan.trainable == 32 * per_layer
     assert plan.states.weights == pytest.approx(2 * PSI / 32)  # frozen weights: 16 bits, partitioned at ZeRO-3
     assert plan.states.optimizer == pytest.approx(12 * 32 * per_layer / 32)
+    # the recipe's ZeRO-2: the frozen weights whole on every GPU (16 GB of 80), no per-layer gathers
+    whole = plan_stage(recipe(), "finetune", Hardware(4, 8, 80 * GiB))
+    assert whole.states.weights == pytest.approx(2 * PSI) and whole.device_total(False) < 0.75 * 80 * GiB
 
 
 def test_activations_follow_korthikanti_for_a_gpt_block():
@@ -53,18 +56,44 @@ def test_activations_follow_korthikanti_for_a_gpt_block():
     assert ckpt.blocks == 24 * 2 * s * h + (34 * h + 5 * a * s) * s
 
 
-def test_recipe_fits_80gb_with_checkpointing_and_a_small_gpu_gets_a_warning():
+def test_recipe_fits_80gb_without_checkpointing_and_a_small_gpu_gets_a_warning():
     res = run_cli("validate", str(RECIPE), ARCH, "--plan", "--stage", "pretrain", "--nodes", "4",
                   "--gpus-per-node", "8", "--gpu-memory", "80GB")
     assert res.returncode == 0, res.stderr
-    assert "total, checkpointing on" in res.stdout and "fits (25% of the GPU)" in res.stdout
+    assert "total, checkpointing on                12.27" in res.stdout and "fits (15% of the GPU)" in res.stdout
+    assert "activations, checkpointing off         45.64      0.00  <- auto picks this" in res.stdout
+    assert "fits (66% of the GPU)" in res.stdout  # within auto's 75%: checkpointing stays off
     assert "warning" not in res.stdout
     res = run_cli("validate", str(RECIPE), ARCH, "--plan", "--stage", "pretrain", "--nodes", "4",
                   "--gpus-per-node", "8", "--gpu-memory", "24GB", "pretrain.train.gradient_checkpointing=false")
     assert res.returncode == 0, res.stderr
     assert "DOES NOT FIT" in res.stdout
-    assert "warning: will not fit: 60.0 GiB per GPU needed, 21.6 GiB usable (90% of 24); try " \
+    assert "warning: will not fit: 52.4 GiB per GPU needed, 21.6 GiB usable (90% of 24); try " \
            "pretrain.train.gradient_checkpointing=true" in res.stdout
+
+
+def test_the_chunked_loss_keeps_the_128k_vocabulary_logits_out_of_the_plan():
+    """Full logits at 128256 × 2 × 4096 tokens: (2 + 4 + 4) bytes each, 9.79 GiB; chunked: a 64 MiB chunk and its
+    softmax, the hidden states' gradient (2 bytes × h per token) and the head's fp32 gradient (4·V·h)."""
+    on, off = (plan_stage(recipe(f"pretrain.train.chunked_loss={v}"), "pretrain", Hardware(4, 8, 80 * GiB))
+               for v in ("true", "false"))
+    assert off.act_on.lm_head == pytest.approx(10 * 128256 * 2 * 4096)
+    assert on.act_on.lm_head == pytest.approx(8 * 2**24 + 2 * 4096 * 2 * 4096 + 4 * 128256 * 4096)
+    assert off.act_on.lm_head / GiB == pytest.approx(9.79, abs=0.01) and on.act_on.lm_head / GiB < 2.2
+    assert on.full_logits == off.act_on.lm_head
+
+
+def test_auto_checkpointing_is_off_where_the_plan_has_room_and_on_where_it_does_not():
+    from dist_train.config.sizing import auto_checkpointing
+
+    assert plan_stage(recipe(), "pretrain", Hardware(4, 8, 80 * GiB)).checkpointing is False
+    assert plan_stage(recipe(), "pretrain", Hardware(4, 8, 40 * GiB)).checkpointing is True
+    assert plan_stage(recipe(), "pretrain", Hardware(4, 8)).checkpointing is None  # decided on the workers
+    assert plan_stage(recipe("pretrain.train.gradient_checkpointing=true"), "pretrain",
+                      Hardware(4, 8, 80 * GiB)).checkpointing is True
+    on, need = auto_checkpointing(recipe("ray.num_workers=32"), "pretrain", 80 * GiB)
+    assert not on and need / GiB == pytest.approx(52.41, abs=0.01)
+    assert auto_checkpointing(recipe("ray.num_workers=32"), "pretrain", 40 * GiB)[0]
 
 
 def test_a_plan_names_what_does_not_divide():

@@ -32,8 +32,18 @@ def build(cfg_dict, world, start_step=0):
     cfg = from_dict(cfg_dict)
     d = derive_stage(cfg, "pretrain", world.world_size)
     parts = build_pretrain(cfg, d, world)
-    engine = build_engine(parts.model, d.deepspeed, cfg.pretrain.optim.weight_decay)
+    engine = build_engine(parts.model, d.deepspeed, cfg.pretrain.optim.weight_decay,
+                          chunked_loss=cfg.pretrain.train.chunked_loss)
     return cfg, d, parts, engine, parts.batches(start_step)
+
+
+def full_weights(module) -> dict:
+    """Every parameter whole, as fp32 copies (gathered first under ZeRO-3); a collective there."""
+    import deepspeed
+
+    params = list(module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params if hasattr(p, "ds_id")]):
+        return {n: p.detach().float().clone() for n, p in params}
 
 
 def run_steps(engine, loss_fn, batches, n, world=None):
@@ -179,6 +189,7 @@ def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
 
     world = init_process(rank, world_size, port)
     cfg, d, parts, engine, batches = build(cfg_dict, world)
+    start = full_weights(engine.module)
     metrics = Path(out).with_suffix(".jsonl")
     log = MetricsLog(metrics if world.is_main else None, "pretrain", steps, None)
     train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=TrainState(), cadence=Cadence(steps, 1, 0, 0),
@@ -186,11 +197,12 @@ def train_with_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: 
                world=world, flops=flops_model(parts.model), peak_flops=1e12,
                throughput=Throughput())
     log.close()
+    end = full_weights(engine.module)
     if world.is_main:
         losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
-        torch.save({n: p.detach().float() for n, p in engine.module.named_parameters()},
-                   Path(out).with_suffix(".pt"))
-        Path(out).write_text(json.dumps({"losses": losses}))
+        torch.save(end, Path(out).with_suffix(".pt"))
+        torch.save(start, Path(out).with_suffix(".init.pt"))
+        Path(out).write_text(json.dumps({"losses": losses, "chunked_head": engine.head is not None}))
     torch.distributed.destroy_process_group()
 
 

@@ -87,7 +87,8 @@ def test_report_matches_the_contract(quickstart):
         metric = s["best_metric"]
         assert metric in json.loads((ckpts / best / "meta.json").read_text())["eval"]
     pre, ft = report["stages"]["pretrain"], report["stages"]["finetune"]
-    assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is True
+    # auto: both stages fit with room to spare, so neither recomputes activations
+    assert pre["gradient_checkpointing"] is False and ft["gradient_checkpointing"] is False
     assert pre["eval"]["loss"] < 7.5  # ln(4096) = 8.3 at random init: it learned the domain
     tb = read_tensorboard(out / "pretrain" / "tensorboard")
     assert tb["pretrain/eval/domain/perplexity"][0][0] == 0, "the step-0 baseline reaches TensorBoard too"

@@ -270,7 +270,7 @@ def test_configuration_reference_is_generated_and_current():
         # a key inside a list section is written with [] after the list's name: pretrain.data.mix[].weight
         variants = [key] + [key[:i] + "[]" + key[i:] for i, c in enumerate(key) if c == "."]
         assert any(f"| `{v}` |" in page for v in variants), key
-    assert "| `finetune.train.gradient_checkpointing` | bool | `true` |" in page  # the section's own default
+    assert "| `finetune.optim.lr` | float | `5e-05` |" in page  # the section's own default, not pretrain's
     assert "| `ray.num_workers` | int | `2` | ≥ 1 |" in page
 
 

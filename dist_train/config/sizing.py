@@ -299,8 +299,9 @@ def render(plan: StagePlan) -> str:
         mark = ("  <- auto picks this" if plan.auto else "  <- configured") if on == plan.checkpointing else ""
         lines.append(row(f"activations, checkpointing {'on' if on else 'off'}", act.total, note=mark))
     if plan.act_on.lm_head and plan.section.train.chunked_loss:
-        lines.append(f"      of which the LM head, chunked loss: {plan.act_on.lm_head / div:.2f} {unit} (full logits would "
-                     f"take {plan.full_logits / div:.2f}: {(plan.full_logits - plan.act_on.lm_head) / div:.2f} saved)")
+        head, full = plan.act_on.lm_head / div, plan.full_logits / div
+        lines.append(f"      of which the LM head, chunked loss: {head:.2f} {unit} "
+                     f"(full logits would take {full:.2f}: {full - head:.2f} saved)")
     elif plan.act_on.lm_head:
         lines.append(f"      of which the LM head's logits: {plan.act_on.lm_head / div:.2f} {unit} (train.chunked_loss "
                      "would save most of it)")

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from dist_train.data.manifest import DataError
-from dist_train.tasks import metrics as M
 from dist_train.model.lm_head import LMLoss
+from dist_train.tasks import metrics as M
 from dist_train.tasks.batching import Example, collate_packed, collate_tokens
 
 IGNORE = -100

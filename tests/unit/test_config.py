@@ -19,10 +19,9 @@ def test_quickstart_loads_with_documented_names():
 
 
 def test_gradient_checkpointing_takes_auto_true_or_false_and_nothing_else():
-    assert load_config(QUICKSTART, ["finetune.train.gradient_checkpointing=true"]).finetune.train.gradient_checkpointing \
-        is True
-    assert load_config(QUICKSTART, ["pretrain.train.gradient_checkpointing=false"]).pretrain.train.gradient_checkpointing \
-        is False
+    on = load_config(QUICKSTART, ["finetune.train.gradient_checkpointing=true"])
+    off = load_config(QUICKSTART, ["pretrain.train.gradient_checkpointing=false"])
+    assert on.finetune.train.gradient_checkpointing is True and off.pretrain.train.gradient_checkpointing is False
     with pytest.raises(ConfigError, match=r"gradient_checkpointing = 1 \(int\) is not one of \['auto', True, False\]"):
         load_config(QUICKSTART, ["pretrain.train.gradient_checkpointing=1"])
 

@@ -8,19 +8,19 @@ import torch
 from dist_train.model.build import FlopsModel, flops_model, flops_per_token
 from dist_train.train.metrics import Throughput, device_peak_flops, table_peak
 
-H, I, L, V, HEADS, KV = 32, 64, 2, 101, 4, 2
+H, FF, L, V, HEADS, KV = 32, 64, 2, 101, 4, 2
 KV_DIM = KV * (H // HEADS)
 
 
 def llama(auto: str, **kw):
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L,
                                    num_attention_heads=HEADS, num_key_value_heads=KV, **kw)
     return getattr(transformers, auto)(cfg)
 
 
-BLOCK = 2 * H * H + 2 * H * KV_DIM + 3 * H * I  # q, o; k, v; gate, up, down
+BLOCK = 2 * H * H + 2 * H * KV_DIM + 3 * H * FF  # q, o; k, v; gate, up, down
 
 
 def test_a_task_head_with_tied_embeddings_counts_no_embedding():

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-BENCHES = {"throughput": "bench.throughput", "mfu": "bench.mfu", "data": "bench.data", "memory": "bench.memory"}
+BENCHES = {"throughput": "bench.throughput", "finetune": "bench.finetune", "mfu": "bench.mfu", "data": "bench.data",
+           "memory": "bench.memory"}
 
 
 def machine() -> dict:

@@ -19,7 +19,7 @@ def test_the_harness_lists_every_benchmark():
     res = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, cwd=REPO,
                          timeout=120)
     assert res.returncode == 0, res.stderr
-    for name in ("all", "throughput", "mfu", "data", "memory"):
+    for name in ("all", "throughput", "finetune", "mfu", "data", "memory"):
         assert name in res.stdout
 
 
@@ -60,6 +60,53 @@ def test_throughput_verdicts_follow_the_goals():
     text = markdown(_throughput(ratio_vs_torchrun=0.97, ratio_vs_hf_trainer=1.05, mfu_dist_train=0.44))
     assert "| 0.970 | ≥ 0.98 | **not met** |" in text and "| 1.050 | ≥ 1.10 | **not met** |" in text
     assert "| 44.0% | ≥ 45% | **not met** |" in text
+
+
+def test_a_ratio_is_claimed_only_when_its_interval_clears_the_goal():
+    from bench.stats import ratio_of_medians
+
+    fast, slow = [120.0, 118.0, 125.0, 121.0, 119.0], [100.0, 101.0, 99.0, 102.0, 98.0]
+    r = ratio_of_medians(fast, slow)
+    assert r.value == pytest.approx(120 / 100) and r.low <= r.value <= r.high
+    assert r.verdict(1.10) == "met" and r.verdict(1.30) == "not met"
+    noisy = ratio_of_medians([80.0, 130.0, 125.0], [100.0, 101.0, 99.0])
+    assert noisy.low < 1.0 < noisy.high and noisy.verdict(1.0) == "not distinguishable"
+    assert ratio_of_medians(fast, slow) == r  # deterministic: the same runs give the same interval
+    single = ratio_of_medians([110.0], [100.0])
+    assert single.low == single.high == single.value  # one run each: a point, no claim of spread
+    with pytest.raises(ValueError, match="at least one run"):
+        ratio_of_medians([], slow)
+
+
+def test_finetune_table_states_runs_intervals_and_padding():
+    from bench.finetune import ARCH, SYSTEMS, markdown, summarise
+
+    samples = {"dist_train": [300.0, 310.0, 305.0], "dist_train_ungrouped": [200.0, 210.0, 190.0],
+               "hf_trainer": [180.0, 190.0, 185.0], "hf_trainer_grouped": [250.0, 300.0, 230.0]}
+    task = summarise(samples, {"grouped": 0.93, "shuffled": 0.41})
+    assert task["ratios"]["hf_trainer"]["verdict"] == "met"  # 305 / 185 ≥ 1.5
+    assert task["ratios"]["hf_trainer_grouped"]["verdict"] == "not distinguishable"
+    assert task["ratios"]["dist_train_ungrouped"]["verdict"] is None  # no goal: what grouping buys
+    r = {"machine": {"date": "2026-01-01", "cpu": "cpu", "cpu_count": 2, "torch": "2"}, "tasks": {"sft": task},
+         "repeats": 3, "timed_steps": 30, "warmup_steps": 4, "global_batch": 32, "micro_batch": 8, "workers": 2,
+         "arch": ARCH}
+    text = markdown(r)
+    assert "| 300, 310, 305 |" in text and "93% length-grouped, 41% shuffled" in text
+    assert text.count("**met**") == 1 and "**not distinguishable**" in text and len(SYSTEMS) == 4
+    assert "| what grouping buys |" in text
+
+
+def test_the_padding_share_comes_from_the_workers_plan(tmp_path, task_dir, tokenizer_dir):
+    """Grouping by length raises the share of computed positions that are real tokens, measured with the
+    plan functions the workers use (on the quickstart's classification task)."""
+    from bench.finetune import padding_shares
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "task").symlink_to(task_dir)
+    (data / "tokenizer").symlink_to(tokenizer_dir)
+    shares = padding_shares(tmp_path, data, "classification")
+    assert 0 < shares["shuffled"] < shares["grouped"] <= 1, shares
 
 
 def test_variants_change_one_thing_each():

@@ -350,7 +350,10 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
 
         if ft.data.packing and ft.task != "sft":
             raise ConfigError(f"finetune.data.packing=true packs causal-LM examples, and task {ft.task!r} is not "
-                              "one: set it to null or false (length grouping already keeps its padding low)")
+                              "one: set it to false (length grouping already keeps its padding low)")
+        if ft.data.packing and cfg.model.trust_remote_code:
+            raise ConfigError("finetune.data.packing=true confines attention through position_ids, which a model's "
+                              "remote code may ignore (examples would see each other): set packing to false")
 
         for name in ("train", "validation", "test"):
             path = getattr(ft.data, name)

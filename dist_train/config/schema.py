@@ -273,11 +273,11 @@ class FinetuneData:
                                 "windows of 50 global batches, the batches shuffled again), so batches pad "
                                 "to their own longest example, not to a random one; false: plain shuffling.",
                                 True)
-    packing: bool | None = doc("sft: pack several examples into one row of max_length tokens (positions "
-                               "restart and attention stays within each example), so no position is padding; "
-                               "null: on for sft where flash_attn is installed on a GPU (its variable-length "
-                               "kernel), off otherwise (on CPU the dense block mask costs more than the "
-                               "padding it saves). Other tasks cannot pack.", None)
+    packing: bool = doc("sft: pack several examples into one row of max_length tokens (positions restart "
+                        "and attention stays within each example: a block mask from position_ids), so no "
+                        "position is padding. Off by default: on CPU the block mask costs more than the "
+                        "padding it saves (measured), and the flash-attention variable-length path is not "
+                        "wired yet. Other tasks cannot pack.", False)
 
 
 @dataclass(frozen=True)

@@ -318,7 +318,9 @@ class FlopsModel:
     to every token; `head`: the LM head (tied or not), applied to every token, or only to the tokens
     with a target when the chunked loss skips the rest. `per_attention`: 12·L·H per (query, key) pair,
     counted over each sequence's real length and without halving for causal masks (PaLM's
-    convention). Recomputation by activation checkpointing is not counted: this is MFU, not HFU.
+    convention; H is heads × head_dim, which some models set apart from the hidden size). A mixture of
+    experts counts the top-k share of its expert weights. Recomputation by activation checkpointing is
+    not counted: this is MFU, not HFU.
     """
 
     per_token: float
@@ -340,6 +342,8 @@ def flops_model(model: torch.nn.Module) -> FlopsModel:
     """The FlopsModel of `model` (partitioned ZeRO-3 parameters count at their full size)."""
     get = getattr(model, "get_output_embeddings", None)
     output = get() if get is not None else None
+    config = model.config
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     body = head = 0.0
     for module in model.modules():
         # transformers' Conv1D (GPT-2) is a Linear with its weight transposed
@@ -349,13 +353,25 @@ def flops_model(model: torch.nn.Module) -> FlopsModel:
                 head += cost
             else:
                 body += cost
-    cfg = model.config
-    return FlopsModel(body, 12.0 * cfg.num_hidden_layers * cfg.hidden_size, head)
+        elif isinstance(getattr(module, "num_experts", None), int):
+            # a mixture of experts stored as 3-D weights (transformers 5's Mixtral, Qwen-MoE): each token
+            # passes through top-k of the experts, so it costs that share of their weights; the router's
+            # 2-D weight (applied with F.linear, not a Linear) is applied to every token
+            share = getattr(cfg, "num_experts_per_tok", 1) / module.num_experts
+            body += sum((6.0 if p.requires_grad else 4.0) * _numel(p) * (share if _ndim(p) == 3 else 1.0)
+                        for p in module.parameters(recurse=False) if _ndim(p) in (2, 3))
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return FlopsModel(body, 12.0 * cfg.num_hidden_layers * heads * head_dim, head)
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token at sequences of `seq_len` tokens (see FlopsModel)."""
     return flops_model(model).per_token_at(seq_len)
+
+
+def _ndim(p: torch.Tensor) -> int:
+    return len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 placeholder is 1-D; ds_shape is the real shape
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -21,7 +21,8 @@ from dist_train.config.memory import LOSS_CHUNK_ELEMENTS
 
 IGNORE = -100
 # transformers configs whose models transform logits after the head: the chunked loss would skip that
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                    "lm_head_multiplier", "output_multiplier")
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool) -> torch.Tensor:
@@ -59,7 +60,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         want_b = grads and bias is not None and ctx.needs_input_grad[2]
-        g_hidden = torch.empty_like(hidden) if want_h else None
+        # fp16: the input gradient is kept in fp32 until backward has applied the loss scale, since the
+        # softmax's small entries would underflow in fp16 before it (bf16 has fp32's range)
+        h_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+        g_hidden = torch.empty(hidden.shape, dtype=h_dtype, device=hidden.device) if want_h else None
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         g_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
         for start in range(0, hidden.shape[0], rows):
@@ -72,7 +76,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             d = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits: one chunk alive
             d[torch.arange(len(y), device=d.device), y] -= 1.0  # d loss / d logits
             if g_hidden is not None:
-                g_hidden[start:start + rows] = d.to(weight.dtype) @ weight
+                g_hidden[start:start + rows] = d.to(h_dtype) @ weight.to(h_dtype)
             if g_weight is not None:
                 g_weight.addmm_(d.t(), h.float())
             if g_bias is not None:
@@ -96,6 +100,7 @@ class ChunkedLMHead(torch.nn.Linear):
 
     targets: torch.Tensor | None = None
     grads: bool = True
+    output: torch.Tensor | None = None  # what the last forward inside loss_of returned
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
@@ -103,18 +108,19 @@ class ChunkedLMHead(torch.nn.Linear):
         flat = self.targets.reshape(-1).to(hidden.device)
         keep = flat != IGNORE
         rows = max(1, LOSS_CHUNK_ELEMENTS // self.out_features)
-        return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1])[keep], self.weight, self.bias,
-                                          flat[keep], rows, self.grads)
+        self.output = _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1])[keep], self.weight, self.bias,
+                                                 flat[keep], rows, self.grads)
+        return self.output
 
     @contextlib.contextmanager
     def loss_of(self, targets: torch.Tensor) -> Iterator[None]:
         """Within this, a forward returns the loss of `targets` ((B, T), -100 where none); `grads`
         follows torch's grad mode at entry (no gradient work under torch.no_grad)."""
-        self.targets, self.grads = targets, torch.is_grad_enabled()
+        self.targets, self.grads, self.output = targets, torch.is_grad_enabled(), None
         try:
             yield
         finally:
-            self.targets = None
+            self.targets = self.output = None
 
 
 def chunked_head(model: torch.nn.Module) -> ChunkedLMHead | None:
@@ -123,7 +129,9 @@ def chunked_head(model: torch.nn.Module) -> ChunkedLMHead | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
     config = getattr(model, "config", None)
-    if type(head) is not torch.nn.Linear or any(getattr(config, k, None) for k in LOGIT_TRANSFORMS):
+    # a multimodal wrapper keeps the language model's settings in its text config
+    configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
+    if type(head) is not torch.nn.Linear or any(getattr(c, k, None) for c in configs for k in LOGIT_TRANSFORMS):
         return head if isinstance(head, ChunkedLMHead) else None
     head.__class__ = ChunkedLMHead
     return head

@@ -44,7 +44,15 @@ class Engine:
         labels = batch.pop("labels")
         if self.head is not None and isinstance(loss_fn, LMLoss):
             with self.head.loss_of(loss_fn.targets(labels)):
-                return self.ds(**batch).logits  # the head's output: the summed loss
+                loss = self.ds(**batch).logits  # the head's output: the summed loss
+                if loss is self.head.output:
+                    return loss
+            # The model changed what its head returned (a soft-cap or scale that no config key named):
+            # that would be applied to the loss itself. Use full logits from now on (the same on every
+            # rank: it depends only on the model's code); this micro batch's forward is simply repeated.
+            print("[train] the model transforms its logits after the LM head; train.chunked_loss is off for this "
+                  "run (full logits)", flush=True)
+            self.head = None
         return loss_fn(self.ds(**batch).logits, labels)
 
     def step(self) -> None:

@@ -8,7 +8,6 @@ exported model (loaded back with plain transformers), so the report describes wh
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,9 @@ def resolve_init_from(cfg: RunConfig) -> str | None:
     return init or cfg.model.name_or_path
 
 
-def packs(cfg: RunConfig, use_gpu: bool | None = None) -> bool:
-    """Whether SFT examples are packed into rows (finetune.data.packing; null: where flash_attn's
-    variable-length kernel runs them, a GPU with flash_attn installed)."""
-    sec = cfg.finetune
-    if sec.task != "sft" or sec.data.packing is False:
-        return False
-    if sec.data.packing:
-        return True
-    gpu = cfg.ray.use_gpu if use_gpu is None else use_gpu
-    return bool(gpu and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None)
+def packs(cfg: RunConfig) -> bool:
+    """Whether SFT examples are packed into rows (finetune.data.packing; validated to be sft)."""
+    return cfg.finetune.task == "sft" and cfg.finetune.data.packing
 
 
 def evaluate_records(task: Task, forward: Callable[[dict[str, torch.Tensor]], Any], examples: list[Example],

@@ -15,7 +15,7 @@ def test_quickstart_loads_with_documented_names():
     assert cfg.pretrain.deepspeed.zero_stage == 2
     assert cfg.pretrain.deepspeed.precision == "bf16"
     assert cfg.finetune.train.gradient_checkpointing == "auto"  # the memory plan decides on the workers
-    assert cfg.finetune.data.group_by_length and cfg.finetune.data.packing is None and cfg.finetune.train.chunked_loss
+    assert cfg.finetune.data.group_by_length and cfg.finetune.data.packing is False and cfg.finetune.train.chunked_loss
 
 
 def test_gradient_checkpointing_takes_auto_true_or_false_and_nothing_else():

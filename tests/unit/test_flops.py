@@ -47,6 +47,25 @@ def test_lora_counts_frozen_weights_at_4_and_adapters_at_6():
     assert f.head == 4 * V * H  # the LM head is frozen too
 
 
+def test_attention_width_is_heads_times_head_dim_not_the_hidden_size():
+    # Qwen3-0.6B style: 16 heads of 128 (2048 wide) on a hidden size of 1024; here 4 heads of 16 on 32
+    f = flops_model(llama("LlamaForCausalLM", head_dim=16))
+    assert f.per_attention == 12 * L * HEADS * 16
+
+
+def test_a_mixture_of_experts_counts_the_top_k_share_of_its_experts():
+    import transformers
+
+    E, K = 4, 2
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=FF, num_hidden_layers=L, num_attention_heads=HEADS,
+        num_key_value_heads=KV, num_local_experts=E, num_experts_per_tok=K, tie_word_embeddings=False))
+    attention, router, experts = 2 * H * H + 2 * H * KV_DIM, E * H, E * 3 * H * FF
+    f = flops_model(model)
+    assert f.per_token == 6 * L * (attention + router + experts * K / E)
+    assert f.head == 6 * V * H
+
+
 def test_attention_counts_real_lengths_and_the_chunked_head_only_targets():
     f = FlopsModel(per_token=100.0, per_attention=10.0, head=1000.0)
     # two examples of 3 and 5 tokens: 8 tokens, 9 + 25 attention pairs (not 2 × 8² of a padded batch)

@@ -103,6 +103,53 @@ def test_heads_it_cannot_replace_are_left_alone():
     assert type(capped.get_output_embeddings()) is torch.nn.Linear
 
 
+def test_a_logit_transform_named_by_a_config_or_not_never_reaches_the_loss(capsys):
+    """A multiplier named in the config (Falcon-H1's lm_head_multiplier) keeps HF's head; one that no key
+    names (here a subclass that doubles the logits) is caught at the first loss, which is then computed
+    from full logits, correctly, with one console line."""
+    import transformers
+
+    from dist_train.train.engine import Engine
+
+    cfg = tiny("clm").config
+    named = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg.to_dict(), "lm_head_multiplier": 0.5}))
+    assert chunked_head(named) is None
+
+    class Doubled(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    torch.manual_seed(0)
+    model = Doubled(cfg).train(False)
+    engine = Engine(model, chunked_head(model))  # the HF model is callable like DeepSpeed's engine
+    assert engine.head is not None
+    b = batch("clm")
+    loss = engine.loss(dict(b), LMLoss(shift=True))
+    with torch.no_grad():
+        expected = LMLoss(shift=True)(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                      b["labels"])
+    assert engine.head is None and torch.allclose(loss, expected, rtol=1e-5)
+    assert "transforms its logits after the LM head" in capsys.readouterr().out
+
+
+def test_in_fp16_under_a_loss_scale_the_input_gradient_matches_fp32():
+    """fp16 with a loss scale, as DeepSpeed's fp16 mode runs it: the hidden states' gradient matches an
+    fp32 reference (the chunked loss keeps it in fp32 until backward has applied the scale)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 5000, bias=False).half()
+    hidden = (torch.randn(8, 16) * 0.01).half().requires_grad_()
+    targets = torch.randint(0, 5000, (8,))
+    head.__class__ = ChunkedLMHead
+    with head.loss_of(targets[None]):
+        loss = head(hidden[None])
+    (loss * 65536.0).backward()  # what fp16 loss scaling does
+    ref = hidden.detach().float().requires_grad_()
+    (torch.nn.functional.cross_entropy(ref @ head.weight.float().t(), targets, reduction="sum") * 65536.0).backward()
+    torch.testing.assert_close(hidden.grad.float(), ref.grad, rtol=2e-2, atol=1e-2)
+
+
 PEAK = """
 import json, sys, torch
 from dist_train.model.lm_head import ChunkedLMHead, LMLoss

@@ -1,7 +1,7 @@
 """Turning tokenized examples into model batches with as little padding as the data allows.
 
-An *example* is what a task's `featurize` makes of one record: plain Python lists of token ids
-(and per-token labels where the task has them), tokenized once per split. A batch pads its
+An *example* is what a task's `featurize` makes of one record: token ids (and per-token labels
+where the task has them), tokenized once per split; `compact` stores them as int32 arrays. A batch pads its
 examples to the longest of them rounded up to a multiple of 8 (tensor-core friendly, never past
 the task's max_length), not to a fixed width. Packing (SFT) puts several examples in one row
 with position ids restarting at each, so no position is padding and, with no attention mask,
@@ -10,8 +10,10 @@ transformers confines attention to each example (a block-diagonal causal mask).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 PAD_MULTIPLE = 8
@@ -26,9 +28,27 @@ def pad_width(lengths: list[int], limit: int) -> int:
     return min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(longest, limit))
 
 
-def pad_rows(rows: list[list[int]], width: int, value: int, left: bool = False) -> torch.Tensor:
-    return torch.tensor([([value] * (width - len(r)) if left else []) + list(r)
-                         + ([] if left else [value] * (width - len(r))) for r in rows], dtype=torch.long)
+def pad_rows(rows: Sequence[Sequence[int]], width: int, value: int, left: bool = False) -> torch.Tensor:
+    """(len(rows), width) int64: each row (a list or an int array) padded with `value` on the right
+    (or the left)."""
+    out = np.full((len(rows), width), value, dtype=np.int64)
+    for j, r in enumerate(rows):
+        if len(r) and left:
+            out[j, width - len(r):] = r
+        elif len(r):
+            out[j, :len(r)] = r
+    return torch.from_numpy(out)
+
+
+def compact(examples: list[Example]) -> list[Example]:
+    """The examples with their per-token fields (lists of ints as long as input_ids) as int32 arrays,
+    in place: a tokenized split held for a whole run takes 4 bytes a token, not a Python int's 36."""
+    for e in examples:
+        n = len(e["input_ids"])
+        for key, value in e.items():
+            if isinstance(value, list) and len(value) == n and (not value or isinstance(value[0], int)):
+                e[key] = np.asarray(value, dtype=np.int32)
+    return examples
 
 
 def collate_tokens(examples: list[Example], limit: int, token_pads: dict[str, int], left: bool = False
@@ -75,9 +95,10 @@ def collate_packed(examples: list[Example], width: int, pad_id: int) -> dict[str
         i, y, p = [], [], []
         for k in row:
             e = examples[k]
-            i += e["input_ids"]
-            y += [IGNORE, *e["labels"][1:]]
-            p += list(range(len(e["input_ids"])))
+            # extend, not +=: with an int array on the right, list += would be numpy's elementwise add
+            i.extend(e["input_ids"])
+            y.extend([IGNORE, *e["labels"][1:]])
+            p.extend(range(len(e["input_ids"])))
         ids.append(i)
         labels.append(y)
         positions.append(p)

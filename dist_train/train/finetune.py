@@ -22,7 +22,7 @@ from dist_train.model.build import build_task_model, load_tokenizer
 from dist_train.outputs import TEST_STATS
 from dist_train.progress import Progress
 from dist_train.tasks import Task, build_task
-from dist_train.tasks.batching import Example
+from dist_train.tasks.batching import Example, compact
 from dist_train.tasks.compare import ExampleStats
 from dist_train.tasks.records import read_splits, task_spec
 from dist_train.train.engine import model_construction
@@ -102,7 +102,8 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     spec = task_spec(cfg)
     task = build_task(sec.task, spec, tokenizer, train)
     # tokenized once per split: a step only pads (or packs) examples it already has
-    train_ex, val_ex, test_ex = (task.featurize(split) if split else [] for split in (train, validation, test))
+    train_ex, val_ex, test_ex = (compact(task.featurize(split)) if split else []
+                                 for split in (train, validation, test))
     lengths = [len(e["input_ids"]) for e in train_ex]
     plan = StepPlan(len(train_ex), d.global_batch_size, d.micro_batch_size, cfg.seed, world,
                     lengths if sec.data.group_by_length else None)

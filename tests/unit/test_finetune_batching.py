@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_train.data.tasks import epoch_batches, rank_micro_batches, step_indices
-from dist_train.tasks.batching import collate_packed, collate_tokens, pack_rows, pad_width
+from dist_train.tasks.batching import collate_packed, collate_tokens, compact, pack_rows, pad_width
 from dist_train.train.loss import lm_loss_sum
 
 
@@ -97,6 +97,26 @@ def test_packing_fills_rows_and_places_every_example_once():
     assert all(sum(min(lengths[i], 128) for i in r) <= 128 for r in rows)
     fill = sum(min(x, 128) for x in lengths) / (128 * len(rows))
     assert fill > 0.9
+
+
+def test_compact_examples_batch_exactly_like_lists():
+    """A split held as int32 arrays (4 bytes a token) pads and packs to the same tensors as lists; a
+    per-example value (a class id, multi-label floats) stays as it was."""
+    rng = np.random.default_rng(2)
+    lists = []
+    for n in (5, 17, 9, 30):
+        ids = rng.integers(1, 97, n).tolist()
+        lists.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:], "flags": [0.0, 1.0]})
+    arrays = compact([{k: list(v) for k, v in e.items()} for e in lists])
+    assert arrays[0]["input_ids"].dtype == np.int32 and isinstance(arrays[0]["flags"], list)
+    for left in (False, True):
+        a = collate_tokens([{k: e[k] for k in ("input_ids", "labels")} for e in lists], 64,
+                           {"input_ids": 0, "labels": -100}, left)
+        b = collate_tokens([{k: e[k] for k in ("input_ids", "labels")} for e in arrays], 64,
+                           {"input_ids": 0, "labels": -100}, left)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and b[k].dtype == torch.long for k in a)
+    a, b = collate_packed(lists, 40, 0), collate_packed(arrays, 40, 0)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def tiny_lm(attn: str) -> torch.nn.Module:

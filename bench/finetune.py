@@ -31,7 +31,7 @@ from bench.workload import BIN, HF_GUIDE_ZERO2, REPO, free_port
 
 ARCH = {"family": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 704,
         "max_position_embeddings": 512}
-VOCAB, GLOBAL, MICRO, WORKERS, WARMUP, TIMED, LR = 8192, 32, 8, 2, 4, 30, 1.0e-3
+VOCAB, GLOBAL, MICRO, WORKERS, WARMUP, TIMED, LR = 8192, 32, 8, 2, 4, 20, 1.0e-3
 TASKS = {"classification": ("sequence_classification", "train.jsonl", 256),
          "sft": ("sft", "sft_train.jsonl", 320)}
 SYSTEMS = ("dist_train", "dist_train_ungrouped", "hf_trainer", "hf_trainer_grouped")
@@ -203,6 +203,7 @@ def markdown(r: dict) -> str:
                   for o, q in t["ratios"].items()]
         lines += ["", f"Real tokens among the positions computed in the timed steps (from the workers' own "
                   f"pure plan): {share['grouped']:.0%} length-grouped, {share['shuffled']:.0%} shuffled.", ""]
-    lines += ["Not measured here: the quality reached at equal steps (34 steps from random weights say nothing "
-              "about it); grouping changes which examples share a step, not which examples an epoch sees."]
+    lines += [f"Not measured here: the quality reached at equal steps ({r['warmup_steps'] + r['timed_steps']} steps "
+              "from random weights say nothing about it); grouping changes which examples share a step, not which "
+              "examples an epoch sees."]
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 An *example* is what a task's `featurize` makes of one record: token ids (and per-token labels
 where the task has them), tokenized once per split; `compact` stores them as int32 arrays. A batch pads its
-examples to the longest of them rounded up to a multiple of 8 (tensor-core friendly, never past
-the task's max_length), not to a fixed width. Packing (SFT) puts several examples in one row
+examples to the longest of them (rounded up to a multiple of 8 from 64 tokens, tensor-core friendly,
+never past the task's max_length), not to a fixed width. Packing (SFT) puts several examples in one row
 with position ids restarting at each, so no position is padding and, with no attention mask,
 transformers confines attention to each example (a block-diagonal causal mask).
 """
@@ -17,14 +17,18 @@ import numpy as np
 import torch
 
 PAD_MULTIPLE = 8
+ALIGN_FROM = 8 * PAD_MULTIPLE  # the shortest width rounded up to a multiple
 IGNORE = -100
 Example = dict[str, Any]
 
 
 def pad_width(lengths: list[int], limit: int) -> int:
-    """The width a batch of these lengths is padded to: the longest rounded up to a multiple of 8,
-    but never past max(longest, limit)."""
+    """The width a batch of these lengths is padded to: its longest example, rounded up to a multiple
+    of 8 (tensor-core tiles) once that costs at most an eighth more (64 tokens and up; below, the
+    rounding would be mostly padding for little gain), never past max(longest, limit)."""
     longest = max(lengths)
+    if longest < ALIGN_FROM:
+        return longest
     return min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, max(longest, limit))
 
 

@@ -43,7 +43,7 @@ class _Sequence:
         return examples
 
     def collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        """A batch padded to its longest example (rounded up to a multiple of 8)."""
+        """A batch padded to its longest example (see batching.pad_width)."""
         return collate_tokens(examples, self.spec["max_length"], {"input_ids": self.pad_id, "token_type_ids": 0})
 
     def encode(self, records: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:

@@ -16,15 +16,16 @@ def lengths_like_real_data(n: int, seed: int = 0) -> list[int]:
     return [int(x) for x in np.clip(np.random.default_rng(seed).lognormal(3.0, 0.7, n), 4, 256)]
 
 
-def test_a_batch_pads_to_its_longest_rounded_up_to_8_never_past_max_length():
-    assert pad_width([3, 5], 128) == 8
-    assert pad_width([9], 128) == 16
-    assert pad_width([16, 2], 128) == 16
+def test_a_batch_pads_to_its_longest_rounded_up_to_8_from_64_never_past_max_length():
+    assert pad_width([3, 5], 128) == 5  # short: rounding 5 up to 8 would be 37% padding
+    assert pad_width([63, 2], 128) == 63
+    assert pad_width([65], 128) == 72  # from 64 tokens on, at most an eighth more
+    assert pad_width([64, 2], 128) == 64
     assert pad_width([126], 128) == 128
     assert pad_width([127], 127) == 127  # max_length itself need not be a multiple of 8
     batch = collate_tokens([{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [5], "labels": 0}], 128,
                            {"input_ids": 0})
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [5, 0, 0, 0, 0, 0, 0, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].sum().item() == 4
     assert batch["labels"].tolist() == [1, 0]
 

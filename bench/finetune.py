@@ -9,9 +9,12 @@ fine-tune run by
 on two of the quickstart's tasks: classification of Python docstrings (max_length 256) and SFT
 (prompt/response, max_length 320). A small Llama (hidden 256, 4 layers, vocab 8192) from a fixed
 random initialisation, global batch 32 = 2 workers × micro batch 8 × 2 accumulation steps, ZeRO-2,
-bf16, one thread per worker, the same optimizer settings. The systems run in turn, `repeats` times
-(order alternating); each run's figure is its steady state (the steps after the first 4); the claim
-is the ratio of medians with a bootstrap interval (bench/stats.py).
+bf16, one thread per worker, the same optimizer settings. Each run trains one whole epoch (every
+example once), and its figure is the real tokens of the epoch's steps after the first 2 over their
+time: a window of a few steps would favour whichever sampler happens to serve long examples first
+(HF's sorts each 800-example megabatch longest first), since a step of long examples spends less of
+its time on fixed costs. The systems run in turn, `repeats` times (order alternating); the claim is
+the ratio of medians with a bootstrap interval (bench/stats.py).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from bench.workload import BIN, HF_GUIDE_ZERO2, REPO, free_port
 
 ARCH = {"family": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 704,
         "max_position_embeddings": 512}
-VOCAB, GLOBAL, MICRO, WORKERS, WARMUP, TIMED, LR = 8192, 32, 8, 2, 4, 20, 1.0e-3
+VOCAB, GLOBAL, MICRO, WORKERS, WARMUP, LR = 8192, 32, 8, 2, 2, 1.0e-3
 TASKS = {"classification": ("sequence_classification", "train.jsonl", 256),
          "sft": ("sft", "sft_train.jsonl", 320)}
 SYSTEMS = ("dist_train", "dist_train_ungrouped", "hf_trainer", "hf_trainer_grouped")
@@ -39,7 +42,7 @@ SYSTEMS = ("dist_train", "dist_train_ungrouped", "hf_trainer", "hf_trainer_group
 GOALS: dict[str, float | None] = {"hf_trainer": 1.5, "hf_trainer_grouped": 1.15, "dist_train_ungrouped": None}
 
 
-def config_text(data: Path, out: Path, task: str, grouped: bool) -> str:
+def config_text(data: Path, out: Path, task: str, grouped: bool, steps: int = 50) -> str:
     """A fine-tune-only dist_train config: fresh weights from `ARCH` (init_from null), no evaluation,
     checkpoint or test inside the timed steps."""
     name, train, max_length = TASKS[task]
@@ -58,7 +61,7 @@ finetune:
           group_by_length: {str(grouped).lower()}}}
   deepspeed: {{zero_stage: 2, precision: bf16}}
   optim: {{lr: {LR}, weight_decay: 0.01, warmup_steps: 2, schedule: cosine}}
-  train: {{max_steps: {WARMUP + TIMED}, global_batch_size: {GLOBAL}, micro_batch_size: {MICRO},
+  train: {{max_steps: {steps}, global_batch_size: {GLOBAL}, micro_batch_size: {MICRO},
           log_every: {WARMUP // 2}, eval_every: 0, save_every: 0}}
 """
 
@@ -66,21 +69,22 @@ finetune:
 def run(repeats: int = 3) -> dict:
     from dist_train.data.quickstart import prepare_python_docs
 
-    out: dict = {"tasks": {}, "repeats": repeats, "timed_steps": TIMED, "warmup_steps": WARMUP,
-                 "global_batch": GLOBAL, "micro_batch": MICRO, "workers": WORKERS, "arch": ARCH}
+    out: dict = {"tasks": {}, "repeats": repeats, "warmup_steps": WARMUP, "global_batch": GLOBAL,
+                 "micro_batch": MICRO, "workers": WORKERS, "arch": ARCH}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = prepare_python_docs(root / "data", seq_len=256, vocab_size=VOCAB, progress=False)
         for task in TASKS:
+            shares, steps = padding_shares(root, data, task)
             samples: dict[str, list[float]] = {s: [] for s in SYSTEMS}
             for r in range(repeats):
                 for system in SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]:
                     t0 = time.perf_counter()
-                    tps = _run(system, root, data, task)
+                    tps = _run(system, root, data, task, steps)
                     samples[system].append(tps)
                     print(f"  {task} repeat {r + 1}/{repeats} {system:22} {tps:8.0f} real tokens/s "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            out["tasks"][task] = summarise(samples, padding_shares(root, data, task))
+            out["tasks"][task] = {**summarise(samples, shares), "steps": steps}
             _print(task, out["tasks"][task])
     return out
 
@@ -96,10 +100,10 @@ def summarise(samples: dict[str, list[float]], shares: dict[str, float]) -> dict
             "ratios": ratios, "real_share": shares}
 
 
-def padding_shares(root: Path, data: Path, task: str) -> dict[str, float]:
-    """The share of computed positions that are real tokens over the timed steps, from the same pure
-    plan the workers follow: length-grouped, and plain shuffling (which HF's random sampler matches,
-    but for padding to the exact longest example instead of a multiple of 8)."""
+def padding_shares(root: Path, data: Path, task: str) -> tuple[dict[str, float], int]:
+    """The share of computed positions that are real tokens over the timed steps of the first epoch,
+    from the same pure plan the workers follow: length-grouped, and plain shuffling (which HF's random
+    sampler matches); and the epoch's step count."""
     from dist_train.config.loader import load_config
     from dist_train.data.tasks import epoch_batches, rank_micro_batches, steps_per_epoch
     from dist_train.model.build import load_tokenizer
@@ -116,28 +120,27 @@ def padding_shares(root: Path, data: Path, task: str) -> dict[str, float]:
                    .featurize(train)]
         spe = steps_per_epoch(len(lengths), GLOBAL)
         real = computed = 0
-        for step in range(WARMUP, WARMUP + TIMED):
-            epoch, in_epoch = divmod(step, spe)
-            batch = epoch_batches(epoch, len(lengths), GLOBAL, cfg.seed, lengths if grouped else None)[in_epoch]
+        batches = epoch_batches(0, len(lengths), GLOBAL, cfg.seed, lengths if grouped else None)
+        for batch in batches[WARMUP:]:
             for rank in range(WORKERS):
                 for ids in rank_micro_batches(batch, MICRO, WORKERS, rank, lengths if grouped else None):
                     rows = [lengths[i] for i in ids]
                     real += sum(rows)
                     computed += len(rows) * pad_width(rows, cfg.finetune.data.max_length)
         shares["grouped" if grouped else "shuffled"] = real / computed
-    return shares
+    return shares, spe
 
 
-def _write_config(root: Path, data: Path, task: str, grouped: bool) -> Path:
+def _write_config(root: Path, data: Path, task: str, grouped: bool, steps: int = 50) -> Path:
     path = root / f"{task}-{'grouped' if grouped else 'shuffled'}.yaml"
-    path.write_text(config_text(data, root / "runs" / f"{task}-{grouped}", task, grouped))
+    path.write_text(config_text(data, root / "runs" / f"{task}-{grouped}", task, grouped, steps))
     return path
 
 
-def _run(system: str, root: Path, data: Path, task: str) -> float:
-    """One run of `system`; its steady-state real tokens/s."""
+def _run(system: str, root: Path, data: Path, task: str, steps: int) -> float:
+    """One run of `system` over `steps` (an epoch); its real tokens/s after the first WARMUP steps."""
     grouped = system in ("dist_train", "hf_trainer_grouped")
-    config = _write_config(root, data, task, grouped)
+    config = _write_config(root, data, task, grouped, steps)
     shutil.rmtree(root / "runs", ignore_errors=True)
     if system.startswith("dist_train"):
         res = subprocess.run([str(BIN / "dist-train"), "run", str(config), "--stage", "finetune"],
@@ -148,7 +151,7 @@ def _run(system: str, root: Path, data: Path, task: str) -> float:
             "tokens_per_s"]
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"config": str(config), "ds_config": HF_GUIDE_ZERO2, "micro": MICRO, "global_batch": GLOBAL,
-                "steps": WARMUP + TIMED, "warmup": WARMUP, "warmup_steps": 2, "threads": 1, "lr": LR,
+                "steps": steps, "warmup": WARMUP, "warmup_steps": 2, "threads": 1, "lr": LR,
                 "grouped": grouped, "out": f"{tmp}/result.json"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -185,15 +188,18 @@ def markdown(r: dict) -> str:
         f"(the same token ids), global batch {r['global_batch']} = {r['workers']} workers × micro batch "
         f"{r['micro_batch']} × 2 accumulation steps, ZeRO-2, bf16, one thread per worker, AdamW at the same learning "
         f"rate and schedule. HF Trainer runs the transformers guide's ZeRO-2 config (as in the throughput table). "
-        f"Figure: real (non-pad) tokens per second over {r['timed_steps']} timed steps after "
-        f"{r['warmup_steps']} untimed ones; each system ran {r['repeats']} times, in alternating order; medians, "
+        "Each run trains one epoch (every example once); its figure is the real (non-pad) tokens per second "
+        f"of the epoch's steps after the first {r['warmup_steps']} (a shorter window would favour a sampler "
+        "that serves long examples first: HF's sorts each megabatch longest first, and a step of long examples "
+        f"spends less of its time on fixed costs). Each system ran {r['repeats']} times, in alternating order; "
+        "medians, "
         "and dist_train's ratio to each with a 95% bootstrap interval. A verdict is *met* only when the whole "
         "interval clears the goal. Shared, noisy 2-core machine: the ratios are what the runs show, not the "
         "absolute rates.", ""]
     for task, t in r["tasks"].items():
         name, _, max_length = TASKS[task]
         share = t["real_share"]
-        lines += [f"### {task} (`{name}`, max_length {max_length})", "",
+        lines += [f"### {task} (`{name}`, max_length {max_length}, {t['steps']} steps an epoch)", "",
                   "| system | real tokens/s (median) | runs |", "|---|---:|---|"]
         lines += [f"| {LABELS[s]} | {t['median'][s]:,.0f} | {', '.join(f'{v:,.0f}' for v in t['samples'][s])} |"
                   for s in SYSTEMS]
@@ -201,9 +207,8 @@ def markdown(r: dict) -> str:
         lines += [f"| {LABELS[o]} | {q['value']:.2f} [{q['low']:.2f}, {q['high']:.2f}] | "
                   + (f"≥ {q['goal']:.2f} | **{q['verdict']}** |" if q["goal"] is not None else "| what grouping buys |")
                   for o, q in t["ratios"].items()]
-        lines += ["", f"Real tokens among the positions computed in the timed steps (from the workers' own "
-                  f"pure plan): {share['grouped']:.0%} length-grouped, {share['shuffled']:.0%} shuffled.", ""]
-    lines += [f"Not measured here: the quality reached at equal steps ({r['warmup_steps'] + r['timed_steps']} steps "
-              "from random weights say nothing about it); grouping changes which examples share a step, not which "
-              "examples an epoch sees."]
+        lines += ["", f"Real tokens among the positions dist_train computes in the timed steps (from the workers' "
+                  f"own pure plan): {share['grouped']:.0%} length-grouped, {share['shuffled']:.0%} shuffled.", ""]
+    lines += ["Not measured here: the quality reached (one epoch from random weights says little about it); "
+              "grouping changes which examples share a step, not which examples an epoch sees."]
     return "\n".join(lines)

@@ -83,12 +83,12 @@ def test_finetune_table_states_runs_intervals_and_padding():
 
     samples = {"dist_train": [300.0, 310.0, 305.0], "dist_train_ungrouped": [200.0, 210.0, 190.0],
                "hf_trainer": [180.0, 190.0, 185.0], "hf_trainer_grouped": [250.0, 300.0, 230.0]}
-    task = summarise(samples, {"grouped": 0.93, "shuffled": 0.41})
+    task = {**summarise(samples, {"grouped": 0.93, "shuffled": 0.41}), "steps": 50}
     assert task["ratios"]["hf_trainer"]["verdict"] == "met"  # 305 / 185 ≥ 1.5
     assert task["ratios"]["hf_trainer_grouped"]["verdict"] == "not distinguishable"
     assert task["ratios"]["dist_train_ungrouped"]["verdict"] is None  # no goal: what grouping buys
     r = {"machine": {"date": "2026-01-01", "cpu": "cpu", "cpu_count": 2, "torch": "2"}, "tasks": {"sft": task},
-         "repeats": 3, "timed_steps": 30, "warmup_steps": 4, "global_batch": 32, "micro_batch": 8, "workers": 2,
+         "repeats": 3, "warmup_steps": 2, "global_batch": 32, "micro_batch": 8, "workers": 2,
          "arch": ARCH}
     text = markdown(r)
     assert "| 300, 310, 305 |" in text and "93% length-grouped, 41% shuffled" in text
@@ -105,7 +105,8 @@ def test_the_padding_share_comes_from_the_workers_plan(tmp_path, task_dir, token
     data.mkdir()
     (data / "task").symlink_to(task_dir)
     (data / "tokenizer").symlink_to(tokenizer_dir)
-    shares = padding_shares(tmp_path, data, "classification")
+    shares, steps = padding_shares(tmp_path, data, "classification")
+    assert steps == len((task_dir / "train.jsonl").read_text().splitlines()) // 32
     assert 0 < shares["shuffled"] < shares["grouped"] <= 1, shares
 
 

@@ -45,7 +45,10 @@ class Engine:
         if self.head is not None and isinstance(loss_fn, LMLoss):
             with self.head.loss_of(loss_fn.targets(labels)):
                 loss = self.ds(**batch).logits  # the head's output: the summed loss
-                if loss is self.head.output:
+                # the same storage, not the same object: ZeRO-3's module hooks hand outputs on as detached
+                # aliases wired into autograd; a soft-cap or scale would have made a new tensor
+                out = self.head.output
+                if out is not None and loss.shape == out.shape and loss.data_ptr() == out.data_ptr():
                     return loss
             # The model changed what its head returned (a soft-cap or scale that no config key named):
             # that would be applied to the loss itself. Use full logits from now on (the same on every

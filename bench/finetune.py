@@ -111,14 +111,13 @@ def padding_shares(root: Path, data: Path, task: str) -> tuple[dict[str, float],
     from dist_train.tasks.batching import pad_width
     from dist_train.tasks.records import read_splits, task_spec
 
+    cfg = load_config(_write_config(root, data, task, True))
+    train, _, _ = read_splits(cfg)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    lengths = [len(e["input_ids"]) for e in build_task(cfg.finetune.task, task_spec(cfg), tok, train).featurize(train)]
+    spe = steps_per_epoch(len(lengths), GLOBAL)
     shares = {}
     for grouped in (True, False):
-        cfg = load_config(_write_config(root, data, task, grouped))
-        train, _, _ = read_splits(cfg)
-        tok = load_tokenizer(cfg.model.tokenizer)
-        lengths = [len(e["input_ids"]) for e in build_task(cfg.finetune.task, task_spec(cfg), tok, train)
-                   .featurize(train)]
-        spe = steps_per_epoch(len(lengths), GLOBAL)
         real = computed = 0
         batches = epoch_batches(0, len(lengths), GLOBAL, cfg.seed, lengths if grouped else None)
         for batch in batches[WARMUP:]:
@@ -143,10 +142,8 @@ def _run(system: str, root: Path, data: Path, task: str, steps: int) -> float:
     config = _write_config(root, data, task, grouped, steps)
     shutil.rmtree(root / "runs", ignore_errors=True)
     if system.startswith("dist_train"):
-        res = subprocess.run([str(BIN / "dist-train"), "run", str(config), "--stage", "finetune"],
-                             capture_output=True, text=True, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-        if res.returncode != 0:
-            raise RuntimeError(f"dist-train run failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        _checked("dist-train run", [str(BIN / "dist-train"), "run", str(config), "--stage", "finetune"],
+                 env={**os.environ, "RAY_DEDUP_LOGS": "0"})
         return json.loads((root / "runs" / f"{task}-{grouped}" / "finetune" / "result.json").read_text())[
             "tokens_per_s"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,12 +152,17 @@ def _run(system: str, root: Path, data: Path, task: str, steps: int) -> float:
                 "grouped": grouped, "out": f"{tmp}/result.json"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORKERS}",
-                              f"--master-port={free_port()}", str(REPO / "bench" / "peers" / "hf_finetune.py"),
-                              f"{tmp}/spec.json"], capture_output=True, text=True, env=env, cwd=tmp)
-        if res.returncode != 0:
-            raise RuntimeError(f"hf_finetune.py failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        _checked("hf_finetune.py", [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORKERS}",
+                  f"--master-port={free_port()}", str(REPO / "bench" / "peers" / "hf_finetune.py"), f"{tmp}/spec.json"],
+                 env=env, cwd=tmp)
         return json.loads(Path(f"{tmp}/result.json").read_text())["tokens_per_s"]
+
+
+def _checked(what: str, cmd: list[str], **kw) -> None:
+    """Run `cmd`; on failure, raise with the ends of its output (a benchmark never reports a failed run)."""
+    res = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
 
 
 def _print(task: str, r: dict) -> None:

@@ -49,6 +49,9 @@ class Timing(TrainerCallback):
         self.warmup, self.trainer = warmup, None
         self.seconds, self.tokens, self._last, self._tokens_at = 0.0, 0, 0.0, 0
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
         now, seen = time.perf_counter(), self.trainer.real_tokens
         if state.global_step > self.warmup:
@@ -86,7 +89,6 @@ def main() -> None:
         trainer = CountingTrainer(model=model, args=args, train_dataset=examples, data_collator=collator,
                                   callbacks=[timing])
         timing.trainer = trainer
-        timing._last = time.perf_counter()
         trainer.train()
     totals = torch.tensor([float(timing.tokens), timing.seconds], dtype=torch.float64)
     torch.distributed.all_reduce(totals[:1])  # tokens: every rank's; seconds: each rank's own (equal by the step)

@@ -19,6 +19,7 @@ import torch
 
 from dist_train import owned
 from dist_train.checkpoint.safe_load import weights_only_loading
+from dist_train.deepspeed_import import import_deepspeed
 from dist_train.progress import Progress
 
 HF_DIR = "hf"
@@ -58,6 +59,7 @@ def checkpoint_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         with weights_only_loading():
             states = torch.load(model_file, map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # It narrates every shard it reads, with progress bars: keep the console for our own lines.

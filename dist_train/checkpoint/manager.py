@@ -165,9 +165,12 @@ def git_revision() -> str | None:
 
 
 def library_versions() -> dict[str, str]:
-    import deepspeed
     import torch
     import transformers
+
+    from dist_train.deepspeed_import import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__}

@@ -22,6 +22,9 @@ FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 def deepspeed_globals() -> list[type]:
     """The non-tensor classes found in DeepSpeed checkpoints (ZeRO 0-3, bf16/fp16/fp32, universal)."""
+    from dist_train.deepspeed_import import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -16,6 +16,7 @@ import torch
 from dist_train.checkpoint.safe_load import allow_deepspeed_checkpoints
 from dist_train.config.derived import derive_stage
 from dist_train.config.loader import from_dict
+from dist_train.deepspeed_import import import_deepspeed
 from dist_train.train.heartbeat import Heartbeat, record_incident
 from dist_train.world import World
 
@@ -44,6 +45,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import_deepspeed()
     from deepspeed.utils import logger as ds_logger  # importing deepspeed resets its level: set it after
 
     ds_logger.setLevel(logging.ERROR)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dist_train.deepspeed_import import import_deepspeed
 from dist_train.model.build import param_groups
 from dist_train.model.lm_head import ChunkedLMHead, LMLoss, chunked_head
 from dist_train.train.loss import LossFn
@@ -151,8 +152,7 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
 def init_distributed() -> None:
     """DeepSpeed's communication setup, adopting the process group Ray Train (or a test) has set up.
     On CPU it builds a shared-memory op and print()s that it did, once per rank: that line is dropped."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed()
 
@@ -162,8 +162,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], weight_decay
     """Wrap a model in a DeepSpeed engine configured by the rendered JSON (derived.py). `head`: the
     parameters a head warm-up trains first, in parameter groups of their own (the rest marked body).
     `chunked_loss`: an LM's output Linear becomes a ChunkedLMHead (model/lm_head.py) first."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     init_distributed()
     lm_head = chunked_head(model) if chunked_loss else None
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dist_train.config.loader import load_config, to_dict
 from tests.dist import workers
+from tests.dist.spawn import spawn
 
 
 def free_port() -> int:
@@ -34,7 +34,7 @@ def test_checkpoint_resume_is_exact_and_export_loads(tmp_path, shards_dir, token
                       f"pretrain.deepspeed.precision={precision}", f"pretrain.deepspeed.offload_optimizer={offload}",
                       f"pretrain.deepspeed.offload_params={offload and zero == 3}")
     out = tmp_path / "result.json"
-    mp.spawn(workers.checkpoint_roundtrip, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.checkpoint_roundtrip, (2, free_port(), cfg, str(out)), 2)
     res = json.loads(out.read_text())
     assert res["first"][0] > res["after"][-1] - 5  # training ran and produced finite losses
     assert res["resumed"] == res["after"], "resumed steps must reproduce the uninterrupted ones exactly"
@@ -67,8 +67,8 @@ def test_resume_on_another_worker_count_continues_training(tmp_path, shards_dir,
     cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp32",
                       "pretrain.data.lanes=2")
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    mp.spawn(workers.elastic_save, args=(before, free_port(), cfg, str(first)), nprocs=before, join=True)
-    mp.spawn(workers.elastic_load, args=(after, free_port(), cfg, str(second)), nprocs=after, join=True)
+    spawn(workers.elastic_save, (before, free_port(), cfg, str(first)), before)
+    spawn(workers.elastic_load, (after, free_port(), cfg, str(second)), after)
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert b["universal"] is True
     # same data plan and restored optimizer: the losses of steps 4-5 agree up to reduction order
@@ -78,7 +78,7 @@ def test_resume_on_another_worker_count_continues_training(tmp_path, shards_dir,
 def test_a_damaged_checkpoint_is_never_loaded(tmp_path, shards_dir, tokenizer_dir, capfd):
     cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir)
     out = tmp_path / "r.json"
-    mp.spawn(workers.corrupt_fallback, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.corrupt_fallback, (2, free_port(), cfg, str(out)), 2, fresh=True)  # capfd reads its ranks
     assert json.loads(out.read_text()) == {"tag": "step_00000002", "step": 2}
     assert "step_00000004 is damaged" in capfd.readouterr().out
     meta = json.loads((tmp_path / "ckpt" / "step_00000002" / "meta.json").read_text())
@@ -91,7 +91,7 @@ def test_masked_lm_resumes_exactly(tmp_path, encoder_shards, minilm_dir):
     cfg = tiny_config(tmp_path, encoder_shards, minilm_dir, "pretrain.objective=mlm",
                       "pretrain.whole_word_masking=true", "model.arch.family=bert")
     out = tmp_path / "result.json"
-    mp.spawn(workers.checkpoint_roundtrip, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.checkpoint_roundtrip, (2, free_port(), cfg, str(out)), 2)
     res = json.loads(out.read_text())
     assert res["resumed"] == res["after"] and res["same_params"]
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "export")
@@ -113,7 +113,7 @@ def test_one_process_and_two_ranks_train_the_same(tmp_path, encoder_shards, mini
                           "pretrain.data.lanes=2", "pretrain.optim.grad_clip=0.0", "model.dropout=0.0",
                           f"pretrain.train.micro_batch_size={4 // world}", *extra)
         out = tmp_path / f"w{world}.json"
-        mp.spawn(workers.train_with_loop, args=(world, free_port(), cfg, str(out)), nprocs=world, join=True)
+        spawn(workers.train_with_loop, (world, free_port(), cfg, str(out)), world)
         results[world] = (json.loads(out.read_text())["losses"], torch.load(out.with_suffix(".pt")))
     (l1, p1), (l2, p2) = results[1], results[2]
     assert l1 == pytest.approx(l2, rel=1e-5)
@@ -131,7 +131,7 @@ def test_the_chunked_loss_trains_like_full_logits(tmp_path, shards_dir, tokenize
                           f"pretrain.train.chunked_loss={str(chunked).lower()}", "model.dropout=0.0",
                           "pretrain.optim.lr=3e-3")
         out = tmp_path / f"chunked-{chunked}.json"
-        mp.spawn(workers.train_with_loop, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+        spawn(workers.train_with_loop, (2, free_port(), cfg, str(out)), 2)
         runs[chunked] = (json.loads(out.read_text()), torch.load(out.with_suffix(".pt")),
                          torch.load(out.with_suffix(".init.pt")))
     (a, wa, start), (b, wb, _) = runs[True], runs[False]
@@ -151,7 +151,7 @@ def test_zero3_builds_the_model_partitioned(tmp_path, shards_dir, tokenizer_dir,
     cfg = tiny_config(tmp_path, encoder_shards if pretrained else shards_dir,
                       minilm_dir if pretrained else tokenizer_dir, "pretrain.deepspeed.zero_stage=3", *extra)
     out = tmp_path / "r.json"
-    mp.spawn(workers.partitioned_build, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.partitioned_build, (2, free_port(), cfg, str(out)), 2)
     res = json.loads(out.read_text())
     assert res["all_partitioned"]
     assert res["held"] <= res["full"] / 2 + 2 * 64, "each of 2 ranks holds half the parameters (plus padding)"
@@ -167,7 +167,7 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, shards_dir
     cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp16",
                       "pretrain.deepspeed.extra={fp16: {initial_scale_power: 30, hysteresis: 1}}")
     out = tmp_path / "fp16.json"
-    mp.spawn(workers.fp16_loop, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.fp16_loop, (2, free_port(), cfg, str(out)), 2)
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert rows[0]["skipped_steps"] >= 1 and rows[0]["loss_scale"] < 2.0**30
     assert [r["skipped_steps"] for r in rows] == sorted(r["skipped_steps"] for r in rows)
@@ -200,7 +200,7 @@ def test_lora_finetune_exports_reproduce_the_engine(tmp_path, task_dir, minilm_d
         f"finetune.deepspeed.zero_stage={zero}", "finetune.deepspeed.precision=fp32", "finetune.optim.lr=1e-3",
         "finetune.train.global_batch_size=8", "finetune.train.micro_batch_size=2", "finetune.train.max_steps=4"]))
     out = tmp_path / "r.json"
-    mp.spawn(workers.finetune_export, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.finetune_export, (2, free_port(), cfg, str(out)), 2)
     res = json.loads(out.read_text())
     assert res["trainable"] < 0.05 * res["total"], "LoRA trains adapters and the head only"
     assert res["engine"]["accuracy"] == res["export"]["accuracy"]
@@ -218,7 +218,7 @@ def test_head_warmup_trains_only_the_new_head_then_everything(tmp_path, encoder_
                       "pretrain.objective=mlm", f"pretrain.deepspeed.zero_stage={zero}", "pretrain.eval.samples=8",
                       "pretrain.optim.lr=1.0e-3", "model.dropout=0.0")
     out = tmp_path / "r.json"
-    mp.spawn(workers.head_warmup, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.head_warmup, (2, free_port(), cfg, str(out)), 2)
     res = json.loads(out.read_text())
     assert "cls.predictions.transform.dense.weight" in res["new"] and "cls.predictions.bias" in res["new"]
     assert res["head_names"] and all(n.startswith("cls.predictions.") for n in res["head_names"])
@@ -240,7 +240,7 @@ def test_evaluation_is_the_same_on_one_and_two_ranks(tmp_path, encoder_shards, m
                           "pretrain.eval.samples=7", "pretrain.train.global_batch_size=4",
                           f"pretrain.train.micro_batch_size={4 // world}")
         out = tmp_path / f"w{world}.json"
-        mp.spawn(workers.head_warmup, args=(world, free_port(), cfg, str(out)), nprocs=world, join=True)
+        spawn(workers.head_warmup, (world, free_port(), cfg, str(out)), world)
         results[world] = json.loads(out.read_text())["evaluation"]
     assert results[1]["domain/tokens"] == results[2]["domain/tokens"] > 0
     assert results[1]["domain/loss"] == pytest.approx(results[2]["domain/loss"], rel=1e-5)
@@ -252,7 +252,7 @@ def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing_of_it(tmp_path, shar
     cfg = tiny_config(tmp_path, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp32",
                       "pretrain.optim.lr=1e30", "pretrain.optim.warmup_steps=0")
     out = tmp_path / "r.json"
-    mp.spawn(workers.nonfinite_loop, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.nonfinite_loop, (2, free_port(), cfg, str(out)), 2)
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
     assert ranks[0]["error"] == ranks[1]["error"] and ranks[0]["saved"] == ranks[1]["saved"], "the same step"
     res = ranks[0]

@@ -12,6 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from tests.dist import workers
+from tests.dist.spawn import spawn
 from tests.dist.test_engine import free_port, tiny_config
 
 # (phase, rank, action) -> the checkpoint a resume must pick
@@ -27,7 +28,7 @@ def _run_case(root, shards_dir, tokenizer_dir, phase, rank, action):
     cfg = tiny_config(case, shards_dir, tokenizer_dir, fault, "pretrain.deepspeed.precision=fp32")
     out = case / "save.json"
     try:
-        mp.spawn(workers.save_with_fault, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+        spawn(workers.save_with_fault, (2, free_port(), cfg, str(out)), 2)
         killed = False
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
         # the fault's SIGKILL; spawn then ends the other rank, unless that one saw its peer vanish
@@ -65,7 +66,7 @@ def test_kill_sweep_and_storage_failures_never_give_a_corrupt_resume(tmp_path, s
                                                           else "step_00000002")
         expected[str(case)] = want
     out = tmp_path / "resume.json"
-    mp.spawn(workers.resume_after_faults, args=(2, free_port(), cfg, str(out), list(expected)), nprocs=2, join=True)
+    spawn(workers.resume_after_faults, (2, free_port(), cfg, str(out), list(expected)), 2)
     resumed = json.loads(out.read_text())
     for case, want in expected.items():
         digests = json.loads((tmp_path / case / "save.digests").read_text())
@@ -86,7 +87,7 @@ def test_faults_are_refused_unless_allowed(tmp_path, shards_dir, tokenizer_dir, 
 
 def test_a_rank_stuck_outside_a_collective_times_the_collective_out(tmp_path):
     out = tmp_path / "timeout.json"
-    mp.spawn(workers.collective_timeout, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    spawn(workers.collective_timeout, (2, free_port(), str(out)), 2)
     res = json.loads(out.read_text())
     assert res["recognised"] and res["step"] == 4 and 2.5 < res["waited"] < 6
     assert res["behind"].startswith("rank 1: train at step 3 (pid "), res["behind"]
@@ -109,7 +110,7 @@ def tiny_disk(tmp_path):
 def test_a_really_full_disk_stops_every_rank_and_keeps_the_previous_checkpoint(tiny_disk, shards_dir, tokenizer_dir):
     cfg = tiny_config(tiny_disk, shards_dir, tokenizer_dir, "pretrain.deepspeed.precision=fp32")
     out = tiny_disk.parent / "save.json"
-    mp.spawn(workers.save_with_fault, args=(2, free_port(), cfg, str(out)), nprocs=2, join=True)
+    spawn(workers.save_with_fault, (2, free_port(), cfg, str(out)), 2)
     errors = {json.loads(out.with_suffix(f".rank{r}").read_text())["error"] for r in (0, 1)}
     assert len(errors) == 1, errors
     (error,) = errors

@@ -1,5 +1,6 @@
 """Safe by default: checkpoints never run pickle code, and a local Ray is loopback-only with token auth."""
 
+import os
 import json
 import subprocess
 import sys
@@ -90,3 +91,17 @@ def test_train_state_in_checkpoints_loads_weights_only(tmp_path):
     back = TrainState()
     back.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["train_state"])
     assert back.best == 0.25 and back.last_eval["per_class"]["a"]["f1"] == 0.5 and back.step == 6
+
+
+def test_deepspeed_loads_without_mlflow_and_mlflow_stays_importable():
+    """DeepSpeed's autotuner imports MLflow at package import (1.2 s a worker); dist_train hides it, only then."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dist_train.deepspeed_import import import_deepspeed; ds = import_deepspeed(); "
+            "assert 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m); "
+            "from deepspeed.autotuning import autotuner; assert not autotuner.has_mlflow; "
+            "import mlflow; assert mlflow.__version__; assert import_deepspeed() is ds; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

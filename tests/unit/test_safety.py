@@ -1,7 +1,7 @@
 """Safe by default: checkpoints never run pickle code, and a local Ray is loopback-only with token auth."""
 
-import os
 import json
+import os
 import subprocess
 import sys
 

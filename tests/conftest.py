@@ -152,3 +152,28 @@ def task_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("task")
     write_tasks(out, examples[::8])  # every 8th example: ~250, split ~80/10/10
     return out
+
+
+# Parallel runs (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml): a test module is one unit of work, so its
+# module-scoped runs (the quickstart, the faults' reference) are made once. The two modules that start Ray clusters
+# and Slurm jobs on this machine's real ports share one unit. Units start longest first (integration, then the
+# 2-process tier, then unit tests), so no long module starts last and runs alone.
+SHARED_UNITS = {"tests/integration/test_slurm.py": "clusters", "tests/integration/test_ray_job.py": "clusters"}
+TIER_ORDER = {"integration": 0, "dist": 1, "unit": 2}
+
+
+def unit_of(item: pytest.Item) -> str:
+    path = item.nodeid.split("::")[0]
+    return SHARED_UNITS.get(path, path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit_of(item)))
+
+    def order(item: pytest.Item) -> tuple[int, int]:
+        parts = item.nodeid.split("/")
+        tier = TIER_ORDER.get(parts[1], 3) if len(parts) > 2 else 3
+        return tier, 0 if unit_of(item) == "clusters" else 1
+
+    items.sort(key=order)  # stable: the order within a module is kept

@@ -6,6 +6,7 @@ bit for bit, with every sample trained exactly once. Secrets in the environment 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -57,8 +58,10 @@ def assert_no_secret(workdir: Path, name: str, *texts: str) -> None:
     """No canary in the run's output, in any file of its directory (checkpoints included), or in
     the logs of its Ray session."""
     files = [p for p in (workdir / name).rglob("*") if p.is_file()]
-    session = Path("/tmp/ray/session_latest/logs")
-    files += [p for p in session.rglob("*") if p.is_file()] if session.is_dir() else []
+    # this run's own Ray sessions, as its console names them (tests run two at a time: session_latest may be another's)
+    sessions = {Path(m) for t in texts for m in re.findall(r"its logs, Ray Train's included, in (/\S+/logs)\)", t)}
+    assert sessions, "the run names its Ray session's logs"
+    files += [p for s in sessions for p in s.rglob("*") if p.is_file()]
     for secret in SECRETS.values():
         assert all(secret not in t for t in texts), f"{secret} printed"
         leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]

@@ -154,26 +154,39 @@ def task_dir(tmp_path_factory) -> Path:
     return out
 
 
-# Parallel runs (pytest-xdist, `-n 2 --dist loadgroup` in pyproject.toml): a test module is one unit of work, so its
-# module-scoped runs (the quickstart, the faults' reference) are made once. The two modules that start Ray clusters
-# and Slurm jobs on this machine's real ports share one unit. Units start longest first (integration, then the
-# 2-process tier, then unit tests), so no long module starts last and runs alone.
+# Parallel runs (pytest-xdist, `-n 2` in pyproject.toml): a test module is one unit of work, so its module-scoped
+# runs (the quickstart, the faults' reference) are made once. The two modules that start Ray clusters and Slurm jobs
+# on this machine's real ports share one unit. Units start in collection order, longest tiers first (integration,
+# then the 2-process tier, then unit tests), so no long module starts last and runs alone.
 SHARED_UNITS = {"tests/integration/test_slurm.py": "clusters", "tests/integration/test_ray_job.py": "clusters"}
 TIER_ORDER = {"integration": 0, "dist": 1, "unit": 2}
 
 
-def unit_of(item: pytest.Item) -> str:
-    path = item.nodeid.split("::")[0]
+def unit_of(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
     return SHARED_UNITS.get(path, path)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's module-scope scheduler, with units as unit_of names them (its own groups need pytest < 9)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ModuleUnits(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit_of(item)))
+        tier = item.nodeid.split("/")[1] if item.nodeid.count("/") >= 2 else None
+        if tier in TIER_ORDER:  # unit, dist, integration: `pytest -m dist` selects a tier
+            item.add_marker(getattr(pytest.mark, tier))
 
     def order(item: pytest.Item) -> tuple[int, int]:
         parts = item.nodeid.split("/")
         tier = TIER_ORDER.get(parts[1], 3) if len(parts) > 2 else 3
-        return tier, 0 if unit_of(item) == "clusters" else 1
+        return tier, 0 if unit_of(item.nodeid) == "clusters" else 1
 
     items.sort(key=order)  # stable: the order within a module is kept

@@ -6,6 +6,7 @@ workers must land one on each), token auth on, the dashboard and jobs API on 127
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -76,7 +77,30 @@ def cluster(tmp_path_factory):
         assert probe.returncode == 0, probe.stdout[-2000:] + probe.stderr[-2000:]
         yield env, api, f"127.0.0.1:{gcs}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(tmp)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop the Ray processes started with `temp_dir` (GCS, raylets, dashboard, agents; their workers exit with
+    their raylet) and only those: `ray stop` would also stop every other Ray on the machine, such as the
+    private instance of a test running beside this one."""
+    import psutil
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
+                    found.append(proc)
+        return found
+
+    for proc in ours():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(ours(), timeout=15)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def node_ids(env: dict[str, str], gcs: str) -> set[str]:

@@ -146,8 +146,10 @@ class TrainLoopConfig:
     nonfinite_patience: int = doc("Stop the run (a failure naming the last good checkpoint) when the loss, or "
                                   "outside fp16 the gradient norm, is NaN or infinite for this many consecutive "
                                   "steps; no checkpoint is saved from such a step. (fp16's own overflow steps, "
-                                  "which it skips, do not count.) Checked every step: one flag read from the "
-                                  "device and all-reduced.", 3, ge=1)
+                                  "which it skips, do not count.) Each step's flag stays on the device until "
+                                  "the next check (every log, eval and save step, and every few seconds between "
+                                  "them), which all-reduces the flags since the last one: the run stops at the first "
+                                  "check after the patience-th step in a row.", 3, ge=1)
 
 
 @dataclass(frozen=True)

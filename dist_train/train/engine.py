@@ -90,6 +90,12 @@ class Engine:
         return float(norm) if norm is not None else float("nan")
 
     @property
+    def grad_norm_held(self) -> torch.Tensor | float | None:
+        """The last step's global gradient norm as DeepSpeed holds it: a device tensor or a float (None when it
+        computed none). Unlike grad_norm, reading it never waits for the device."""
+        return self.ds.get_global_grad_norm()
+
+    @property
     def grad_norm_or_zero(self) -> float:
         """The last step's global gradient norm, 0.0 when DeepSpeed did not compute one (no clipping)."""
         norm = self.ds.get_global_grad_norm()

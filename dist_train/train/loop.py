@@ -3,8 +3,11 @@
 forward/backward over the accumulation micro batches -> (DeepSpeed: clip, step, schedule)
 -> log -> eval -> checkpoint. Everything it uses is built before and passed in. The loss is
 token-weighted: every predicted token of the global batch counts once, however padding or
-masking falls across micro batches and ranks (one small all-reduce of target counts per step).
-The loss value itself is read from the device only at log, eval and save steps.
+masking falls across micro batches and ranks (one small all-reduce of target counts per step, none
+where every rank's count is known in advance: a causal LM on packed rows). The loss value itself is
+read from the device only at log, eval and save steps; the ranks agree on a stop request and on
+non-finite steps at checks (every log, eval and save step, and every few seconds between them),
+not at every step, so a fast step never waits for the host.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class StepBatch:
     attention_units: int  # the sum of each sequence's squared real length (the attention FLOPs' share)
     ids: list[tuple[str, int]] | None = None  # (shard file, sample) per row, for the ledger
     replaced: int = 0  # bad samples the loader replaced (on_bad_sample=skip)
+    # every rank's micro batches have these same target counts this step (a causal LM on packed rows): the
+    # global count is world_size × this rank's, and the step needs no all-reduce to weight its loss
+    uniform_targets: bool = False
 
 
 @dataclass
@@ -111,6 +117,11 @@ class EarlyStopping:
         return state.bad_evals >= self.patience
 
 
+# Between log, eval and save steps, the ranks check for a stop request and non-finite steps about this often (one
+# all-reduce); a stop request waits at most this long plus a step.
+CHECK_EVERY_S = 5.0
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss (or gradient norm) was not finite for `patience` consecutive steps."""
 
@@ -118,27 +129,43 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class NonFiniteGuard:
     """Counts consecutive steps whose loss (or, outside fp16, gradient norm) was NaN or infinite on any rank,
-    and stops the run at `patience` of them. Every rank sees the same count (an all-reduced flag)."""
+    and stops the run at `patience` of them. Each step's flag stays on the device (`note`) until the loop's
+    next check all-reduces the flags of the steps since the last one (`flags`, then `update`): every rank
+    sees the same count, and the run stops at the first check after the patience-th step in a row."""
 
     patience: int
     bad: int = 0
     first: int = 0
+    pending: list[tuple[int, torch.Tensor, bool]] = field(default_factory=list)  # (step, loss flag, norm flag)
 
-    def check(self, step: int, step_loss: torch.Tensor, engine: Engine, world: World) -> bool:
-        """Whether `step` (just taken) was non-finite; raises NonFiniteLoss at the patience-th in a row."""
-        local = not bool(torch.isfinite(step_loss).all())
-        if engine.loss_scale is None:  # fp16 skips overflow steps itself (the loss scaler): not ours to count
-            local = local or not math.isfinite(engine.grad_norm_or_zero)
-        (anywhere,) = world.all_reduce_sum([float(local)])
-        if not anywhere:
-            self.bad = 0
-            return False
-        self.bad += 1
-        self.first = step if self.bad == 1 else self.first
+    def note(self, step: int, step_loss: torch.Tensor, engine: Engine) -> None:
+        """Record `step` (just taken) without reading the loss from the device."""
+        flag = ~torch.isfinite(step_loss).all()
+        # fp16 skips overflow steps itself (the loss scaler): its gradient norm is not ours to count
+        norm = engine.grad_norm_held if engine.loss_scale is None else None
+        if isinstance(norm, torch.Tensor):  # on the device: combined there, read at the check
+            flag = flag | ~torch.isfinite(norm.to(flag.device)).all()
+        self.pending.append((step, flag, isinstance(norm, float) and not math.isfinite(norm)))
+
+    def flags(self) -> list[float]:
+        """This rank's flag (1.0: non-finite) for each step noted since the last update; one device read."""
+        if not self.pending:
+            return []
+        losses = torch.stack([flag for _, flag, _ in self.pending]).tolist()
+        return [float(bool(lost) or norm) for lost, (_, _, norm) in zip(losses, self.pending, strict=True)]
+
+    def update(self, anywhere: list[float]) -> bool:
+        """Take the all-reduced flags of the pending steps, in order; whether the last was non-finite.
+        Raises NonFiniteLoss once `patience` steps in a row were."""
+        steps = [step for step, _, _ in self.pending]
+        self.pending = []
+        for step, bad in zip(steps, anywhere, strict=True):
+            self.bad = self.bad + 1 if bad else 0
+            self.first = step if self.bad == 1 else self.first
         if self.bad >= self.patience:
             raise NonFiniteLoss(f"the loss or gradient norm was NaN or infinite for {self.bad} consecutive step(s) "
-                                f"(steps {self.first}-{step})")
-        return True
+                                f"(steps {self.first}-{steps[-1]})")
+        return bool(steps) and self.bad > 0
 
 
 @dataclass(frozen=True)
@@ -172,23 +199,27 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
                nonfinite: NonFiniteGuard | None = None) -> TrainState:
     """Train until `cadence.max_steps` (or early stopping, or a stop request); every rank runs the
     same steps and the same collectives. With early stopping, every evaluation also saves a
-    checkpoint. `stop_requested` (asked at each step's start; rank 0's answer counts) ends the
-    loop when that step is done, with a checkpoint of it. `after_step` runs after each optimizer step
-    (heartbeat, fault injection). `nonfinite` checks every step: a non-finite one is neither evaluated nor
-    saved; enough of them in a row, or any at the end, raise NonFiniteLoss."""
+    checkpoint. `stop_requested` (rank 0's answer counts) is asked at each check (every log, eval
+    and save step, and about every CHECK_EVERY_S seconds between them) and ends the loop with a
+    checkpoint of the step just taken. `after_step` runs after each optimizer step (heartbeat, fault
+    injection). `nonfinite` sees every step and decides at the checks: a non-finite step is neither
+    evaluated nor saved; enough of them in a row, or any at the end, raise NonFiniteLoss."""
     engine.train()
     losses: list[torch.Tensor] = []  # per micro batch: the loss summed over its targets
     step_losses: list[torch.Tensor] = []  # per step of the interval: this rank's loss sum (no sync until logged)
     step_targets: list[float] = []  # per step of the interval: its targets over all ranks
     targets, tokens, replaced, work, step_s, wait_s = 0, 0, 0, 0.0, 0.0, 0.0
+    next_check, checked_at, since_check = state.step + 1, time.perf_counter(), 0
     while state.step < cadence.max_steps and not state.stopped_early:
         t0 = time.perf_counter()
         batch = next(batches)
         t_data = time.perf_counter() - t0
         # DeepSpeed averages gradients over ranks and micro batches; this weight turns that average
-        # into sum(token losses) / (targets in the global batch). The same all-reduce carries the
-        # stop request, so every rank stops at the same step.
-        global_targets, stop = world.all_reduce_sum([sum(batch.targets), float(world.is_main and stop_requested())])
+        # into sum(token losses) / (targets in the global batch).
+        if batch.uniform_targets:
+            global_targets = float(sum(batch.targets) * world.world_size)
+        else:
+            (global_targets,) = world.all_reduce_sum([sum(batch.targets)])
         weight = world.world_size * len(batch.micro) / max(global_targets, 1.0)
         for micro in batch.micro:  # gradient accumulation; DeepSpeed steps at the boundary
             losses.append(engine.forward_backward(micro, loss_fn, weight))
@@ -206,10 +237,25 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         wait_s += t_data
 
         step_losses.append(torch.stack(losses[-len(batch.micro):]).sum())
-        broken = nonfinite is not None and nonfinite.check(state.step, step_losses[-1], engine, world)
-        do_eval = cadence.eval_due(state.step) and not broken
-        do_save = (cadence.due(state.step, cadence.save_every) or stop > 0) and not broken
-        if do_eval or do_save or state.step % cadence.log_every == 0:
+        if nonfinite is not None:
+            nonfinite.note(state.step, step_losses[-1], engine)
+        do_log = state.step % cadence.log_every == 0
+        do_eval = cadence.eval_due(state.step)
+        do_save = cadence.due(state.step, cadence.save_every)
+        stop, broken, since_check = 0.0, False, since_check + 1
+        if do_log or do_eval or do_save or state.step >= next_check:
+            # One all-reduce: rank 0's stop request and the steps until the next check (rank 0 times them, so
+            # every rank agrees), and each rank's non-finite flags of the steps since the last check.
+            elapsed, checked_at = time.perf_counter() - checked_at, time.perf_counter()
+            every = max(1, min(1000, round(CHECK_EVERY_S * since_check / max(elapsed, 1e-6))))
+            stop, every_all, *bad = world.all_reduce_sum(
+                [float(world.is_main and stop_requested()), float(every) if world.is_main else 0.0,
+                 *(nonfinite.flags() if nonfinite is not None else [])])
+            next_check, since_check = state.step + int(every_all), 0
+            broken = nonfinite is not None and nonfinite.update(bad)
+        do_eval = do_eval and not broken
+        do_save = (do_save or stop > 0) and not broken
+        if do_eval or do_save or do_log:
             # Each step's own loss rides on the interval's one all-reduce: a float per step, no extra sync.
             loss_sum, n, global_tokens, global_replaced, global_work, *step_sums = world.all_reduce_sum(
                 [float(torch.stack(losses).sum()), targets, tokens, replaced, work,

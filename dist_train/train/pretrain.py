@@ -118,8 +118,10 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
             micro = [to_batch(rows[i:i + m], seeds[i:i + m]) for i in range(0, len(rows), m)]
             named = [(shard_name(files, src, shard), k) for src, shard, k in ids]
             # a packed sample attends over its whole length (documents are not masked from each other)
+            # a causal LM predicts every position of every packed row but the first: the same count on every rank
             yield StepBatch(micro, targets=[count_targets(b, sec.objective) for b in micro], tokens=int(rows.size),
-                            attention_units=int(rows.shape[0]) * int(rows.shape[1]) ** 2, ids=named, replaced=replaced)
+                            attention_units=int(rows.shape[0]) * int(rows.shape[1]) ** 2, ids=named, replaced=replaced,
+                            uniform_targets=sec.objective == "clm")
 
     sets = read_eval_sets(cfg, man)
     evaluate = make_evaluate(sets, to_batch, loss_fn, sec.objective, world, d.micro_batch_size, cfg.seed,

@@ -261,3 +261,33 @@ def test_a_run_whose_loss_turns_nan_stops_and_saves_nothing_of_it(tmp_path, shar
     first_bad = int(res["error"].split("(steps ")[1].split("-")[0])
     assert res["step"] == first_bad + 2 and res["saved"] == list(range(1, first_bad)), res
     assert res["at_end"] and "at the last 1 step(s)" in res["at_end"], "a stage ending on a NaN step fails too"
+
+
+@pytest.mark.parametrize("objective, check_every_s", [("clm", 1e9), ("clm", 0.0), ("mlm", 1e9)])
+def test_steps_between_checks_wait_for_no_all_reduce(tmp_path, shards_dir, tokenizer_dir, encoder_shards, minilm_dir,
+                                                      objective, check_every_s):
+    """A causal LM's target count is the same on every rank: its steps all-reduce nothing but at the checks (the
+    first step, each log step, and every CHECK_EVERY_S), which carry rank 0's stop request and the non-finite flags.
+    Asked from step 7, the loop stops at the next check (10) with a checkpoint of it. A masked LM's counts vary:
+    one all-reduce a step besides. With CHECK_EVERY_S 0 every step is a check."""
+    extra = ["pretrain.objective=mlm", "model.arch.family=bert"] if objective == "mlm" else []
+    cfg = tiny_config(tmp_path, encoder_shards if objective == "mlm" else shards_dir,
+                      minilm_dir if objective == "mlm" else tokenizer_dir, "pretrain.train.max_steps=20",
+                      "pretrain.deepspeed.precision=fp32", *extra)
+    out = tmp_path / "r.json"
+    spawn(workers.loop_checks, (2, free_port(), cfg, str(out), check_every_s), 2)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1], "every rank runs the same collectives and stops at the same step"
+    res = ranks[0]
+    stop_at = 10 if check_every_s else 7
+    assert res["preempted"] and res["step"] == stop_at and res["saved"] == [stop_at]
+    checks = {1, 5, 10} if check_every_s else set(range(1, 8))
+    logs = {5, stop_at}  # a log (or save) step's row: its own all-reduce of the interval's sums
+    expected, last_check, last_log = [], 0, 0  # the size of each all-reduce, in order
+    for step in range(1, stop_at + 1):
+        expected += [1] if objective == "mlm" else []  # the step's global target count
+        if step in checks:  # stop request, steps to the next check, a non-finite flag per step since the last
+            expected, last_check = expected + [2 + step - last_check], step
+        if step in logs:  # loss, targets, tokens, replaced, work, and each step's loss
+            expected, last_log = expected + [5 + step - last_log], step
+    assert res["calls"] == expected

@@ -530,3 +530,39 @@ def nonfinite_loop(rank: int, world_size: int, port: int, cfg_dict: dict, out: s
     import torch
 
     torch.distributed.destroy_process_group()
+
+
+def loop_checks(rank: int, world_size: int, port: int, cfg_dict: dict, out: str, check_every_s: float):
+    """The real loop for up to 20 steps (log every 5), counting its all-reduces; rank 0 asks to stop from
+    step 7 on. Writes, per rank: all-reduce sizes, the steps saved, where it stopped."""
+    import dataclasses
+
+    import dist_train.train.loop as loop
+    from dist_train.data.ledger import Ledger
+    from dist_train.model.build import flops_model
+    from dist_train.train.loop import Cadence, NonFiniteGuard, TrainState, train_loop
+    from dist_train.train.metrics import MetricsLog, Throughput
+    from dist_train.world import World
+
+    calls: list[int] = []
+
+    @dataclasses.dataclass(frozen=True)
+    class CountingWorld(World):  # the real collectives, counted
+        def all_reduce_sum(self, values: list[float]) -> list[float]:
+            calls.append(len(values))
+            return super().all_reduce_sum(values)
+
+    world = CountingWorld(**dataclasses.asdict(init_process(rank, world_size, port)))
+    cfg, d, parts, engine, batches = build(cfg_dict, world)
+    loop.CHECK_EVERY_S = check_every_s
+    state, saved = TrainState(), []
+    calls.clear()  # building the engine all-reduces too
+    train_loop(engine=engine, batches=batches, loss_fn=parts.loss_fn, state=state, cadence=Cadence(20, 5, 0, 0),
+               evaluate=lambda: {}, save=saved.append, log=MetricsLog(None, "pretrain", 20, None),
+               ledger=Ledger(rank, world_size, 0.0), world=world, flops=flops_model(parts.model), peak_flops=1e12,
+               throughput=Throughput(), stop_requested=lambda: state.step >= 7, nonfinite=NonFiniteGuard(3))
+    Path(f"{out}.{rank}").write_text(json.dumps({"calls": calls, "saved": saved, "step": state.step,
+                                                 "preempted": state.preempted}))
+    import torch
+
+    torch.distributed.destroy_process_group()

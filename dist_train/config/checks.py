@@ -254,6 +254,25 @@ def epochs_note(steps: int, batch: float, available: int, unit: str) -> str:
             f"{seen / max(available, 1):.2f} epochs")
 
 
+def _check_attention(cfg: RunConfig, stages: list[str]) -> None:
+    """model.attention=flash_attention_2 asked for explicitly: a GPU, the flash_attn package (where the driver
+    runs: the same image as the workers) and a half-precision stage."""
+    if cfg.model.attention != "flash_attention_2":
+        return
+    from dist_train.model.attention import flash_attn_importable
+
+    if not cfg.ray.use_gpu:
+        raise ConfigError("model.attention=flash_attention_2 needs CUDA GPUs: set ray.use_gpu=true, or "
+                          "model.attention=auto (sdpa on CPU)")
+    if not flash_attn_importable():
+        raise ConfigError("model.attention=flash_attention_2 needs the flash_attn package, which this Python lacks: "
+                          "pip install flash-attn (CUDA builds), or model.attention=auto")
+    for stage in stages:
+        if getattr(cfg, stage).deepspeed.precision == "fp32":
+            raise ConfigError(f"model.attention=flash_attention_2 has no fp32 kernel, and {stage} runs in fp32: set "
+                              f"{stage}.deepspeed.precision=bf16, or model.attention=auto")
+
+
 def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     """Raise ConfigError/DataError/ModelError for anything that would fail later; return notes."""
     from dist_train.data.manifest import read_manifest
@@ -280,6 +299,7 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     if not stages:
         raise ConfigError("no stage to run: add a `pretrain:` or `finetune:` section")
     _check_faults(cfg)
+    _check_attention(cfg, stages)
     from dist_train.launch.trackers import check_trackers
 
     check_trackers(cfg.logging)

@@ -70,6 +70,11 @@ class ModelConfig:
                                   "Off: such a model is refused with a message.", False)
     dropout: float | None = doc("Override every dropout probability of the model (hidden, attention, "
                                 "classifier); null keeps the model's own.", None, ge=0, le=1)
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = doc(
+        "Attention kernel. auto: flash_attention_2 on a GPU where the flash_attn package is installed and the "
+        "stage runs in bf16/fp16 (packed SFT rows then use its variable-length path), else sdpa (PyTorch's "
+        "scaled_dot_product_attention; on CPU eager was slower at long sequences, docs/training.md). Exports "
+        "do not keep it.", "auto")
 
 
 @dataclass(frozen=True)
@@ -277,9 +282,9 @@ class FinetuneData:
                                 True)
     packing: bool = doc("sft: pack several examples into one row of max_length tokens (positions restart "
                         "and attention stays within each example: a block mask from position_ids), so no "
-                        "position is padding. Off by default: on CPU the block mask costs more than the "
-                        "padding it saves (measured), and the flash-attention variable-length path is not "
-                        "wired yet. Other tasks cannot pack.", False)
+                        "position is padding. On a GPU with flash attention (model.attention) the rows take "
+                        "its variable-length path, without a mask. Off by default: on CPU the block mask costs "
+                        "more than the padding it saves (measured). Other tasks cannot pack.", False)
 
 
 @dataclass(frozen=True)

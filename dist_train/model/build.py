@@ -146,9 +146,10 @@ def _load_report(source: str, info: dict[str, Any]) -> LoadReport:
 def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None, vocab_size: int,
              pad_token_id: int | None, eos_token_id: int | None, seed: int,
              gradient_checkpointing: bool, dropout: float | None = None,
-             trust_remote_code: bool = False) -> tuple[torch.nn.Module, LoadReport]:
+             trust_remote_code: bool = False, attention: str = "sdpa") -> tuple[torch.nn.Module, LoadReport]:
     """A causal ('clm') or masked ('mlm') LM: pretrained weights from name_or_path, or random
-    init (seeded, identical on every rank) from arch; and what loading the weights found."""
+    init (seeded, identical on every rank) from arch; and what loading the weights found.
+    `attention`: the attn_implementation (model/attention.py chooses it)."""
     _offline()
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -157,11 +158,13 @@ def build_lm(*, objective: str, name_or_path: str | None, arch: TinyArch | None,
     report = LoadReport()
     try:
         if arch is not None:
-            model = auto.from_config(with_dropout(arch_config(arch, vocab_size, pad_token_id, eos_token_id), dropout))
+            config = with_dropout(arch_config(arch, vocab_size, pad_token_id, eos_token_id), dropout)
+            model = auto.from_config(config, attn_implementation=kernel_for(auto, config, attention))
         else:
+            config = _pretrained_config(name_or_path, dropout, trust_remote_code)
             model, info = auto.from_pretrained(name_or_path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                               config=_pretrained_config(name_or_path, dropout, trust_remote_code),
-                                               output_loading_info=True)
+                                               config=config, output_loading_info=True,
+                                               attn_implementation=kernel_for(auto, config, attention))
             report = _load_report(name_or_path, info)
     except ValueError as e:  # e.g. a BERT model asked for a causal LM
         raise ModelError(f"the model cannot do pretrain.objective={objective} ({str(e).splitlines()[0][:100]}): "
@@ -173,7 +176,7 @@ def build_task_model(auto_class: str, *, init_from: str | None, model_kwargs: di
                      pad_token_id: int | None, seed: int, gradient_checkpointing: bool, dropout: float | None = None,
                      lora: Any = None, peft_task_type: str = "SEQ_CLS", trust_remote_code: bool = False,
                      arch: TinyArch | None = None, vocab_size: int = 0,
-                     eos_token_id: int | None = None) -> tuple[torch.nn.Module, LoadReport]:
+                     eos_token_id: int | None = None, attention: str = "sdpa") -> tuple[torch.nn.Module, LoadReport]:
     """A fine-tuning model from an HF directory (weights only): `auto_class` (e.g.
     AutoModelForSequenceClassification) with a fresh seeded head, optionally wrapped in LoRA
     adapters (`lora`: a LoraSection) with the head trained fully; and what loading found. With
@@ -192,18 +195,28 @@ def build_task_model(auto_class: str, *, init_from: str | None, model_kwargs: di
         for key, value in model_kwargs.items():
             setattr(config, key, value)
         check_model_fits(auto_class, config, f"model.arch ({arch.family})")
-        model = auto.from_config(config)
+        model = auto.from_config(config, attn_implementation=kernel_for(auto, config, attention))
     else:
         config = _pretrained_config(init_from, dropout, trust_remote_code, **model_kwargs)
         check_model_fits(auto_class, config, init_from)
         model, info = auto.from_pretrained(init_from, config=config, dtype=torch.float32,
-                                           trust_remote_code=trust_remote_code, output_loading_info=True)
+                                           trust_remote_code=trust_remote_code, output_loading_info=True,
+                                           attn_implementation=kernel_for(auto, config, attention))
         report = _load_report(init_from, info)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if lora is not None:
         model = with_lora(model, lora, peft_task_type)
     return _finish(model, gradient_checkpointing), report
+
+
+def kernel_for(auto: Any, config: Any, attention: str) -> str:
+    """`attention`, or sdpa where flash attention was chosen for a model class transformers has no flash
+    kernel for (the model's own attention_implementation then says so)."""
+    cls = auto._model_mapping.get(type(config), None) if hasattr(auto, "_model_mapping") else None
+    if attention == "flash_attention_2" and not getattr(cls, "_supports_flash_attn", False):
+        return "sdpa"
+    return attention
 
 
 def check_model_fits(auto_class: str, config: Any, name: str) -> None:

@@ -27,7 +27,7 @@ from dist_train.tasks.compare import ExampleStats
 from dist_train.tasks.records import read_splits, task_spec
 from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
-from dist_train.train.stage import StageParts, checkpointing_for
+from dist_train.train.stage import StageParts, attention_for, checkpointing_for
 from dist_train.world import World
 
 
@@ -109,6 +109,7 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
                     lengths if sec.data.group_by_length else None)
     packed = packs(cfg)
     checkpointing = checkpointing_for(cfg, "finetune", world)
+    attention = attention_for(cfg, "finetune", world)
     with model_construction(d.deepspeed):
         model, loaded = build_task_model(task.auto_class, init_from=init_from, model_kwargs=task.model_kwargs(),
                                          pad_token_id=tokenizer.pad_token_id, seed=cfg.seed,
@@ -116,7 +117,8 @@ def build_finetune(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
                                          dropout=cfg.model.dropout, lora=sec.lora if sec.lora.enabled else None,
                                          peft_task_type=task.peft_task_type,
                                          trust_remote_code=cfg.model.trust_remote_code, arch=cfg.model.arch,
-                                         vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+                                         vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                         attention=attention)
 
     def batches(start_step: int) -> Iterator[StepBatch]:
         step = start_step

@@ -31,7 +31,7 @@ from dist_train.train.engine import model_construction
 from dist_train.train.loop import StepBatch
 from dist_train.train.loss import loss_for
 from dist_train.train.masking import mask_batch, word_starts_table
-from dist_train.train.stage import StageParts, checkpointing_for
+from dist_train.train.stage import StageParts, attention_for, checkpointing_for
 from dist_train.world import World
 
 EVAL_SEED = 1 << 40  # a "step" no training step reaches: evaluation masks never repeat training ones
@@ -93,11 +93,13 @@ def build_pretrain(cfg: RunConfig, d: StageDerived, world: World) -> StageParts:
     man = mans[0]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.trust_remote_code)
     checkpointing = checkpointing_for(cfg, "pretrain", world)
+    attention = attention_for(cfg, "pretrain", world)
     with model_construction(d.deepspeed):
         model, loaded = build_lm(objective=sec.objective, name_or_path=cfg.model.name_or_path, arch=cfg.model.arch,
                          vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, seed=cfg.seed,
                          gradient_checkpointing=checkpointing, dropout=cfg.model.dropout,
+                         attention=attention,
                          trust_remote_code=cfg.model.trust_remote_code)
     to_batch = make_micro(cfg, tokenizer)
     loss_fn = loss_for(sec.objective)

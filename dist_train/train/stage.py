@@ -107,6 +107,20 @@ def checkpointing_for(cfg: RunConfig, stage: str, world: World) -> bool:
     return bool(world.broadcast_object(choice))
 
 
+def attention_for(cfg: RunConfig, stage: str, world: World) -> str:
+    """The attention kernel this stage builds its model with (model/attention.py), said on the console
+    by rank 0 when model.attention is auto."""
+    from dist_train.model.attention import choose_attention, flash_attn_importable
+
+    on_gpu = cfg.ray.use_gpu and torch.cuda.is_available()
+    precision = getattr(cfg, stage).deepspeed.precision
+    kernel, why = choose_attention(cfg.model.attention, on_gpu=on_gpu, precision=precision,
+                                   flash_available=flash_attn_importable())
+    if world.is_main and cfg.model.attention == "auto":
+        print(f"[{stage}] attention: {kernel} ({why})", flush=True)
+    return kernel
+
+
 def after_step(step: int, heartbeat: Heartbeat | None, faults: Faults | None) -> None:
     if heartbeat is not None:
         heartbeat.progress(step)

@@ -188,6 +188,9 @@ CASES = [
     Case("zero steps", ("pretrain.train.max_steps=0",), "must be >= 1"),
     Case("negative checkpoint interval", ("pretrain.train.save_every=-5",), "must be >= 0"),
     Case("non-finite patience of zero", ("pretrain.train.nonfinite_patience=0",), "must be >= 1"),
+    Case("flash attention without a GPU", ("model.attention=flash_attention_2",),
+         "model.attention=flash_attention_2 needs CUDA GPUs: set ray.use_gpu=true"),
+    Case("an attention kernel transformers lacks", ("model.attention=flex",), "model.attention"),
     Case("compare_base against itself", ("finetune.compare_base=true", "finetune.data.test_fraction=0.2"),
          "but finetune.init_from already starts from the unadapted one", finetune_only=True),
 ]

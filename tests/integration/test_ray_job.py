@@ -42,8 +42,11 @@ def cluster(tmp_path_factory):
     """A head and a second node, both one CPU; yields (env with the token, jobs API URL)."""
     token = secrets.token_hex(16)
     home = tmp_path_factory.mktemp("home")  # no ~/.ray/auth_token: the token comes from the environment
+    # DeepSpeed's CPU ops are compiled once into ~/.cache/torch_extensions: the fresh HOME keeps using the real
+    # one (compiling its shared-memory op again took ~100 s of the job's worker setup)
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(home), "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "TORCH_EXTENSIONS_DIR": extensions}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, client, *second = free_ports(12)
     tmp = f"/tmp/dtjob-{os.getpid()}"  # Ray's socket paths must stay short
@@ -87,12 +90,13 @@ def stop_cluster(temp_dir: str) -> None:
     import psutil
 
     def ours() -> list[psutil.Process]:
-        found = []
+        found = set()
         for proc in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error):
                 if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
-                    found.append(proc)
-        return found
+                    # with their children: the agents and workers retitle themselves ("ray::DashboardAgent")
+                    found |= {proc, *proc.children(recursive=True)}
+        return list(found)
 
     for proc in ours():
         with contextlib.suppress(psutil.Error):

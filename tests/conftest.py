@@ -162,6 +162,12 @@ SHARED_UNITS = {"tests/integration/test_slurm.py": "clusters", "tests/integratio
 TIER_ORDER = {"integration": 0, "dist": 1, "unit": 2}
 
 
+def tier_of(nodeid: str) -> str | None:
+    """"unit", "dist" or "integration" for a test under tests/<tier>/, else None."""
+    parts = nodeid.split("/")
+    return parts[1] if len(parts) > 2 and parts[1] in TIER_ORDER else None
+
+
 def unit_of(nodeid: str) -> str:
     path = nodeid.split("::")[0]
     return SHARED_UNITS.get(path, path)
@@ -180,13 +186,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        tier = item.nodeid.split("/")[1] if item.nodeid.count("/") >= 2 else None
-        if tier in TIER_ORDER:  # unit, dist, integration: `pytest -m dist` selects a tier
+        tier = tier_of(item.nodeid)
+        if tier is not None:  # `pytest -m dist` selects a tier
             item.add_marker(getattr(pytest.mark, tier))
 
     def order(item: pytest.Item) -> tuple[int, int]:
-        parts = item.nodeid.split("/")
-        tier = TIER_ORDER.get(parts[1], 3) if len(parts) > 2 else 3
-        return tier, 0 if unit_of(item.nodeid) == "clusters" else 1
+        tier = tier_of(item.nodeid)
+        return TIER_ORDER[tier] if tier else len(TIER_ORDER), 0 if unit_of(item.nodeid) == "clusters" else 1
 
     items.sort(key=order)  # stable: the order within a module is kept

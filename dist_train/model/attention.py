@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 
-IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-
 
 def flash_attn_importable() -> bool:
     """Whether the flash_attn package is installed in this Python (it is not imported here)."""

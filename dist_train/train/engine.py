@@ -86,7 +86,7 @@ class Engine:
 
     @property
     def grad_norm(self) -> float:
-        norm = self.ds.get_global_grad_norm()
+        norm = self.grad_norm_held
         return float(norm) if norm is not None else float("nan")
 
     @property
@@ -94,12 +94,6 @@ class Engine:
         """The last step's global gradient norm as DeepSpeed holds it: a device tensor or a float (None when it
         computed none). Unlike grad_norm, reading it never waits for the device."""
         return self.ds.get_global_grad_norm()
-
-    @property
-    def grad_norm_or_zero(self) -> float:
-        """The last step's global gradient norm, 0.0 when DeepSpeed did not compute one (no clipping)."""
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
 
     @property
     def skipped_steps(self) -> int:

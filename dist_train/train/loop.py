@@ -246,7 +246,8 @@ def train_loop(*, engine: Engine, batches: Iterator[StepBatch], loss_fn: LossFn,
         if do_log or do_eval or do_save or state.step >= next_check:
             # One all-reduce: rank 0's stop request and the steps until the next check (rank 0 times them, so
             # every rank agrees), and each rank's non-finite flags of the steps since the last check.
-            elapsed, checked_at = time.perf_counter() - checked_at, time.perf_counter()
+            now = time.perf_counter()
+            elapsed, checked_at = now - checked_at, now
             every = max(1, min(1000, round(CHECK_EVERY_S * since_check / max(elapsed, 1e-6))))
             stop, every_all, *bad = world.all_reduce_sum(
                 [float(world.is_main and stop_requested()), float(every) if world.is_main else 0.0,

@@ -10,7 +10,6 @@ fresh=True (plain spawn).
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,5 @@ def spawn(fn: Callable[..., Any], args: tuple, nprocs: int, fresh: bool = False)
     if fresh:
         mp.spawn(fn, args=args, nprocs=nprocs, join=True)
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when the fork server imports DeepSpeed
     multiprocessing.set_forkserver_preload(PRELOAD)
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")

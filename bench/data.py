@@ -148,7 +148,8 @@ def bench_training(root: Path) -> dict:
     cmd = [sys.executable, "-m", "dist_train.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
            f"output_dir={root / 'run'}", f"prepare.dir={root / 'qs'}", f"model.tokenizer={root / 'qs' / 'tokenizer'}",
            f"pretrain.data.shards={root / 'qs' / 'shards'}", "finetune=null", "pretrain.train.max_steps=60",
-           "pretrain.train.eval_every=0", "pretrain.train.save_every=0"]
+           "pretrain.train.eval_every=0", "pretrain.train.save_every=0",
+           "pretrain.deepspeed.precision=bf16"]  # as earlier figures (the quickstart itself takes auto)
     subprocess.run(cmd, check=True, capture_output=True)
     stage = json.loads((root / "run" / "report.json").read_text())["stages"]["pretrain"]
     return {"train_tokens_per_s_per_rank": stage["tokens_per_s"] / stage["world_size"],

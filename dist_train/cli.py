@@ -203,10 +203,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError, load_config, to_dict
 
     if args.cmd == "print-config" and args.deepspeed:
+        from dist_train.config.checks import resolve_precision
         from dist_train.config.derived import derive_stage
         from dist_train.launch.driver import stages_to_run
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = resolve_precision(load_config(args.config, args.overrides))
         print(json.dumps({s: derive_stage(cfg, s).deepspeed for s in stages_to_run(cfg, args.stage)}, indent=1))
         return 0
     if args.cmd == "print-config":
@@ -220,7 +221,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from dist_train.config.derived import describe
         from dist_train.launch.driver import stages_to_run
 
-        cfg = resolve(load_config(args.config, args.overrides))
+        precision_notes: list[str] = []
+        sized_for_gpus = True if args.plan and args.gpus_per_node is not None else None
+        cfg = resolve(load_config(args.config, args.overrides), precision_notes, use_gpu=sized_for_gpus)
         stages = stages_to_run(cfg, args.stage)
         if args.plan:
             if args.json:
@@ -228,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _plan_job(cfg, stages, args)
         if args.nodes != 1 or args.gpus_per_node is not None or args.gpu_memory is not None:
             raise ConfigError("--nodes, --gpus-per-node and --gpu-memory size a plan: add --plan")
-        notes = check_run(cfg, stages)
+        notes = [n for n in precision_notes if n.split("]")[0][1:] in stages] + check_run(cfg, stages)
         if args.json:
             from dataclasses import asdict
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from dist_train.config.derived import derive_stage, init_dir, stage_section
+from dist_train.config.derived import derive_stage, init_dir, stage_precision, stage_section
+from dist_train.config.hardware import cpu_has_bf16, cpu_has_fp16
 from dist_train.config.loader import ConfigError
 from dist_train.config.schema import (
     DeepSpeedSection,
@@ -45,9 +46,36 @@ def _abs_if_local(name: str | None) -> str | None:
     return str(p.resolve()) if p.exists() or name.startswith((".", "/", "~")) else name
 
 
-def resolve(cfg: RunConfig) -> RunConfig:
-    """Absolute paths, and the data plan pinned to the checkpoint a run resumes from."""
-    return pin_resumed_lanes(resolve_paths(cfg))
+def resolve(cfg: RunConfig, notes: list[str] | None = None, use_gpu: bool | None = None) -> RunConfig:
+    """Absolute paths, the data plan pinned to the checkpoint a run resumes from, and each stage's
+    precision `auto` made concrete (for GPUs if `use_gpu`, default ray.use_gpu); what `auto` became, and
+    why, is appended to `notes` if given."""
+    return resolve_precision(pin_resumed_lanes(resolve_paths(cfg)), notes, use_gpu)
+
+
+def resolve_precision(cfg: RunConfig, notes: list[str] | None = None, use_gpu: bool | None = None) -> RunConfig:
+    """Each stage's `deepspeed.precision: auto` replaced by a concrete one: the precision of the checkpoint
+    the stage resumes from (a DeepSpeed checkpoint does not load into another precision), else stage_precision's."""
+    from dist_train.checkpoint.manager import latest_meta
+
+    rep = dataclasses.replace
+    for stage in ("pretrain", "finetune"):
+        section = getattr(cfg, stage)
+        if section is None or section.deepspeed.precision != "auto":
+            continue
+        try:
+            found = latest_meta(Path(cfg.output_dir) / stage / "checkpoints")
+        except (OSError, ValueError):  # a damaged meta.json: check_resume and the workers deal with it
+            found = None
+        kept = _lookup(found[1].get("config") or {}, f"{stage}.deepspeed.precision") if found else ABSENT
+        if kept in ("bf16", "fp16", "fp32"):
+            value, why = str(kept), f"auto: as the checkpoint it resumes from ({found[0]})"
+        else:
+            value, why = stage_precision(section.deepspeed, cfg.ray.use_gpu if use_gpu is None else use_gpu)
+        cfg = rep(cfg, **{stage: rep(section, deepspeed=rep(section.deepspeed, precision=value))})
+        if notes is not None:
+            notes.append(f"[{stage}] precision: {value} ({why})")
+    return cfg
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -237,16 +265,6 @@ def _check_faults(cfg: RunConfig) -> None:
             raise ConfigError(f"faults.save phase {s.phase} happens on rank 0 only: set rank: 0")
 
 
-def cpu_has_fp16() -> bool:
-    """Whether DeepSpeed's CPU accelerator accepts fp16 here (oneDNN fp16: AVX512-FP16 or AMX-FP16)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:  # an older torch without the probe: DeepSpeed would refuse too
-        return False
-
-
 def epochs_note(steps: int, batch: float, available: int, unit: str) -> str:
     """How many passes over the data `steps` optimizer steps drawing `batch` items of it make, in words."""
     seen = steps * batch
@@ -307,9 +325,14 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
     for stage in stages:
         stage_section(cfg, stage)
         derive_stage(cfg, stage)
-        if getattr(cfg, stage).deepspeed.precision == "fp16" and not cfg.ray.use_gpu and not cpu_has_fp16():
+        precision = getattr(cfg, stage).deepspeed.precision
+        if precision == "fp16" and not cfg.ray.use_gpu and not cpu_has_fp16():
             raise ConfigError(f"{stage}.deepspeed.precision=fp16 needs native fp16 kernels, which this CPU lacks "
-                              "(DeepSpeed refuses it): use bf16, or fp16 with ray.use_gpu=true")
+                              "(DeepSpeed refuses it): use auto, or fp16 with ray.use_gpu=true")
+        if precision == "bf16" and not cfg.ray.use_gpu and not cpu_has_bf16():
+            notes.append(f"note: {stage}.deepspeed.precision=bf16 on a CPU without native bf16 kernels (AVX512-BF16 "
+                         "or AMX): its matmuls are emulated, several times slower than fp32 (8x on the quickstart); "
+                         "precision=auto picks fp32 here")
         notes += _check_best_metric(cfg, stage)
         train = getattr(cfg, stage).train
         if stage == "pretrain" and train.head_warmup_steps and model.arch is not None:

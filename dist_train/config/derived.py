@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from dist_train.config.hardware import auto_precision
 from dist_train.config.loader import ConfigError
 from dist_train.config.schema import (
     DeepSpeedSection,
@@ -134,9 +135,22 @@ def reduce_bucket_elements(hidden_size: int) -> int:
     return max(hidden_size**2, MIN_REDUCE_BUCKET)
 
 
+def stage_precision(ds: DeepSpeedSection, use_gpu: bool) -> tuple[str, str]:
+    """The precision a stage computes in, and why: `deepspeed.precision` unless it is auto; auto follows the
+    user's DeepSpeed JSON (config_file or extra) where it enables bf16 or fp16, else the hardware."""
+    if ds.precision != "auto":
+        return ds.precision, "deepspeed.precision"
+    for name in ("bf16", "fp16"):
+        block = ds.extra.get(name)
+        if isinstance(block, dict) and block.get("enabled") is True:
+            return name, f"auto: your DeepSpeed JSON enables {name}"
+    return auto_precision(use_gpu)
+
+
 def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopConfig, grad_accum: int,
                    use_gpu: bool, hidden_size: int) -> dict[str, Any]:
     """Render the DeepSpeed config dict that `deepspeed.initialize` receives, complete and explicit."""
+    precision = stage_precision(ds, use_gpu)[0]  # the driver has made it concrete; other callers may not have
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage > 0:
         # Bucket sizes follow the model's width (hidden², as HF Trainer's "auto"), with a floor for small
@@ -159,8 +173,8 @@ def deepspeed_json(ds: DeepSpeedSection, optim: OptimConfig, train: TrainLoopCon
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": [optim.beta1, optim.beta2], "eps": optim.eps,

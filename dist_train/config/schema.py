@@ -81,7 +81,10 @@ class ModelConfig:
 class DeepSpeedSection:
     zero_stage: int = doc("ZeRO stage: 0 (DDP), 1 (optimizer), 2 (+gradients), 3 (+parameters).", 2,
                           ge=0, le=3)
-    precision: Literal["bf16", "fp16", "fp32"] = doc("Mixed-precision mode.", "bf16")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc(
+        "Mixed-precision mode. auto: bf16 on GPUs and on CPUs with native bf16 kernels (AVX512-BF16 or AMX), fp32 "
+        "on other CPUs, where bf16 matmuls are emulated and ran 8x slower on the quickstart (docs/training.md); a "
+        "resumed run keeps its checkpoint's precision. The choice is said on the console.", "auto")
     offload_optimizer: bool = doc("Keep optimizer states in CPU memory (ZeRO >= 1).", False)
     offload_params: bool = doc("Keep parameters in CPU memory (ZeRO-3 only).", False)
     config_file: str | None = doc("A DeepSpeed JSON of your own, merged into the rendered config: its keys "

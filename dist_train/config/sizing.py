@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_train.config.derived import derive_stage, stage_section
+from dist_train.config.derived import derive_stage, stage_precision, stage_section
 from dist_train.config.loader import ConfigError
 from dist_train.config.memory import (
     ActivationBytes,
@@ -215,13 +215,14 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
     derived = derive_stage(cfg, stage, world_size=world)
     shape, trainable, lm_head = _build_meta(cfg, stage)
     seq_len = cfg.pretrain.data.seq_len if stage == "pretrain" else cfg.finetune.data.max_length
-    act_b = 2 if ds.precision in ("bf16", "fp16") else 4
+    precision = stage_precision(ds, on_gpu)[0]
+    act_b = 2 if precision in ("bf16", "fp16") else 4
     mb = sec.train.micro_batch_size
     acts = {on: activation_bytes(shape, seq_len, mb, on, act_b, lm_head=lm_head, flash_attention=on_gpu,
                                  chunked_loss=sec.train.chunked_loss, head_trains=trainable == shape.params)
             for on in (True, False)}  # LoRA leaves the LM head frozen
     full_logits = activation_bytes(shape, seq_len, mb, True, act_b, lm_head=lm_head).lm_head
-    states = model_state_bytes(shape.params, ds.zero_stage, world, ds.precision, ds.offload_optimizer,
+    states = model_state_bytes(shape.params, ds.zero_stage, world, precision, ds.offload_optimizer,
                                ds.offload_params, trainable=trainable)
     data, warnings = _data_line(cfg, stage, world)
     bucket = int(derived.deepspeed["zero_optimization"].get("reduce_bucket_size", shape.hidden**2))
@@ -229,7 +230,7 @@ def plan_stage(cfg: RunConfig, stage: str, hw: Hardware) -> StagePlan:
         stage=stage, section=sec, world=world, nodes=hw.nodes, on_gpu=on_gpu, shape=shape, trainable=trainable,
         states=states, buffers=zero_buffer_bytes(shape, ds.zero_stage, bucket, act_b), act_on=acts[True],
         act_off=acts[False], grad_accum=derived.grad_accum, seq_len=seq_len,
-        checkpoint=checkpoint_bytes(shape.params, trainable, ds.precision), export=shape.params * 4.0, data=data,
+        checkpoint=checkpoint_bytes(shape.params, trainable, precision), export=shape.params * 4.0, data=data,
         capacity=hw.gpu_memory, full_logits=full_logits, warnings=warnings)
     if hw.gpus_per_node and world != configured:
         plan.warnings.append(f"the config has ray.num_workers={configured}: pass ray.num_workers={world} "

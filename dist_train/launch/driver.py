@@ -271,8 +271,9 @@ def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, 
     if cfg.prepare is not None:  # fail before spending time on building the data
         check_run(cfg, stages)
     prepare(cfg)
-    cfg = resolve(cfg)  # paths into the prepared data exist now and become absolute
-    for note in check_run(cfg, stages):
+    notes: list[str] = []
+    cfg = resolve(cfg, notes)  # paths into the prepared data exist now and become absolute
+    for note in notes + check_run(cfg, stages):
         log(note)
     log(describe(cfg, stages))
     timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}

@@ -58,6 +58,12 @@ def device_peak_flops(use_gpu: bool, dtype: torch.dtype, threads: int) -> tuple[
         if (found := table_peak(name, dtype)) is not None:
             return found[0], f"table:{found[1]} {str(dtype)[6:]}"
         return measure_matmul_peak(dtype, threads, device="cuda", n=8192), f"measured:{name} {str(dtype)[6:]}"
+    if dtype == torch.bfloat16:
+        from dist_train.config.hardware import cpu_has_bf16
+
+        if not cpu_has_bf16():  # emulated bf16 converts to fp32: the fp32 peak is the hardware's ceiling
+            return (measure_matmul_peak(torch.float32, threads),
+                    f"measured:cpu x{threads} threads float32 (no native bfloat16)")
     return measure_matmul_peak(dtype, threads), f"measured:cpu x{threads} threads {str(dtype)[6:]}"
 
 

@@ -20,7 +20,7 @@ import torch
 from dist_train.checkpoint.card import update_card
 from dist_train.checkpoint.export import EXPORT_PHASES, describe_model, export_checkpoint
 from dist_train.checkpoint.manager import CheckpointManager, best_committed, restore_rng
-from dist_train.config.derived import StageDerived
+from dist_train.config.derived import StageDerived, stage_precision
 from dist_train.config.loader import to_dict
 from dist_train.config.schema import RunConfig, best_metric, higher_is_better
 from dist_train.control import preemption_requested
@@ -113,7 +113,7 @@ def attention_for(cfg: RunConfig, stage: str, world: World) -> str:
     from dist_train.model.attention import choose_attention, flash_attn_importable
 
     on_gpu = cfg.ray.use_gpu and torch.cuda.is_available()
-    precision = getattr(cfg, stage).deepspeed.precision
+    precision = stage_precision(getattr(cfg, stage).deepspeed, cfg.ray.use_gpu)[0]
     kernel, why = choose_attention(cfg.model.attention, on_gpu=on_gpu, precision=precision,
                                    flash_available=flash_attn_importable())
     if world.is_main and cfg.model.attention == "auto":
@@ -191,7 +191,8 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
         print(line + (f"; only they train for the first {head_steps} steps (train.head_warmup_steps), then "
                       "everything" if head_steps else ""), flush=True)
 
-    peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(section.deepspeed.precision),
+    precision = stage_precision(section.deepspeed, cfg.ray.use_gpu)[0]
+    peak, peak_source = device_peak_flops(cfg.ray.use_gpu, precision_dtype(precision),
                                           cfg.ray.cpus_per_worker)
     flops = flops_model(parts.model)
     log = MetricsLog(out / METRICS if world.is_main else None, stage, section.train.max_steps,
@@ -286,7 +287,7 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     tps = throughput.tokens_per_s
     result = {
         "world_size": world.world_size, "zero_stage": section.deepspeed.zero_stage,
-        "precision": section.deepspeed.precision,
+        "precision": precision,
         "gradient_checkpointing": parts.checkpointing, "steps": state.step,
         "tokens": state.tokens, "tokens_per_s": tps, "mfu": throughput.flops_per_s / (peak * world.world_size),
         "flops_per_token": throughput.flops_per_token, "peak_flops_per_worker": peak, "peak_source": peak_source,

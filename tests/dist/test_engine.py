@@ -178,7 +178,8 @@ def test_fp16_overflow_steps_are_skipped_counted_and_logged(tmp_path, shards_dir
 
 
 def test_fp16_on_a_cpu_without_fp16_is_refused_before_ray(tmp_path):
-    from dist_train.config.checks import check_run, cpu_has_fp16, resolve
+    from dist_train.config.checks import check_run, resolve
+    from dist_train.config.hardware import cpu_has_fp16
     from dist_train.config.loader import ConfigError
 
     if cpu_has_fp16():

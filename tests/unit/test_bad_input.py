@@ -297,10 +297,10 @@ def test_real_cli_prints_one_line(config):
 def test_resume_with_a_changed_identity_key_is_refused(config, capsys, tmp_path):
     import json
 
-    from dist_train.config.checks import resolve_paths
+    from dist_train.config.checks import resolve_paths, resolve_precision
     from dist_train.config.loader import load_config, to_dict
 
-    old = to_dict(resolve_paths(load_config(config, ["seed=5"])))
+    old = to_dict(resolve_precision(resolve_paths(load_config(config, ["seed=5"]))))  # as a worker writes it
     ckpt = tmp_path / "run" / "pretrain" / "checkpoints"
     (ckpt / "step_00000002").mkdir(parents=True)
     (ckpt / "step_00000002" / "meta.json").write_text(json.dumps({"config": old, "step": 2}))

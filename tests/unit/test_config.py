@@ -13,7 +13,7 @@ def test_quickstart_loads_with_documented_names():
     cfg = load_config(QUICKSTART)
     assert cfg.ray.num_workers == 2
     assert cfg.pretrain.deepspeed.zero_stage == 2
-    assert cfg.pretrain.deepspeed.precision == "bf16"
+    assert cfg.pretrain.deepspeed.precision == "auto"
     assert cfg.finetune.train.gradient_checkpointing == "auto"  # the memory plan decides on the workers
     assert cfg.finetune.data.group_by_length and cfg.finetune.data.packing is False and cfg.finetune.train.chunked_loss
 

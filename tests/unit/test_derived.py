@@ -28,7 +28,7 @@ def test_indivisible_global_batch_is_named():
 
 def test_deepspeed_json_is_complete_and_consistent():
     d = derive_stage(cfg("pretrain.train.global_batch_size=32", "pretrain.train.micro_batch_size=4",
-                         "pretrain.optim.grad_clip=0.5"), "pretrain")
+                         "pretrain.optim.grad_clip=0.5", "pretrain.deepspeed.precision=bf16"), "pretrain")
     ds = d.deepspeed
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
@@ -97,7 +97,9 @@ def test_a_conflict_with_the_typed_config_names_both_values(tmp_path, user, mess
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
     with pytest.raises(ConfigError, match=message):
-        derive_stage(resolve_paths(cfg(f"pretrain.deepspeed.config_file={path}")), "pretrain")
+        # an explicit precision: `auto` would follow the JSON's fp16 (test_precision.py)
+        derive_stage(resolve_paths(cfg(f"pretrain.deepspeed.config_file={path}", "pretrain.deepspeed.precision=bf16")),
+                     "pretrain")
 
 
 def test_a_missing_or_broken_deepspeed_file_is_named(tmp_path):

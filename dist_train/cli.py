@@ -203,11 +203,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dist_train.config.loader import ConfigError, load_config, to_dict
 
     if args.cmd == "print-config" and args.deepspeed:
-        from dist_train.config.checks import resolve_precision
+        from dist_train.config.checks import resolve
         from dist_train.config.derived import derive_stage
         from dist_train.launch.driver import stages_to_run
 
-        cfg = resolve_precision(load_config(args.config, args.overrides))
+        cfg = resolve(load_config(args.config, args.overrides))  # as the run derives it (its DeepSpeed JSON merged)
         print(json.dumps({s: derive_stage(cfg, s).deepspeed for s in stages_to_run(cfg, args.stage)}, indent=1))
         return 0
     if args.cmd == "print-config":

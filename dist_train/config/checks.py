@@ -54,28 +54,39 @@ def resolve(cfg: RunConfig, notes: list[str] | None = None, use_gpu: bool | None
 
 
 def resolve_precision(cfg: RunConfig, notes: list[str] | None = None, use_gpu: bool | None = None) -> RunConfig:
-    """Each stage's `deepspeed.precision: auto` replaced by a concrete one: the precision of the checkpoint
+    """Each stage's `deepspeed.precision: auto` replaced by a concrete one: the precision of the checkpoints
     the stage resumes from (a DeepSpeed checkpoint does not load into another precision), else stage_precision's."""
-    from dist_train.checkpoint.manager import latest_meta
-
     rep = dataclasses.replace
     for stage in ("pretrain", "finetune"):
         section = getattr(cfg, stage)
         if section is None or section.deepspeed.precision != "auto":
             continue
-        try:
-            found = latest_meta(Path(cfg.output_dir) / stage / "checkpoints")
-        except (OSError, ValueError):  # a damaged meta.json: check_resume and the workers deal with it
-            found = None
-        kept = _lookup(found[1].get("config") or {}, f"{stage}.deepspeed.precision") if found else ABSENT
-        if kept in ("bf16", "fp16", "fp32"):
-            value, why = str(kept), f"auto: as the checkpoint it resumes from ({found[0]})"
+        if kept := _checkpoint_precision(Path(cfg.output_dir) / stage / "checkpoints", stage):
+            value, why = kept[1], f"auto: as the checkpoint it resumes from ({kept[0]})"
         else:
             value, why = stage_precision(section.deepspeed, cfg.ray.use_gpu if use_gpu is None else use_gpu)
         cfg = rep(cfg, **{stage: rep(section, deepspeed=rep(section.deepspeed, precision=value))})
         if notes is not None:
             notes.append(f"[{stage}] precision: {value} ({why})")
     return cfg
+
+
+def _checkpoint_precision(root: Path, stage: str) -> tuple[str, str] | None:
+    """(tag, precision) of the newest committed checkpoint whose meta.json names one: the workers resume
+    from the newest that verifies, whether or not `latest` points at it."""
+    import json
+
+    from dist_train.checkpoint.manager import META, committed_tags
+
+    for tag in committed_tags(root) if root.is_dir() else []:
+        try:
+            meta = json.loads((root / tag / META).read_text())
+        except (OSError, ValueError):
+            continue  # damaged: the workers skip it, saying so
+        kept = _lookup((meta.get("config") if isinstance(meta, dict) else None) or {}, f"{stage}.deepspeed.precision")
+        if kept in ("bf16", "fp16", "fp32"):
+            return tag, str(kept)
+    return None
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -330,9 +341,9 @@ def check_run(cfg: RunConfig, stages: list[str]) -> list[str]:
             raise ConfigError(f"{stage}.deepspeed.precision=fp16 needs native fp16 kernels, which this CPU lacks "
                               "(DeepSpeed refuses it): use auto, or fp16 with ray.use_gpu=true")
         if precision == "bf16" and not cfg.ray.use_gpu and not cpu_has_bf16():
-            notes.append(f"note: {stage}.deepspeed.precision=bf16 on a CPU without native bf16 kernels (AVX512-BF16 "
-                         "or AMX): its matmuls are emulated, several times slower than fp32 (8x on the quickstart); "
-                         "precision=auto picks fp32 here")
+            notes.append(f"note: {stage} runs in bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): its "
+                         "matmuls are emulated, several times slower than fp32 (8x on the quickstart); a new run with "
+                         "precision=auto takes fp32 here")
         notes += _check_best_metric(cfg, stage)
         train = getattr(cfg, stage).train
         if stage == "pretrain" and train.head_warmup_steps and model.arch is not None:

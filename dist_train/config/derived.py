@@ -140,10 +140,12 @@ def stage_precision(ds: DeepSpeedSection, use_gpu: bool) -> tuple[str, str]:
     user's DeepSpeed JSON (config_file or extra) where it enables bf16 or fp16, else the hardware."""
     if ds.precision != "auto":
         return ds.precision, "deepspeed.precision"
-    for name in ("bf16", "fp16"):
-        block = ds.extra.get(name)
-        if isinstance(block, dict) and block.get("enabled") is True:
+    said = {name: block.get("enabled") for name in ("bf16", "fp16") if isinstance(block := ds.extra.get(name), dict)}
+    for name, enabled in said.items():
+        if enabled is True:
             return name, f"auto: your DeepSpeed JSON enables {name}"
+    if said.get("bf16") is False:
+        return "fp32", "auto: your DeepSpeed JSON disables bf16"
     return auto_precision(use_gpu)
 
 

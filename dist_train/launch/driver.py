@@ -261,19 +261,19 @@ def run(cfg: RunConfig, only_stage: str | None = None, log=print) -> dict[str, A
     Raises Preempted when SIGTERM stopped it (after a checkpoint), RunFailed when a stage failed."""
     t0 = time.time()
     check_job_paths(cfg)
-    cfg = resolve(cfg)
+    chosen: list[str] = []  # what each stage's precision `auto` became, said with the checks' notes
+    cfg = resolve(cfg, chosen)
     stages = stages_to_run(cfg, only_stage)
     with hold(Path(cfg.output_dir), log):  # one run per output_dir, before anything is built or started
-        return _run_locked(cfg, stages, t0, log)
+        return _run_locked(cfg, stages, t0, log, [n for n in chosen if n.split("]")[0][1:] in stages])
 
 
-def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log) -> dict[str, Any]:
+def _run_locked(cfg: RunConfig, stages: list[str], t0: float, log, chosen: list[str]) -> dict[str, Any]:
     if cfg.prepare is not None:  # fail before spending time on building the data
         check_run(cfg, stages)
     prepare(cfg)
-    notes: list[str] = []
-    cfg = resolve(cfg, notes)  # paths into the prepared data exist now and become absolute
-    for note in notes + check_run(cfg, stages):
+    cfg = resolve(cfg)  # paths into the prepared data exist now and become absolute
+    for note in chosen + check_run(cfg, stages):
         log(note)
     log(describe(cfg, stages))
     timings: dict[str, float] = {"prepare_and_check_s": time.time() - t0}

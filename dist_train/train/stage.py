@@ -139,6 +139,9 @@ def run_stage(cfg: RunConfig, stage: str, d: StageDerived, world: World, parts: 
     `attempt` identifies this start of the worker group (the same value on every rank); `started`:
     when this worker began (before the model and data were built), for the setup line."""
     t_start = time.time()
+    from dist_train.config.checks import resolve_precision
+
+    cfg = resolve_precision(cfg)  # the driver has; a caller of its own may not: checkpoints keep a concrete one
     section = getattr(cfg, stage)
     out = Path(cfg.output_dir) / stage
     metric = best_metric(cfg, stage)

@@ -23,7 +23,7 @@ def tiny_config(tmp_path, shards_dir, tokenizer_dir, *overrides):
             "pretrain.data.seq_len=32", "model.arch.hidden_size=64", "model.arch.num_layers=2",
             "model.arch.num_heads=2", "model.arch.intermediate_size=128", "finetune=null", "prepare=null",
             "pretrain.train.global_batch_size=8", "pretrain.train.micro_batch_size=2", "pretrain.optim.warmup_steps=2",
-            "pretrain.train.max_steps=10"]
+            "pretrain.train.max_steps=10", "pretrain.deepspeed.precision=bf16"]  # the tier's precision everywhere
     return to_dict(load_config("configs/quickstart.yaml", base + list(overrides)))
 
 

@@ -58,6 +58,7 @@ def test_the_console_reads_well_in_a_log_file(quickstart):
     strays = [line for line in text.splitlines() if line.strip() and not CONSOLE.match(line)]
     assert not strays, "\n".join(strays[:30])
     for needle in ("[setup] started a private Ray instance in ", "(dashboard http://127.0.0.1:",
+                   f"[pretrain] precision: {auto_precision(use_gpu=False)[0]} (auto: this CPU has ",
                    "[pretrain] DeepSpeed config: ", "[pretrain] starting 2 workers", "[pretrain] 2 workers ready ",
                    "[pretrain] done: ", "[finetune] done: ", "report: "):
         assert needle in text, needle

@@ -20,6 +20,7 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 @pytest.fixture(params=[True, False], ids=["native-bf16", "no-native-bf16"])
 def native(request, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: request.param)
+    monkeypatch.setattr("dist_train.config.checks.cpu_has_bf16", lambda: request.param)
     return request.param
 
 
@@ -36,6 +37,9 @@ def test_an_explicit_precision_stays_and_auto_follows_the_users_deepspeed_json(n
                                    "finetune.deepspeed.extra={bf16: {enabled: true}}"])
     assert stage_precision(cfg.pretrain.deepspeed, use_gpu=True) == ("fp32", "deepspeed.precision")
     assert stage_precision(cfg.finetune.deepspeed, use_gpu=False) == ("bf16", "auto: your DeepSpeed JSON enables bf16")
+    off = load_config(QUICKSTART, ["pretrain.deepspeed.extra={bf16: {enabled: false}}"])
+    assert stage_precision(off.pretrain.deepspeed, use_gpu=True) == ("fp32", "auto: your DeepSpeed JSON disables bf16")
+    assert derive_stage(off, "pretrain").deepspeed["bf16"]["enabled"] is False  # no conflict with the JSON
 
 
 def test_the_run_gets_a_concrete_precision_and_says_why(native, tmp_path):
@@ -62,6 +66,12 @@ def test_a_resumed_stage_keeps_its_checkpoints_precision(native, tmp_path):
     cfg = resolve(load_config(QUICKSTART, [f"output_dir={tmp_path}"]), notes)
     assert cfg.pretrain.deepspeed.precision == made
     assert f"[pretrain] precision: {made} (auto: as the checkpoint it resumes from (step_00000060))" in notes
+    # the workers resume from the newest committed checkpoint that verifies, `latest` or not
+    newer = tag.parent / "step_00000080"
+    newer.mkdir()
+    (newer / "meta.json").write_text("{damaged")
+    (tag.parent / "latest").unlink()
+    assert resolve_precision(load_config(QUICKSTART, [f"output_dir={tmp_path}"])).pretrain.deepspeed.precision == made
 
 
 def test_explicit_bf16_on_a_cpu_without_it_is_run_with_a_note(monkeypatch, tmp_path, shards_dir, tokenizer_dir):
@@ -72,8 +82,8 @@ def test_explicit_bf16_on_a_cpu_without_it_is_run_with_a_note(monkeypatch, tmp_p
         f"pretrain.data.shards={shards_dir}", "pretrain.data.seq_len=32", "pretrain.train.max_steps=2",
         "pretrain.train.global_batch_size=4", "pretrain.train.micro_batch_size=2"]))
     notes = check_run(cfg, ["pretrain"])
-    assert any(n.startswith("note: pretrain.deepspeed.precision=bf16 on a CPU without native bf16 kernels") and
-               n.endswith("precision=auto picks fp32 here") for n in notes), notes
+    assert any(n.startswith("note: pretrain runs in bf16 on a CPU without native bf16") and
+               n.endswith("a new run with precision=auto takes fp32 here") for n in notes), notes
 
 
 def test_validate_says_what_auto_chose(native, tmp_path, capsys):
@@ -88,3 +98,11 @@ def test_mfu_on_a_cpu_without_native_bf16_is_against_the_fp32_peak(monkeypatch):
     monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
     _, source = device_peak_flops(False, torch.bfloat16, 1)
     assert source == "measured:cpu x1 threads float32 (no native bfloat16)"
+
+
+def test_the_probe_reads_the_cpus_bf16_flags_not_onednns_avx512(monkeypatch):
+    """oneDNN says yes on any AVX512 CPU (Skylake emulates bf16); the flags say what the silicon has."""
+    for flags, want in [({"avx2", "avx512f", "avx512bw"}, False), ({"avx512f", "avx512_bf16"}, True),
+                        ({"amx_tile", "amx_bf16"}, True), ({"asimd", "bf16"}, True), ({"avx2", "fma"}, False)]:
+        monkeypatch.setattr(hardware, "_cpu_flags", lambda flags=flags: flags)
+        assert hardware.cpu_has_bf16() is want, flags

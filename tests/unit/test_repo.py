@@ -90,3 +90,15 @@ def test_the_quickstart_time_is_stated_once_the_same_way():
     readme = re.search(r"~(\d+) min\S* on 2 CPU cores", (REPO / "README.md").read_text())
     config = re.search(r"~(\d+) min\S* on 2 CPU cores", (REPO / "configs" / "quickstart.yaml").read_text())
     assert readme and config and readme.group(1) == config.group(1)
+
+
+def test_ruff_passes():
+    """The lint gate: CI runs the tests, so `ruff check` (pyproject.toml's rules) runs with them."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    res = subprocess.run([ruff, "check", "--no-cache", "dist_train", "tests", "bench"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from dist_train.ray_internals import in_ray_worker
+
 EVERY_S_ENV = "DIST_TRAIN_PROGRESS_EVERY_S"  # the driver passes logging.console_every_s to workers this way
 # Set by the driver when its own terminal is interactive: a worker's output is never a terminal, but
 # Ray can draw a worker's bar at the driver (ray.experimental.tqdm_ray).
@@ -41,7 +43,7 @@ class Progress:
 
             self.bar = tqdm(desc=desc, total=total, unit=f" {unit}" if unit else "it", file=self.stream,
                             leave=False, dynamic_ncols=True)
-        elif enabled and os.environ.get(DRIVER_TTY_ENV) == "1" and _in_ray_worker():
+        elif enabled and os.environ.get(DRIVER_TTY_ENV) == "1" and in_ray_worker():
             from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
             self.bar = ray_tqdm(desc=desc, total=total, unit=unit or "it")
@@ -84,9 +86,3 @@ class Progress:
             self.bar.close()
 
 
-def _in_ray_worker() -> bool:
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE

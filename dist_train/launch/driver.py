@@ -31,6 +31,7 @@ from dist_train.launch.status import run_status
 from dist_train.launch.trackers import tracking
 from dist_train.outputs import REPORT, RESULT, write_atomic
 from dist_train.progress import DRIVER_TTY_ENV, EVERY_S_ENV
+from dist_train.ray_internals import AUTH_NOTICE_LOGGER
 from dist_train.train.heartbeat import read_incidents
 
 
@@ -155,7 +156,7 @@ def start_ray(cfg: RunConfig, log=print) -> None:
             + f"; Ray's logs, Ray Train's included, in {session_logs(info)} on the head node)")
         return
     # A local instance binds to this machine; Ray's notice that it uses token auth tells the user nothing.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    logging.getLogger(AUTH_NOTICE_LOGGER).setLevel(logging.ERROR)
     # A local instance: reserve enough logical CPUs for the workers even on a small machine
     # (they are threads-limited by cpus_per_worker anyway).
     need = cfg.ray.num_workers * cfg.ray.cpus_per_worker

@@ -15,7 +15,8 @@ import socket
 from dataclasses import dataclass
 
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend
+
+from dist_train.ray_internals import torch_backend_base
 
 
 def interface_of(ip: str, interfaces: dict[str, list[tuple[int, str]]]) -> str | None:
@@ -44,7 +45,7 @@ def pin_gloo_interface() -> str | None:
     return name
 
 
-class _PinnedGlooBackend(_TorchBackend):
+class _PinnedGlooBackend(torch_backend_base()):  # type: ignore[misc]  # Ray's private base (ray_internals.py)
     def on_start(self, worker_group, backend_config) -> None:
         worker_group.execute(pin_gloo_interface)
         super().on_start(worker_group, backend_config)
